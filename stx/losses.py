@@ -32,8 +32,11 @@ from stx.encoders import MultiLayerEncoder
 
 def gram_matrix(features: torch.Tensor) -> torch.Tensor:
     """Gram matrix ``F Fᵀ / (H·W)`` of ``B×C×H×W`` features, shape ``B×C×C``."""
-    flat = features.flatten(2).float()  # fp32 even under autocast: Gram entries overflow fp16
-    return torch.bmm(flat, flat.transpose(1, 2)).div_(flat.shape[-1])
+    # At least fp32, also under autocast: Gram entries of VGG features overflow fp16.
+    flat = features.flatten(2)
+    flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
+    with torch.autocast(flat.device.type, enabled=False):
+        return torch.bmm(flat, flat.transpose(1, 2)).div_(flat.shape[-1])
 
 
 def extract_patches(features: torch.Tensor, size: int, stride: int) -> torch.Tensor:

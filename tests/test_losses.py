@@ -1,0 +1,138 @@
+import pytest
+import torch
+from torch.autograd import gradcheck
+
+from stx import encoders, losses
+from stx.errors import ConfigError
+
+
+def test_gram_matrix_hand_computed():
+    features = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 2, 1, 2)  # C=2, H·W=2
+    expected = torch.tensor([[5.0, 11.0], [11.0, 25.0]]) / 2
+    torch.testing.assert_close(losses.gram_matrix(features), expected.unsqueeze(0))
+
+
+def test_total_variation_hand_computed():
+    image = torch.tensor([[0.0, 1.0, 3.0], [2.0, 4.0, 4.0], [1.0, 1.0, 0.0]]).view(1, 1, 3, 3)
+    # positions (0,0),(0,1),(1,0),(1,1): dx = 1,2,2,0 ; dy = 2,3,-1,-3
+    squared = torch.tensor([1 + 4, 4 + 9, 4 + 1, 0 + 9.0])
+    torch.testing.assert_close(losses.total_variation(image), squared.mean())
+    torch.testing.assert_close(losses.total_variation(image, exponent=1.0), squared.sqrt().mean())
+
+
+def test_content_and_gram_loss_values(rng):
+    features = torch.rand(1, 4, 5, 6, generator=rng)
+    target = torch.rand(1, 4, 5, 6, generator=rng)
+    content = losses.ContentLoss({"x": 1.0})
+    content.targets = {"x": target}
+    assert content({"x": features}, None)["x"].item() == pytest.approx(((features - target) ** 2).mean().item())
+    style = losses.GramStyleLoss({"x": 1.0})
+    style.targets = {"x": losses.gram_matrix(target)}
+    f, t = features.view(4, 30), target.view(4, 30)
+    expected = ((f @ f.T / 30 - t @ t.T / 30) ** 2).mean()
+    assert style({"x": features}, None)["x"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_mrf_matches_identical_patches_to_zero_loss(rng):
+    features = torch.rand(1, 3, 6, 6, generator=rng)
+    mrf = losses.MRFStyleLoss({"x": 1.0}, patch_size=3)
+    patches = losses.extract_patches(features, 3, 1)
+    mrf.targets = {"x": [(1.0, patches, torch.nn.functional.normalize(patches, dim=1))]}
+    assert mrf({"x": features}, None)["x"].item() == pytest.approx(0.0, abs=1e-12)
+    assert mrf({"x": features + 0.1}, None)["x"].item() > 0
+
+
+def _targets_for(loss, rng, shape=(1, 3, 5, 5)):
+    target = torch.rand(shape, generator=rng, dtype=torch.float64)
+
+    class Identity(torch.nn.Module):
+        def forward(self, image, layers):
+            return {layer: image for layer in layers}
+
+    loss.set_targets(Identity(), [target], [1.0])
+    return loss
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: losses.ContentLoss({"x": 1.0}),
+        lambda: losses.GramStyleLoss({"x": 1.0}),
+        lambda: losses.MRFStyleLoss({"x": 1.0}, patch_size=2),
+    ],
+    ids=["content", "gram", "mrf"],
+)
+def test_encoding_loss_gradients_match_finite_differences(make, rng):
+    loss = _targets_for(make(), rng)
+    features = torch.rand(1, 3, 5, 5, generator=rng, dtype=torch.float64, requires_grad=True)
+    assert gradcheck(lambda f: loss({"x": f}, None)["x"], (features,), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("exponent", [2.0, 1.5])
+def test_total_variation_gradient_matches_finite_differences(exponent, rng):
+    image = torch.rand(1, 3, 5, 6, generator=rng, dtype=torch.float64, requires_grad=True)
+    assert gradcheck(lambda x: losses.total_variation(x, exponent), (image,), eps=1e-6, atol=1e-6)
+
+
+def test_objective_gradient_through_encoder_matches_finite_differences(rng):
+    encoder = encoders.vgg19(["relu1_1", "relu2_1"], weights="random").double()
+    objective = losses.PerceptualObjective(
+        encoder,
+        {
+            "content": losses.ContentLoss({"relu2_1": 1.0}),
+            "style": losses.GramStyleLoss({"relu1_1": 0.5, "relu2_1": 0.5}, score_weight=10.0),
+            "tv": losses.TotalVariationLoss(score_weight=0.1),
+        },
+    )
+    content, style = (torch.rand(1, 3, 6, 6, generator=rng, dtype=torch.float64) for _ in range(2))
+    objective.set_targets(content, [style], [1.0])
+    image = torch.rand(1, 3, 6, 6, generator=rng, dtype=torch.float64, requires_grad=True)
+    assert gradcheck(lambda x: objective(x)[0], (image,), eps=1e-6, atol=1e-5, rtol=1e-3)
+
+
+def test_objective_terms_add_up_and_targets_are_cached(vgg19_random, rng, monkeypatch):
+    objective = losses.PerceptualObjective(
+        vgg19_random,
+        {
+            "content": losses.ContentLoss({"relu4_2": 1.0}),
+            "style": losses.GramStyleLoss({"relu1_1": 2.0, "relu3_1": 0.5}, score_weight=100.0),
+            "tv": losses.TotalVariationLoss(score_weight=3.0),
+        },
+    )
+    content, style = torch.rand(1, 3, 32, 32, generator=rng), torch.rand(1, 3, 32, 32, generator=rng)
+    objective.set_targets(content, [style], [1.0])
+    calls = []
+    monkeypatch.setattr(losses, "gram_matrix", lambda f, real=losses.gram_matrix: calls.append(f.shape) or real(f))
+    total, terms = objective(torch.rand(1, 3, 32, 32, generator=rng))
+    assert len(calls) == 2  # the image's Grams only: style targets are not recomputed per step
+    assert terms["style"].item() == pytest.approx(100 * (2 * terms["style/relu1_1"] + 0.5 * terms["style/relu3_1"]).item(), rel=1e-5)
+    assert terms["tv"].item() == pytest.approx(3 * terms["tv/image"].item())
+    assert total.item() == pytest.approx((terms["content"] + terms["style"] + terms["tv"]).item(), rel=1e-6)
+
+
+def test_style_blend_weights(vgg19_random, rng):
+    a, b = torch.rand(1, 3, 32, 32, generator=rng), torch.rand(1, 3, 32, 32, generator=rng)
+    blended = losses.GramStyleLoss({"relu2_1": 1.0})
+    blended.set_targets(vgg19_random, [a, b], [3.0, 1.0])
+    ga = losses.gram_matrix(vgg19_random(a, ["relu2_1"])["relu2_1"])
+    gb = losses.gram_matrix(vgg19_random(b, ["relu2_1"])["relu2_1"])
+    torch.testing.assert_close(blended.targets["relu2_1"], 0.75 * ga + 0.25 * gb)
+
+    image = torch.rand(1, 3, 32, 32, generator=rng)
+    features = vgg19_random(image, ["relu3_1"])
+    mrf_ab = losses.MRFStyleLoss({"relu3_1": 1.0})
+    mrf_ab.set_targets(vgg19_random, [a, b], [3.0, 1.0])
+    singles = []
+    for style in (a, b):
+        mrf = losses.MRFStyleLoss({"relu3_1": 1.0})
+        mrf.set_targets(vgg19_random, [style], [1.0])
+        singles.append(mrf(features, image)["relu3_1"])
+    torch.testing.assert_close(mrf_ab(features, image)["relu3_1"], 0.75 * singles[0] + 0.25 * singles[1])
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_bad_weights_are_refused(bad):
+    with pytest.raises(ConfigError, match="weights must be finite numbers >= 0"):
+        losses.GramStyleLoss({"relu1_1": bad})
+    with pytest.raises(ConfigError, match="score_weight"):
+        losses.ContentLoss({"relu4_2": 1.0}, score_weight=bad)

@@ -1,0 +1,91 @@
+import functools
+
+import pytest
+import torch
+
+from stx import losses
+from stx.errors import ConfigError, NonFiniteLossError
+from stx.optim import PyramidLevel, optimise_image
+
+LBFGS = functools.partial(torch.optim.LBFGS, lr=1.0, max_iter=1)
+ADAM = functools.partial(torch.optim.Adam, lr=0.02)
+
+
+def run(encoder, loss_terms, rng, levels=(PyramidLevel(32, 8),), optimizer=LBFGS, init="content", seed=0, callback=None):
+    objective = losses.PerceptualObjective(encoder, loss_terms)
+    content, style = torch.rand(1, 3, 40, 40, generator=rng), torch.rand(1, 3, 40, 40, generator=rng)
+    history = []
+
+    def record(info):
+        history.append(info.terms["total"])
+        if callback:
+            callback(info)
+
+    out = optimise_image(objective, content, [style], [1.0], levels, optimizer, init=init, seed=seed, callback=record)
+    return out, history
+
+
+@pytest.mark.parametrize(
+    "name,make,optimizer,init",
+    [
+        ("content", lambda: losses.ContentLoss({"relu4_2": 1.0}), LBFGS, "random"),
+        ("gram", lambda: losses.GramStyleLoss({"relu1_1": 1.0, "relu2_1": 1.0}, score_weight=1e3), LBFGS, "content"),
+        ("mrf", lambda: losses.MRFStyleLoss({"relu3_1": 1.0}), ADAM, "content"),
+        ("tv", lambda: losses.TotalVariationLoss(), ADAM, "random"),
+    ],
+)
+def test_each_loss_falls(vgg19_random, rng, name, make, optimizer, init):
+    out, history = run(vgg19_random, {name: make()}, rng, optimizer=optimizer, init=init)
+    assert len(history) == 8
+    assert history[-1] < 0.8 * history[0], history
+    assert out.shape == (1, 3, 32, 32) and out.min() >= 0 and out.max() <= 1
+
+
+def test_pyramid_runs_levels_coarse_to_fine(vgg19_random, rng):
+    seen = []
+    out, history = run(
+        vgg19_random,
+        {"style": losses.GramStyleLoss({"relu2_1": 1.0}, score_weight=1e3)},
+        rng,
+        levels=(PyramidLevel(16, 3), PyramidLevel(40, 4)),
+        callback=lambda info: seen.append((info.step, info.level, tuple(info.image.shape[-2:]))),
+    )
+    assert seen == [(1, 0, (16, 16)), (2, 0, (16, 16)), (3, 0, (16, 16))] + [(s, 1, (40, 40)) for s in range(4, 8)]
+    assert out.shape == (1, 3, 40, 40)
+
+
+def test_same_seed_gives_same_image(vgg19_random):
+    terms = lambda: {"style": losses.GramStyleLoss({"relu1_1": 1.0, "relu3_1": 1.0}, score_weight=1e3)}
+    a, _ = run(vgg19_random, terms(), torch.Generator().manual_seed(5), init="random", seed=7)
+    b, _ = run(vgg19_random, terms(), torch.Generator().manual_seed(5), init="random", seed=7)
+    c, _ = run(vgg19_random, terms(), torch.Generator().manual_seed(5), init="random", seed=8)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_non_finite_loss_stops_with_last_finite_image(vgg19_random, rng):
+    class Explodes(losses.TotalVariationLoss):
+        calls = 0
+
+        def forward(self, features, image):
+            Explodes.calls += 1
+            value = super().forward(features, image)
+            return {"image": value["image"] * (float("nan") if Explodes.calls > 3 else 1.0)}
+
+    with pytest.raises(NonFiniteLossError, match="loss became nan at step 4.*tv/image") as info:
+        run(vgg19_random, {"tv": Explodes()}, rng, optimizer=ADAM)
+    assert info.value.step == 4
+    assert torch.isfinite(info.value.image).all()
+
+
+def test_bad_schedule_values():
+    with pytest.raises(ConfigError, match="steps=-1"):
+        PyramidLevel(64, -1)
+    with pytest.raises(ConfigError, match="schedule.init='noise'"):
+        run(encoders_stub(), {"tv": losses.TotalVariationLoss()}, torch.Generator(), init="noise")
+
+
+def encoders_stub():
+    from stx import encoders
+
+    return encoders.vgg19(["relu1_1"], weights="random")
