@@ -39,6 +39,38 @@ def gram_matrix(features: torch.Tensor) -> torch.Tensor:
         return torch.bmm(flat, flat.transpose(1, 2)).div_(flat.shape[-1])
 
 
+class _GramMSE(torch.autograd.Function):
+    """``mean((gram_matrix(F) - G_t)²)`` with a hand-written backward.
+
+    Autograd would spend two batched matmuls on the Gram's backward; since
+    ``∂L/∂F = (∂L/∂G + ∂L/∂Gᵀ) F / (H·W)`` one suffices, and no Gram graph is kept.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+    def forward(ctx, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        flat = features.flatten(2)
+        diff = torch.baddbmm(target, flat, flat.transpose(1, 2), beta=-1.0, alpha=1.0 / flat.shape[-1])
+        ctx.save_for_backward(flat, diff)
+        ctx.shape = features.shape
+        return diff.square().mean()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        flat, diff = ctx.saved_tensors
+        scale = grad * 2.0 / (diff.numel() * flat.shape[-1])
+        symmetric = (diff + diff.transpose(1, 2)).mul_(scale)  # scale the small C×C factor
+        return torch.bmm(symmetric, flat).view(ctx.shape), None
+
+
+def gram_loss(features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``mean((G - target)²)`` with ``G = gram_matrix(features)``; ``target`` is ``B×C×C``."""
+    if features.dtype in (torch.float16, torch.bfloat16):
+        features = features.float()
+    return _GramMSE.apply(features, target.to(features.dtype))
+
+
 def extract_patches(features: torch.Tensor, size: int, stride: int) -> torch.Tensor:
     """All ``size×size`` patches of ``B×C×H×W`` features as a ``(B·L)×(C·size²)`` matrix."""
     patches = F.unfold(features, kernel_size=size, stride=stride)  # B×(C·k²)×L
@@ -146,6 +178,9 @@ class GramStyleLoss(EncodingLoss):
 
     def represent(self, features: torch.Tensor) -> torch.Tensor:
         return gram_matrix(features)
+
+    def layer_loss(self, features: torch.Tensor, target: object) -> torch.Tensor:
+        return gram_loss(features, target)
 
 
 class MRFStyleLoss(EncodingLoss):

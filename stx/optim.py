@@ -107,8 +107,7 @@ def optimise_image(
     """
     if not levels:
         raise ConfigError("the schedule has no levels: give at least one size and number of steps.")
-    device = content.device
-    amp = autocast(device, precision)
+    amp = autocast(content.device, precision)
     torch.manual_seed(seed)
     step = 0
     image: torch.Tensor | None = None
@@ -121,44 +120,67 @@ def optimise_image(
             image = initial_image(init, level_content, level_styles[0], seed)
         else:
             image = torch.nn.functional.interpolate(
-                image.detach(), size=level_content.shape[-2:], mode="bicubic", align_corners=False
+                image, size=level_content.shape[-2:], mode="bicubic", align_corners=False
             ).clamp_(0, 1)
-        image = image.detach().requires_grad_(True)
-        last_finite = image.detach().clone()
-        optimiser = optimizer([image])
-        measured: dict[str, torch.Tensor] = {}
+        image = optimise_level(objective, image, optimizer, level.steps, amp, callback, step, level_index)
+        step += level.steps
+    assert image is not None
+    return image
 
-        def closure() -> torch.Tensor:
-            optimiser.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                image.clamp_(0.0, 1.0)
-            with amp:
-                total, terms = objective(image)
-            if not torch.isfinite(total):
-                bad = [name for name, value in terms.items() if not torch.isfinite(value)]
-                error = NonFiniteLossError(
-                    f"the loss became {total.item()} at step {step + 1} (non-finite terms: "
-                    f"{', '.join(bad) or 'total'}); the run stopped and kept the last image with a "
-                    f"finite loss. Lower the learning rate or the score weights.",
-                    step + 1,
-                )
-                error.image = last_finite
-                raise error
-            total.backward()
-            last_finite.copy_(image.detach())
-            measured.clear()
-            measured.update(terms, total=total)
-            return total
 
-        for _ in range(level.steps):
-            optimiser.step(closure)
-            step += 1
-            if callback is not None:
-                values = torch.stack([v.detach().float() for v in measured.values()]).tolist()
-                with torch.no_grad():
-                    image.clamp_(0.0, 1.0)
-                callback(StepInfo(step, level_index, level.size, dict(zip(measured, values)), image.detach()))
+def optimise_level(
+    objective: PerceptualObjective,
+    image: torch.Tensor,
+    optimizer: OptimizerFactory,
+    steps: int,
+    amp: contextlib.AbstractContextManager | None = None,
+    callback: StepCallback | None = None,
+    first_step: int = 0,
+    level: int = 0,
+) -> torch.Tensor:
+    """Run ``steps`` optimiser steps on a copy of ``image`` against the objective's current targets.
+
+    Returns the optimised image (detached, clamped to [0, 1]). Steps are numbered from
+    ``first_step + 1`` in the callback. See :func:`optimise_image` for errors.
+    """
+    amp = amp or contextlib.nullcontext()
+    image = image.detach().clone().requires_grad_(True)
+    last_finite = image.detach().clone()
+    optimiser = optimizer([image])
+    measured: dict[str, torch.Tensor] = {}
+    step = first_step
+
+    def closure() -> torch.Tensor:
+        optimiser.zero_grad(set_to_none=True)
         with torch.no_grad():
             image.clamp_(0.0, 1.0)
-    assert image is not None
+        with amp:
+            total, terms = objective(image)
+        if not torch.isfinite(total):
+            bad = [name for name, value in terms.items() if not torch.isfinite(value)]
+            error = NonFiniteLossError(
+                f"the loss became {total.item()} at step {step + 1} (non-finite terms: "
+                f"{', '.join(bad) or 'total'}); the run stopped and kept the last image with a "
+                f"finite loss. Lower the learning rate or the score weights.",
+                step + 1,
+            )
+            error.image = last_finite
+            raise error
+        total.backward()
+        last_finite.copy_(image.detach())
+        measured.clear()
+        measured.update(terms, total=total)
+        return total
+
+    for _ in range(steps):
+        optimiser.step(closure)
+        step += 1
+        if callback is not None:
+            values = torch.stack([v.detach().float() for v in measured.values()]).tolist()
+            with torch.no_grad():
+                image.clamp_(0.0, 1.0)
+            size = max(image.shape[-2:])
+            callback(StepInfo(step, level, size, dict(zip(measured, values)), image.detach()))
+    with torch.no_grad():
+        image.clamp_(0.0, 1.0)
     return image.detach()
