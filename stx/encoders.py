@@ -108,11 +108,27 @@ def _download_timeout(load: Callable[[], nn.Module]) -> nn.Module:
         socket.setdefaulttimeout(previous)
 
 
-def _load_imagenet(arch: str) -> nn.Module:
+VGG_CONFIGS = {"vgg16": "D", "vgg19": "E"}
+
+
+def vgg_features(arch: str) -> nn.Sequential:
+    """torchvision's ``features`` stack for ``arch`` with torchvision's initialisation scheme.
+
+    Only the convolutional part is built: the classifier (120M parameters) is never used.
+    """
+    features = models.vgg.make_layers(models.vgg.cfgs[VGG_CONFIGS[arch]])
+    for module in features.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.constant_(module.bias, 0)
+    return features
+
+
+def _load_imagenet(arch: str) -> nn.Sequential:
     weights = models.get_model_weights(arch).IMAGENET1K_V1
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     try:
-        return _download_timeout(lambda: models.get_model(arch, weights=weights))
+        return _download_timeout(lambda: models.get_model(arch, weights=weights)).features
     except Exception as exc:  # urllib, socket and hash errors all mean "could not get the file"
         raise WeightsError(
             f"could not load the ImageNet weights for {arch} ({type(exc).__name__}: {exc}). "
@@ -123,7 +139,7 @@ def _load_imagenet(arch: str) -> nn.Module:
         ) from exc
 
 
-def _load_file(arch: str, path: Path) -> nn.Module:
+def _load_file(arch: str, path: Path) -> nn.Sequential:
     if not path.is_file():
         raise WeightsError(
             f"encoder weights file {str(path)!r} does not exist: give the path of a torchvision "
@@ -131,23 +147,23 @@ def _load_file(arch: str, path: Path) -> nn.Module:
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        model = models.get_model(arch, weights=None)
-        if not any(key.startswith("features.") for key in state):
-            state = {f"features.{key}": value for key, value in state.items()}
-        model.features.load_state_dict({k[len("features."):]: v for k, v in state.items() if k.startswith("features.")})
+        if any(key.startswith("features.") for key in state):
+            state = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
+        features = vgg_features(arch)
+        features.load_state_dict(state)
     except Exception as exc:
         raise WeightsError(
             f"encoder weights file {str(path)!r} could not be loaded as a {arch} state dict "
             f"({type(exc).__name__}: {exc}); give a torchvision {arch} .pth file (whole model or "
             f"its 'features' part)."
         ) from exc
-    return model
+    return features
 
 
-def _random_model(arch: str, seed: int) -> nn.Module:
+def _random_features(arch: str, seed: int) -> nn.Sequential:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return models.get_model(arch, weights=None)
+        return vgg_features(arch)
 
 
 def build_vgg(
@@ -165,13 +181,14 @@ def build_vgg(
     """
     if pooling not in ("max", "avg"):
         raise ConfigError(f"encoder.pooling={pooling!r} is not valid; use 'max' or 'avg'.")
+    if arch not in VGG_CONFIGS:
+        raise ConfigError(f"unknown encoder architecture {arch!r}; use one of {', '.join(VGG_CONFIGS)}.")
     if weights == "imagenet":
-        model = _load_imagenet(arch)
+        features = _load_imagenet(arch)
     elif weights == "random":
-        model = _random_model(arch, seed)
+        features = _random_features(arch, seed)
     else:
-        model = _load_file(arch, Path(weights).expanduser())
-    features = model.features
+        features = _load_file(arch, Path(weights).expanduser())
     if pooling == "avg":
         features = nn.Sequential(
             *(nn.AvgPool2d(2, 2) if isinstance(m, nn.MaxPool2d) else m for m in features)

@@ -26,7 +26,8 @@ def test_vgg19_layer_names_match_pystiche():
 
 def test_truncated_encoder_matches_full_network(vgg19_random, rng):
     image = torch.rand(1, 3, 48, 40, generator=rng)
-    model = encoders._random_model("vgg19", seed=0)
+    model = models.vgg19(weights=None)
+    model.features.load_state_dict(encoders._random_features("vgg19", seed=0).state_dict())
     reference = reference_activations(model, image)
     out = vgg19_random(image)
     assert set(out) == vgg19_random.layers
@@ -48,7 +49,9 @@ def test_unknown_layer_lists_valid_ones():
 
 
 def test_weights_from_local_file(tmp_path, rng):
-    torch.save(encoders._random_model("vgg16", seed=3).state_dict(), tmp_path / "vgg16.pth")
+    model = models.vgg16(weights=None)  # a whole-model state dict, as torchvision saves it
+    model.features.load_state_dict(encoders._random_features("vgg16", seed=3).state_dict())
+    torch.save(model.state_dict(), tmp_path / "vgg16.pth")
     from_file = encoders.vgg16(["relu3_3"], weights=str(tmp_path / "vgg16.pth"))
     seeded = encoders.vgg16(["relu3_3"], weights="random", seed=3)
     other = encoders.vgg16(["relu3_3"], weights="random", seed=4)
