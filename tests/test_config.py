@@ -1,0 +1,118 @@
+"""Compose-API tests of every config group option, and start-up validation."""
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from stx import losses
+from stx.config import CONF_DIR, build_job
+from stx.errors import StxError
+
+FAST = ["encoder.weights=random", "schedule.size=32", "schedule.steps=2"]
+
+
+@pytest.fixture
+def make_cfg(tmp_path, monkeypatch):
+    monkeypatch.setenv("STX_RUNS_DIR", str(tmp_path / "runs"))
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        yield lambda *overrides: compose("config", overrides=list(overrides))
+    GlobalHydra.instance().clear()
+
+
+def options(group):
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def test_defaults_compose_to_gatys_on_vgg19(make_cfg, tmp_path):
+    cfg = make_cfg()
+    assert cfg.encoder._target_ == "stx.encoders.vgg19" and cfg.encoder.weights == "imagenet"
+    assert set(cfg.loss) == {"content", "style"}
+    assert cfg.tracking.uri == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    assert OmegaConf.to_container(cfg.schedule.levels, resolve=True) == [{"size": 256, "steps": 200}]
+
+
+@pytest.mark.parametrize("choice", options("encoder"))
+def test_encoder_options(make_cfg, choice):
+    job = build_job(make_cfg(f"encoder={choice}", *FAST))
+    assert job.objective.encoder.available[-1] == "pool5"
+    assert ("relu5_4" in job.objective.encoder.available) == (choice == "vgg19")
+
+
+@pytest.mark.parametrize("choice", options("loss"))
+def test_loss_options(make_cfg, choice):
+    job = build_job(make_cfg(f"loss={choice}", *FAST))
+    assert all(isinstance(term, losses.Loss) for term in job.objective.losses.values())
+    expected = {"gatys": {"content", "style"}, "gatys_tv": {"content", "style", "tv"}, "mrf": {"content", "style", "tv"}}
+    assert set(job.objective.losses) == expected[choice]
+
+
+@pytest.mark.parametrize("choice", options("schedule"))
+def test_schedule_options(make_cfg, choice):
+    job = build_job(make_cfg(f"schedule={choice}", "encoder.weights=random", "schedule.size=64", "schedule.steps=3"))
+    sizes = [level.size for level in job.levels]
+    assert sizes == ([32, 64] if choice == "pyramid" else [64])
+    assert all(level.steps == 3 for level in job.levels)
+    assert isinstance(job.optimizer([torch.zeros(1, requires_grad=True)]), torch.optim.Optimizer)
+
+
+def test_images_option_and_blend_weights(make_cfg, tmp_path):
+    assert options("images") == ["sample"]
+    style = str(CONF_DIR.parent / "stx" / "assets" / "style.png")
+    job = build_job(make_cfg(*FAST, f"images.styles=[{style},{style}]", "images.style_weights=[3,1]"))
+    assert job.style_weights == [3.0, 1.0] and len(job.styles) == 2
+    assert job.content.shape == (1, 3, 21, 32)  # 451×300 sample, long edge 32
+
+
+@pytest.mark.parametrize("choice", options("tracking"))
+def test_tracking_options(make_cfg, choice, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    cfg = make_cfg(f"tracking={choice}")
+    assert cfg.tracking.uri.startswith("sqlite:///" if choice == "local" else "http://127.0.0.1:5999")
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("loss.sytle=1", "Could not override 'loss.sytle'"),
+        ("schedule.stpes=10", "Could not override 'schedule.stpes'"),
+        ("loss=gatyss", "Could not find 'loss/gatyss'"),
+        ("schedule.steps=many", "schedule.steps"),
+    ],
+)
+def test_typos_fail_at_composition(make_cfg, override, message):
+    with pytest.raises(ConfigCompositionException, match=message):
+        make_cfg(override)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["loss.style.score_weight=-1"], r"loss.style: score_weight=-1.0 is not valid"),
+        (["loss.style.layers.relu1_1=nan"], r"layer weight relu1_1=nan is not valid"),
+        (["+loss.content.layers.relu9_1=1.0"], r"unknown encoder layer\(s\) 'relu9_1'; valid layers are: conv1_1"),
+        (["schedule.size=4"], r"pyramid level size 4 is impossible"),
+        (["schedule.steps=-3"], r"steps=-3 is not valid"),
+        (["schedule.optimizer.lr=-0.5"], r"schedule.optimizer is not valid: Invalid learning rate"),
+        (["schedule.init=noise"], r"schedule.init='noise' is not valid"),
+        (["device=cuda:3"], r"device='cuda:3' was asked for, but this machine has 0 CUDA"),
+        (["device=tpu"], r"device='tpu' is not"),
+        (["precision=fp16"], r"precision=fp16 uses CUDA autocast"),
+        (["precision=fp8"], r"precision='fp8' is not valid"),
+        (["images.content=nowhere.png"], r"image '.*nowhere.png' does not exist"),
+        (["images.style_weights=[1,2]"], r"style_weights has 2 value\(s\) for 1 style"),
+        (["images.style_weights=[-1]"], r"style_weights=\[-1.0\] is not valid"),
+        (["+loss.evil={_target_: os.system, command: 'echo hi'}"], r"loss.evil._target_='os.system' is not a stx.losses.Loss"),
+        (["schedule.optimizer._target_=builtins.eval"], r"is not a torch.optim.optimizer.Optimizer"),
+        (["encoder._target_=torchvision.models.resnet18"], r"is not an encoder from stx.encoders"),
+        (["encoder.pooling=min"], r"pooling='min' is not valid"),
+    ],
+)
+def test_bad_values_fail_before_work(make_cfg, overrides, message):
+    if "cuda" in message and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(StxError, match=message):
+        build_job(make_cfg(*FAST, *overrides))
