@@ -1,17 +1,28 @@
-"""The ``stx`` command: a Hydra app running one job (``stx key=value …``) or a sweep (``stx -m …``)."""
+"""The ``stx`` command.
+
+* ``stx key=value …`` runs one job, ``stx -m key=a,b …`` a sweep (a Hydra app; ``stx --help``).
+* ``stx compare <parent-run-id | experiment>``: contact sheet and table of a sweep's runs.
+* ``stx reproduce <run-id>``: re-run a logged run and report the max pixel difference.
+"""
 
 from __future__ import annotations
 
+import argparse
 import logging
+import os
 import sys
+from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from stx.config import CONF_DIR
+from stx.config import CONF_DIR, runs_dir
 from stx.errors import StxError
 
 log = logging.getLogger("stx")
+COMMANDS = ("compare", "reproduce")
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
@@ -23,14 +34,53 @@ def hydra_main(cfg: DictConfig) -> float:
     except StxError as error:
         log.error("%s", error)
         print(f"stx: error: {error}", file=sys.stderr, flush=True)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            return float("nan")  # the other jobs go on; the sweep callback fails the parent run
         sys.exit(2)
     except KeyboardInterrupt:
         print("stx: interrupted; the latest image was written and the MLflow run marked KILLED.", file=sys.stderr)
         sys.exit(130)
 
 
+def default_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{runs_dir()}/mlflow.db"
+
+
+def tool_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="stx", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tracking-uri", default=default_tracking_uri(),
+                        help="MLflow store (default: $MLFLOW_TRACKING_URI, else the local runs/mlflow.db)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    compare_parser = commands.add_parser("compare", help="contact sheet and table of a sweep's runs")
+    compare_parser.add_argument("target", help="a sweep's parent run id, or an experiment name or id")
+    compare_parser.add_argument("--out", type=Path, help="folder for contact_sheet.png and table.txt (default: runs/compare/<target>)")
+    reproduce_parser = commands.add_parser("reproduce", help="re-run a logged run and compare its output")
+    reproduce_parser.add_argument("run_id")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "compare":
+            from stx.compare import compare
+
+            sheet, text = compare(args.target, args.tracking_uri, args.out or Path(runs_dir()) / "compare" / args.target)
+            print(text)
+            print(f"stx: contact sheet {sheet}")
+        else:
+            from stx.reproduce import reproduce
+
+            result, difference = reproduce(args.run_id, args.tracking_uri)
+            print(f"stx: reproduced {args.run_id} as MLflow run {result.run_id}; max pixel difference to the "
+                  f"original output: {difference}/255")
+    except StxError as error:
+        print(f"stx: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main() -> None:
-    hydra_main()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
+        tool_main(sys.argv[1:])
+    else:
+        hydra_main()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,131 @@
+"""``stx compare``: a contact sheet and a table of a sweep's (or an experiment's) runs."""
+
+from __future__ import annotations
+
+import math
+import shlex
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from PIL import Image, ImageDraw, ImageFont
+
+from stx.errors import StxError
+
+CELL = 256
+LABEL_LINE = 14
+OUTPUT_NAMES = ("output.png", "last_finite_output.png", "interrupted_output.png")
+
+
+@dataclass
+class Row:
+    run: Run
+    swept: dict[str, str]
+    image: Image.Image | None
+
+
+def find_runs(client: MlflowClient, target: str) -> tuple[list[Run], Run | None]:
+    """The child runs of parent run ``target``, else the runs of experiment ``target`` (name or id)."""
+    try:
+        parent = client.get_run(target)
+    except MlflowException:
+        parent = None
+    if parent is not None:
+        runs = client.search_runs(
+            [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{target}'", max_results=10000
+        )
+    else:
+        experiment = client.get_experiment_by_name(target)
+        if experiment is None and target.isdigit():
+            experiment = client.get_experiment(target)
+        if experiment is None:
+            raise StxError(f"{target!r} is neither a run id nor an experiment in {client.tracking_uri}; give a sweep's parent run id (printed when the sweep starts) or an experiment name such as 'stx'.")
+        runs = [r for r in client.search_runs([experiment.experiment_id], max_results=10000) if "stx.sweep" not in r.data.tags]
+    if not runs:
+        raise StxError(f"no runs found for {target!r} in {client.tracking_uri}.")
+    return sorted(runs, key=lambda r: (int(r.data.tags.get("stx.sweep.job_num", 0)), r.info.start_time)), parent
+
+
+def overrides(run: Run) -> dict[str, str]:
+    """The run's command-line overrides as ``{key: value}``."""
+    pairs = (item.split("=", 1) for item in shlex.split(run.data.tags.get("hydra.overrides", "")) if "=" in item)
+    return {key: value for key, value in pairs}
+
+
+def swept_values(runs: list[Run]) -> list[dict[str, str]]:
+    """Per run, the overrides whose values differ between the runs (all of them for one run)."""
+    per_run = [overrides(run) for run in runs]
+    keys = sorted({key for o in per_run for key in o})
+    varying = [k for k in keys if len({o.get(k) for o in per_run}) > 1] if len(runs) > 1 else keys
+    return [{k: o.get(k, "-") for k in varying} for o in per_run]
+
+
+def load_output(client: MlflowClient, run: Run, folder: Path) -> Image.Image | None:
+    names = {item.path for item in client.list_artifacts(run.info.run_id)}
+    for name in OUTPUT_NAMES:
+        if name in names:
+            path = client.download_artifacts(run.info.run_id, name, str(folder / run.info.run_id))
+            with Image.open(path) as image:
+                return image.convert("RGB")
+    return None
+
+
+def loss_terms(run: Run) -> dict[str, float]:
+    """Final total and weighted terms (per-layer values left out)."""
+    return {k: v for k, v in sorted(run.data.metrics.items(), key=lambda kv: (kv[0] != "total", kv[0])) if "/" not in k}
+
+
+def contact_sheet(rows: list[Row]) -> Image.Image:
+    """Outputs in a grid, each labelled with its swept values and final losses."""
+    font = ImageFont.load_default(size=12)
+    labels = [[f"{k}={v}" for k, v in row.swept.items()] + [f"{row.run.info.status.lower()} {row.run.info.run_id[:8]}"]
+              + [f"{k}={v:.4g}" for k, v in loss_terms(row.run).items()] for row in rows]
+    label_height = LABEL_LINE * max(len(lines) for lines in labels) + 6
+    columns = math.ceil(math.sqrt(len(rows)))
+    sheet = Image.new("RGB", (columns * CELL, math.ceil(len(rows) / columns) * (CELL + label_height)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for index, (row, lines) in enumerate(zip(rows, labels)):
+        x, y = (index % columns) * CELL, (index // columns) * (CELL + label_height)
+        if row.image is None:
+            draw.rectangle((x + 4, y + 4, x + CELL - 4, y + CELL - 4), outline="gray")
+            draw.text((x + 12, y + CELL // 2), "no output image", fill="gray", font=font)
+        else:
+            scale = (CELL - 8) / max(row.image.size)
+            thumbnail = row.image.resize((max(1, round(row.image.width * scale)), max(1, round(row.image.height * scale))),
+                                         Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS)
+            sheet.paste(thumbnail, (x + (CELL - thumbnail.width) // 2, y + (CELL - thumbnail.height) // 2))
+        for number, line in enumerate(lines):
+            draw.text((x + 4, y + CELL + 2 + number * LABEL_LINE), line[:40], fill="black", font=font)
+    return sheet
+
+
+def table(rows: list[Row]) -> str:
+    """A plain-text table: run, status, swept values, final loss terms."""
+    swept_keys = list(rows[0].swept)
+    term_keys = sorted({k for row in rows for k in loss_terms(row.run)}, key=lambda k: (k != "total", k))
+    header = ["run", "status", *swept_keys, *term_keys]
+    body = [[row.run.info.run_id[:8], row.run.info.status, *row.swept.values(),
+             *(f"{row.run.data.metrics[k]:.6g}" if k in row.run.data.metrics else "-" for k in term_keys)] for row in rows]
+    widths = [max(len(str(cells[i])) for cells in [header, *body]) for i in range(len(header))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip() for cells in [header, *body])
+
+
+def compare(target: str, uri: str, out_dir: Path) -> tuple[Path, str]:
+    """Write ``contact_sheet.png`` and ``table.txt`` for ``target`` into ``out_dir``; log them to
+    the parent run (when ``target`` is one). Returns the sheet's path and the table."""
+    client = MlflowClient(uri)
+    runs, parent = find_runs(client, target)
+    with tempfile.TemporaryDirectory() as downloads:
+        rows = [Row(run, swept, load_output(client, run, Path(downloads))) for run, swept in zip(runs, swept_values(runs))]
+    text = table(rows)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sheet_path = out_dir / "contact_sheet.png"
+    contact_sheet(rows).save(sheet_path)
+    (out_dir / "table.txt").write_text(text + "\n")
+    if parent is not None:
+        client.log_artifact(parent.info.run_id, str(sheet_path), "compare")
+        client.log_artifact(parent.info.run_id, str(out_dir / "table.txt"), "compare")
+    return sheet_path, text

@@ -1,0 +1,108 @@
+"""Sweeps: one parent MLflow run per ``stx -m …``, one child run per job.
+
+:class:`MlflowSweepCallback` is a Hydra callback (registered in ``conf/config.yaml``). In the
+launching process it creates the experiment once (no race between parallel jobs) and the
+parent run, tagged with the command line and sweep dir. Every launcher (basic, joblib,
+submitit) pickles callbacks into the job's process, where :meth:`on_job_start` hands the
+parent run id to the job through ``$STX_PARENT_RUN_ID`` and :meth:`on_job_end` records a
+failed job on the parent. The parent is closed FINISHED, or FAILED when any job failed or
+when the sweep stops early — Hydra skips ``on_multirun_end`` when a job raises, so an
+``atexit`` hook closes it then.
+"""
+
+from __future__ import annotations
+
+import atexit
+import math
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
+
+from stx.runner import PARENT_RUN_ENV
+from stx.tracking import ensure_experiment, source_tags, tracking_uri
+
+FAILED_TAG = "stx.failed_job."
+
+
+class MlflowSweepCallback(Callback):
+    """Parent run for a Hydra multirun; see the module docstring."""
+
+    def __init__(self) -> None:
+        self.uri: str | None = None
+        self.parent_run_id: str | None = None
+        self.sweep_dir: str | None = None
+        self._closed = False
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.uri = tracking_uri(config.tracking)
+        client = MlflowClient(self.uri)
+        experiment_id = ensure_experiment(client, config.tracking.experiment, config.tracking.artifact_location)
+        self.sweep_dir = str(Path(config.hydra.sweep.dir).resolve())
+        command = shlex.join(["stx", *sys.argv[1:]])
+        tags = {
+            **source_tags(),
+            "stx.sweep": "true",
+            "stx.sweep.command": command,
+            "stx.sweep.dir": self.sweep_dir,
+            "hydra.overrides": " ".join(config.hydra.overrides.task),
+        }
+        run = client.create_run(experiment_id, run_name=f"sweep: {command}"[:250], tags=tags)
+        self.parent_run_id = run.info.run_id
+        atexit.register(self.close)
+        print(f"stx: sweep parent MLflow run {self.parent_run_id} ({self.uri})", flush=True)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.parent_run_id:
+            os.environ[PARENT_RUN_ENV] = self.parent_run_id
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if not self.parent_run_id:
+            return
+        reason = None
+        if job_return.status == JobStatus.FAILED:
+            reason = f"{type(job_return._return_value).__name__}: {job_return._return_value}"
+        elif not (isinstance(job_return._return_value, float) and math.isfinite(job_return._return_value)):
+            reason = f"returned {job_return._return_value!r}"
+        if reason:
+            MlflowClient(self.uri).set_tag(self.parent_run_id, f"{FAILED_TAG}{config.hydra.job.num}", reason[:5000])
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        status = self.close(completed=True)
+        if status != "FINISHED":
+            print(f"stx: sweep ended {status}: see the jobs' errors above and MLflow run {self.parent_run_id}", file=sys.stderr)
+            sys.exit(1)
+
+    def close(self, completed: bool = False) -> str | None:
+        """End the parent and return its status: FINISHED only if the sweep completed and every
+        child finished; KILLED if a child was interrupted; FAILED otherwise."""
+        if self._closed or not self.parent_run_id:
+            return None
+        self._closed = True
+        client = MlflowClient(self.uri)
+        multirun_yaml = Path(self.sweep_dir) / "multirun.yaml"
+        if multirun_yaml.is_file():
+            client.log_artifact(self.parent_run_id, str(multirun_yaml))
+        parent = client.get_run(self.parent_run_id)
+        children = client.search_runs(
+            [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.parent_run_id}'"
+        )
+        failed = any(key.startswith(FAILED_TAG) for key in parent.data.tags)
+        statuses = {child.info.status for child in children}
+        if "KILLED" in statuses:
+            status = RunStatus.KILLED
+        elif completed and not failed and statuses <= {"FINISHED"}:
+            status = RunStatus.FINISHED
+        else:
+            status = RunStatus.FAILED
+        client.set_tag(self.parent_run_id, "stx.sweep.jobs", str(len(children)))
+        client.set_terminated(self.parent_run_id, RunStatus.to_string(status))
+        return RunStatus.to_string(status)
+

@@ -1,0 +1,152 @@
+"""Sweeps (basic, joblib, submitit-local, Optuna), ``stx compare`` and ``stx reproduce``, end to end."""
+
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+
+from stx.config import CONF_DIR
+
+from test_cli import STX, artifact_paths, run_stx
+
+TINY = ["encoder.weights=random", "schedule.size=32", "schedule.steps=2"]
+
+
+def runs_by_role(uri):
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("stx").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("stx.sweep") == "true"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+def local_uri(tmp_path):
+    return f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+
+
+def test_sweep_then_compare_then_reproduce(tmp_path):
+    result = run_stx(tmp_path, "-m", *TINY, "loss.style.score_weight=1e3,1e4")
+    assert result.returncode == 0, result.stderr
+    client, (parent,), children = runs_by_role(local_uri(tmp_path))
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["stx.sweep.command"].startswith("stx -m encoder.weights=random")
+    sweep_dir = Path(parent.data.tags["stx.sweep.dir"])
+    assert (sweep_dir / "multirun.yaml").is_file() and "multirun.yaml" in artifact_paths(client, parent.info.run_id)
+    assert sorted(c.data.params["loss.style.score_weight"] for c in children) == ["1000.0", "10000.0"]
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert all(c.info.status == "FINISHED" for c in children)
+
+    compared = run_stx(tmp_path, "compare", parent.info.run_id)
+    assert compared.returncode == 0, compared.stderr
+    header, *rows = compared.stdout.splitlines()[:3]
+    assert header.split()[:4] == ["run", "status", "loss.style.score_weight", "total"]
+    assert [row.split()[2] for row in rows] == ["1000.0", "10000.0"]
+    assert {"compare/contact_sheet.png", "compare/table.txt"} <= set(artifact_paths(client, parent.info.run_id))
+
+    original = next(c for c in children if c.data.params["loss.style.score_weight"] == "10000.0")
+    reproduced = run_stx(tmp_path, "reproduce", original.info.run_id)
+    assert reproduced.returncode == 0, reproduced.stderr
+    assert "max pixel difference to the original output: 0/255" in reproduced.stdout
+    (copy,) = client.search_runs([original.info.experiment_id], filter_string=f"tags.reproduced_from = '{original.info.run_id}'")
+    moved = {"runs_dir", "images.content", "images.styles.0"}  # the inputs are the run's logged copies
+    assert {k: v for k, v in copy.data.params.items() if k not in moved} == {k: v for k, v in original.data.params.items() if k not in moved}
+    assert copy.data.params["images.content"].endswith("inputs/content/content.png")
+    assert copy.data.metrics["total"] == original.data.metrics["total"]
+    assert copy.data.metrics["reproduce/max_pixel_diff"] == 0
+
+
+def test_failed_job_fails_the_parent_but_not_the_other_jobs(tmp_path):
+    result = run_stx(tmp_path, "-m", *TINY, f"images.content={CONF_DIR.parent / 'stx/assets/content.png'},missing.png")
+    assert result.returncode == 1
+    assert "stx: error: image" in result.stderr and "stx: sweep ended FAILED" in result.stderr
+    _, (parent,), (child,) = runs_by_role(local_uri(tmp_path))
+    assert child.info.status == "FINISHED"
+    assert parent.info.status == "FAILED"
+    assert "missing.png" not in parent.data.tags.get("stx.failed_job.0", "")
+    assert "returned nan" in parent.data.tags["stx.failed_job.1"]
+
+
+def test_optuna_sweep_returns_finite_objectives(tmp_path):
+    result = run_stx(tmp_path, "-m", *TINY, "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2",
+                     "hydra.sweeper.sampler.seed=0", "loss.style.score_weight=interval(100,10000)")
+    assert result.returncode == 0, result.stderr
+    _, (parent,), children = runs_by_role(local_uri(tmp_path))
+    assert parent.info.status == "FINISHED" and len(children) == 2
+    results = yaml.safe_load((Path(parent.data.tags["stx.sweep.dir"]) / "optimization_results.yaml").read_text())
+    assert math.isfinite(results["best_value"])
+    assert results["best_value"] == pytest.approx(min(c.data.metrics["total"] for c in children))
+
+
+def test_submitit_launcher_carries_the_parent_into_jobs(tmp_path):
+    result = run_stx(tmp_path, "-m", *TINY, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", "seed=0,1")
+    assert result.returncode == 0, result.stderr
+    _, (parent,), children = runs_by_role(local_uri(tmp_path))
+    assert parent.info.status == "FINISHED"
+    assert sorted(c.data.params["seed"] for c in children) == ["0", "1"]
+
+
+def test_slurm_launcher_config_composes():
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=stx_slurm"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert cfg.hydra.launcher.gpus_per_node == 1
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` (sqlite behind it) on a free 127.0.0.1 port."""
+    folder = tmp_path_factory.mktemp("mlflow_server")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mlflow = str(Path(sys.executable).with_name("mlflow"))
+    server = subprocess.Popen(
+        [mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
+         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                pytest.fail("mlflow server did not start within 90 s")
+            time.sleep(0.5)
+    yield uri
+    os.killpg(server.pid, 15)
+    server.wait(timeout=30)
+
+
+def test_parallel_joblib_sweep_against_mlflow_server(tmp_path, mlflow_server):
+    result = run_stx(tmp_path, "-m", *TINY, "tracking=server", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                     "seed=0,1,2,3", env={"MLFLOW_TRACKING_URI": mlflow_server})
+    assert result.returncode == 0, result.stderr
+    client, (parent,), children = runs_by_role(mlflow_server)
+    assert parent.info.status == "FINISHED" and parent.data.tags["stx.sweep.jobs"] == "4"
+    assert sorted(c.data.tags["stx.sweep.job_num"] for c in children) == ["0", "1", "2", "3"]  # each once
+    assert sorted(c.data.params["seed"] for c in children) == ["0", "1", "2", "3"]
+    assert all(c.info.status == "FINISHED" and "output.png" in artifact_paths(client, c.info.run_id) for c in children)
+
+
+def test_unreachable_server_fails_fast_with_the_uri(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.monotonic()
+    result = run_stx(tmp_path, *TINY, "tracking=server", env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"})
+    assert result.returncode == 2
+    assert f"the MLflow server at http://127.0.0.1:{port} does not answer" in result.stderr
+    assert time.monotonic() - started < 60
