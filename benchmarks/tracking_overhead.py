@@ -1,8 +1,9 @@
 """Run-time cost of MLflow tracking: the same job with and without stx's per-step logging.
 
-Builds the default job (random VGG19 weights, sample images) and times it in interleaved
-rounds: the bare optimisation, and a whole MLflow run (start, flush, end) with ``RunTracker.log_step`` logging every
-loss term each step (async) and the image every ``--image-every`` steps to a fresh sqlite store.
+Builds the default job (random VGG19 weights, sample images) and times, in interleaved rounds,
+the bare optimisation and a whole MLflow run (start, flush, end) around it whose
+``RunTracker.log_step`` logs every loss term each step (async) and the image every
+``--image-every`` steps to a fresh sqlite store.
 Usage: python benchmarks/tracking_overhead.py [--size 128] [--steps 50] [--rounds 3]
 """
 
