@@ -17,6 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from stx.config import CONF_DIR, runs_dir
 from stx.errors import StxError
@@ -25,13 +26,18 @@ log = logging.getLogger("stx")
 COMMANDS = ("compare", "reproduce")
 
 
+class _Task:
+    started = False
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> float:
     from stx.runner import run_job  # torch & mlflow load after Hydra has parsed the command line
 
+    _Task.started = True
     try:
         return run_job(cfg)
-    except StxError as error:
+    except (StxError, OmegaConfBaseException) as error:  # the latter: a value that cannot be resolved
         log.error("%s", error)
         print(f"stx: error: {error}", file=sys.stderr, flush=True)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
@@ -79,8 +85,17 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
         tool_main(sys.argv[1:])
-    else:
+        return
+    # Hydra prints some composition errors (e.g. `loss=0`) as raw tracebacks; stx reports them.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
         hydra_main()
+    except Exception as error:
+        if _Task.started:
+            raise  # not a config mistake: a bug, whose traceback is wanted
+        cause = f" ({error.__cause__})" if isinstance(error.__cause__, OmegaConfBaseException) else ""
+        print(f"stx: error: {error}{cause}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

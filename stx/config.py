@@ -21,11 +21,21 @@ from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate, to_absolute_path
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from stx import encoders, losses
+from stx import encoders, losses, memory
 from stx.errors import ConfigError
-from stx.image import read_image
-from stx.optim import INITS, OptimizerFactory, PyramidLevel, StepCallback, autocast, optimise_image
+from stx.image import long_edge_shape, read_image, resize
+from stx.optim import (
+    INITS,
+    Checkpoint,
+    CheckpointCallback,
+    OptimizerFactory,
+    PyramidLevel,
+    StepCallback,
+    autocast,
+    optimise_image,
+)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CONF_DIR = PACKAGE_DIR.parent / "conf"
@@ -65,6 +75,7 @@ class ScheduleSchema:
     levels: List[LevelSchema] = field(default_factory=list)
     init: str = "content"
     style_scale: float = 1.0
+    checkpoint_every: int = 0
 
 
 @dataclass
@@ -95,6 +106,7 @@ class StxSchema:
     seed: int = 0
     output: str = "output.png"
     runs_dir: str = MISSING
+    resume: Optional[str] = None
 
 
 ConfigStore.instance().store(name="stx_schema", node=StxSchema)
@@ -115,12 +127,18 @@ class Job:
     style_scale: float
     precision: str
     device: torch.device
+    checkpoint_every: int = 0
 
     @property
     def steps(self) -> int:
         return sum(level.steps for level in self.levels)
 
-    def run(self, callback: StepCallback | None = None) -> torch.Tensor:
+    def run(
+        self,
+        callback: StepCallback | None = None,
+        on_checkpoint: CheckpointCallback | None = None,
+        start: Checkpoint | None = None,
+    ) -> torch.Tensor:
         """Optimise the image (see :func:`stx.optim.optimise_image`); return it on the job's device."""
         return optimise_image(
             self.objective,
@@ -134,6 +152,9 @@ class Job:
             style_scale=self.style_scale,
             precision=self.precision,
             callback=callback,
+            checkpoint_every=self.checkpoint_every,
+            on_checkpoint=on_checkpoint,
+            start=start,
         )
 
 
@@ -229,6 +250,10 @@ def _style_weights(images: DictConfig) -> list[float]:
 
 def build_job(cfg: DictConfig) -> Job:
     """Check ``cfg`` and build the :class:`Job` it describes (raises :class:`ConfigError`)."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"the config cannot be resolved: {exc}") from exc
     device = resolve_device(cfg.device)
     autocast(device, cfg.precision)
     if cfg.schedule.init not in INITS:
@@ -237,6 +262,8 @@ def build_job(cfg: DictConfig) -> Job:
     if not (math.isfinite(style_scale) and style_scale > 0):
         raise ConfigError(f"schedule.style_scale={style_scale!r} is not valid: use a number > 0.")
     levels = build_levels(cfg.schedule)
+    if cfg.schedule.checkpoint_every < 0:
+        raise ConfigError(f"schedule.checkpoint_every={cfg.schedule.checkpoint_every} is not valid: use 0 (off) or a number of steps.")
     optimizer = build_optimizer(cfg.schedule.optimizer)
     terms = build_losses(cfg.loss)
     style_weights = _style_weights(cfg.images)
@@ -247,7 +274,12 @@ def build_job(cfg: DictConfig) -> Job:
     objective = losses.PerceptualObjective(encoder, terms).to(device)
 
     size = max(level.size for level in levels)
-    content = read_image(to_absolute_path(cfg.images.content), size).to(device)
+    content = read_image(to_absolute_path(cfg.images.content))
+    probe = optimizer([torch.zeros(1, requires_grad=True)])
+    state_images = 2 * probe.defaults["history_size"] + 3 if isinstance(probe, torch.optim.LBFGS) else 2
+    estimate = memory.estimate_bytes(objective, *long_edge_shape(*content.shape[-2:], size), state_images, len(cfg.images.styles))
+    memory.check_fits(estimate, device, size)
+    content = resize(content, size).to(device)
     styles = [read_image(to_absolute_path(path), max(16, round(size * style_scale))).to(device) for path in cfg.images.styles]
     return Job(
         objective=objective,
@@ -261,5 +293,6 @@ def build_job(cfg: DictConfig) -> Job:
         style_scale=style_scale,
         precision=cfg.precision,
         device=device,
+        checkpoint_every=int(cfg.schedule.checkpoint_every),
     )
 

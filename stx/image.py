@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
 from stx.errors import ImageError
@@ -47,7 +47,7 @@ def read_image(path: str | Path, size: int | None = None) -> torch.Tensor:
     try:
         with Image.open(path) as pil:
             pil = pil.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except Exception as exc:  # Pillow's decoders raise many types (SyntaxError, struct.error, …) on bad bytes
         raise ImageError(
             f"image {str(path)!r} could not be read ({exc}): the file is corrupt or not an "
             f"image; give a PNG, JPEG or other format Pillow can read."

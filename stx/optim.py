@@ -52,7 +52,22 @@ class StepInfo:
     image: torch.Tensor
 
 
+@dataclass
+class Checkpoint:
+    """Everything needed to continue an optimisation exactly, taken after ``step`` steps.
+
+    ``level`` indexes the pyramid level the step belongs to; ``image`` is that level's current
+    image and ``optimizer_state`` the optimiser's ``state_dict()`` (L-BFGS history included).
+    """
+
+    step: int
+    level: int
+    image: torch.Tensor
+    optimizer_state: dict
+
+
 StepCallback = Callable[[StepInfo], None]
+CheckpointCallback = Callable[[Checkpoint], None]
 OptimizerFactory = Callable[[list[torch.Tensor]], Optimizer]
 
 
@@ -95,6 +110,9 @@ def optimise_image(
     style_scale: float = 1.0,
     precision: str = "fp32",
     callback: StepCallback | None = None,
+    checkpoint_every: int = 0,
+    on_checkpoint: CheckpointCallback | None = None,
+    start: Checkpoint | None = None,
 ) -> torch.Tensor:
     """Optimise an image to minimise ``objective``; return it (``1×3×H×W``, [0, 1]).
 
@@ -103,7 +121,9 @@ def optimise_image(
     ``style_scale ×`` that size. ``optimizer`` builds a fresh optimiser per level from the
     parameter list (e.g. ``functools.partial(torch.optim.LBFGS, lr=1, max_iter=1)``).
     Raises :class:`NonFiniteLossError` if the objective turns NaN/inf; its ``image`` attribute
-    is then the last image with a finite loss.
+    is then the last image with a finite loss. Every ``checkpoint_every`` steps (0: never),
+    ``on_checkpoint`` receives a :class:`Checkpoint`; passing one as ``start`` continues from it
+    and gives the same result as an uninterrupted run.
     """
     if not levels:
         raise ConfigError("the schedule has no levels: give at least one size and number of steps.")
@@ -112,17 +132,26 @@ def optimise_image(
     step = 0
     image: torch.Tensor | None = None
     for level_index, level in enumerate(levels):
+        if start is not None and level_index < start.level:
+            step += level.steps
+            continue
         level_content = resize(content, level.size)
         level_styles = [resize(style, max(16, round(level.size * style_scale))) for style in styles]
         with amp:
             objective.set_targets(level_content, level_styles, style_weights)
-        if image is None:
+        state, done = None, 0
+        if start is not None and level_index == start.level:
+            image, state, done = start.image.to(content.device), start.optimizer_state, start.step - step
+        elif image is None:
             image = initial_image(init, level_content, level_styles[0], seed)
         else:
             image = torch.nn.functional.interpolate(
                 image, size=level_content.shape[-2:], mode="bicubic", align_corners=False
             ).clamp_(0, 1)
-        image = optimise_level(objective, image, optimizer, level.steps, amp, callback, step, level_index)
+        image = optimise_level(
+            objective, image, optimizer, level.steps - done, amp, callback, step + done, level_index,
+            state, checkpoint_every, on_checkpoint,
+        )
         step += level.steps
     assert image is not None
     return image
@@ -137,16 +166,22 @@ def optimise_level(
     callback: StepCallback | None = None,
     first_step: int = 0,
     level: int = 0,
+    optimizer_state: dict | None = None,
+    checkpoint_every: int = 0,
+    on_checkpoint: CheckpointCallback | None = None,
 ) -> torch.Tensor:
     """Run ``steps`` optimiser steps on a copy of ``image`` against the objective's current targets.
 
     Returns the optimised image (detached, clamped to [0, 1]). Steps are numbered from
-    ``first_step + 1`` in the callback. See :func:`optimise_image` for errors.
+    ``first_step + 1`` in the callback. ``optimizer_state`` restores the optimiser. See
+    :func:`optimise_image` for errors and checkpoints.
     """
     amp = amp or contextlib.nullcontext()
     image = image.detach().clone().requires_grad_(True)
     last_finite = image.detach().clone()
     optimiser = optimizer([image])
+    if optimizer_state is not None:
+        optimiser.load_state_dict(optimizer_state)
     measured: dict[str, torch.Tensor] = {}
     step = first_step
 
@@ -181,6 +216,10 @@ def optimise_level(
                 image.clamp_(0.0, 1.0)
             size = max(image.shape[-2:])
             callback(StepInfo(step, level, size, dict(zip(measured, values)), image.detach()))
+        if on_checkpoint is not None and checkpoint_every > 0 and step % checkpoint_every == 0:
+            with torch.no_grad():
+                image.clamp_(0.0, 1.0)
+            on_checkpoint(Checkpoint(step, level, image.detach().clone(), optimiser.state_dict()))
     with torch.no_grad():
         image.clamp_(0.0, 1.0)
     return image.detach()

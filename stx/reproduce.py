@@ -10,38 +10,14 @@ from pathlib import Path
 import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
 
-from stx.config import StxSchema, runs_dir
+from stx.config import runs_dir
 from stx.errors import StxError
 from stx.runner import JobResult, execute
-from stx.tracking import source_tags
+from stx.tracking import download_artifact, load_run_config, source_tags
 
 COPIED_TAGS = ("hydra.", "stx.sweep.job_num")
-
-
-def _download(client: MlflowClient, run_id: str, path: str, folder: Path) -> Path:
-    try:
-        return Path(client.download_artifacts(run_id, path, str(folder)))
-    except (MlflowException, OSError) as exc:
-        raise StxError(f"run {run_id} has no artifact {path!r} ({exc}); only runs made by stx can be reproduced.") from exc
-
-
-def rebuild_config(client: MlflowClient, run_id: str, folder: Path):
-    """The run's resolved ``config.yaml``, checked against stx's schema, reading its logged
-    input images (downloaded into ``folder/inputs``)."""
-    loaded = OmegaConf.load(_download(client, run_id, "config.yaml", folder))
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(StxSchema), loaded)
-    except OmegaConfBaseException as exc:
-        raise StxError(f"the config logged with run {run_id} does not fit stx's schema: {exc}") from exc
-    inputs = _download(client, run_id, "inputs", folder)
-    (content,) = (inputs / "content").iterdir()
-    styles = [next((inputs / f"style_{index}").iterdir()) for index in range(len(cfg.images.styles))]
-    cfg.images.content, cfg.images.styles = str(content), [str(style) for style in styles]
-    return cfg
 
 
 def max_pixel_difference(a: Path, b: Path) -> int:
@@ -66,11 +42,11 @@ def reproduce(run_id: str, uri: str) -> tuple[JobResult, int]:
         print(f"stx: warning: run {run_id} was made at commit {then}, this code is at {now}; the result may differ.",
               file=sys.stderr)
     run_dir = Path(runs_dir()) / "reproduce" / run_id / datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
-    cfg = rebuild_config(client, run_id, run_dir)
+    cfg = load_run_config(client, run_id, run_dir)
     cfg.runs_dir = runs_dir()
     cfg.tracking.uri = uri
     result = execute(cfg, run_dir, tags)
     with tempfile.TemporaryDirectory() as downloads:
-        difference = max_pixel_difference(_download(client, run_id, "output.png", Path(downloads)), result.output)
+        difference = max_pixel_difference(download_artifact(client, run_id, "output.png", Path(downloads)), result.output)
     client.log_metric(result.run_id, "reproduce/max_pixel_diff", difference)
     return result, difference

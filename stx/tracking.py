@@ -25,14 +25,18 @@ import mlflow
 import torch
 from mlflow.entities import Metric, RunStatus
 from mlflow.tracking import MlflowClient
+from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torchvision.transforms.functional import to_pil_image
 
+from stx.config import StxSchema
 from stx.errors import StxError
 from stx.optim import StepInfo
 
 SOURCE_DIR = Path(__file__).resolve().parent.parent
 FLUSH_EVERY_S = 5.0
+CHECKPOINT_DIR = "checkpoint"
 VERSIONED = ("stx", "torch", "torchvision", "hydra-core", "omegaconf", "mlflow", "pillow")
 
 
@@ -75,6 +79,28 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | 
         if experiment is None:
             raise
         return experiment.experiment_id
+
+
+def download_artifact(client: MlflowClient, run_id: str, path: str, folder: Path) -> Path:
+    try:
+        return Path(client.download_artifacts(run_id, path, str(folder)))
+    except (MlflowException, OSError) as exc:
+        raise StxError(f"run {run_id} has no artifact {path!r} ({exc}); only runs made by stx can be reproduced.") from exc
+
+
+def load_run_config(client: MlflowClient, run_id: str, folder: Path) -> DictConfig:
+    """The run's resolved ``config.yaml``, checked against stx's schema, reading its logged
+    input images (downloaded into ``folder/inputs``)."""
+    loaded = OmegaConf.load(download_artifact(client, run_id, "config.yaml", folder))
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(StxSchema), loaded)
+    except OmegaConfBaseException as exc:
+        raise StxError(f"the config logged with run {run_id} does not fit stx's schema: {exc}") from exc
+    inputs = download_artifact(client, run_id, "inputs", folder)
+    (content,) = (inputs / "content").iterdir()
+    styles = [next((inputs / f"style_{index}").iterdir()) for index in range(len(cfg.images.styles))]
+    cfg.images.content, cfg.images.styles = str(content), [str(style) for style in styles]
+    return cfg
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -126,7 +152,8 @@ def device_tags(device: torch.device) -> dict[str, str]:
 
 def hydra_tags(hydra_cfg: DictConfig) -> dict[str, str]:
     """The command-line overrides and the config group choices."""
-    tags = {"hydra.overrides": " ".join(hydra_cfg.overrides.task)}
+    overrides = OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False)  # "k=${x}" stays text
+    tags = {"hydra.overrides": " ".join(overrides)}
     for group, choice in hydra_cfg.runtime.choices.items():
         if not group.startswith("hydra/") and choice is not None:
             tags[f"hydra.choice.{group}"] = str(choice)
@@ -149,12 +176,19 @@ class RunTracker:
         self.last_flush = time.monotonic()
 
     @contextmanager
-    def run(self, tags: Mapping[str, str], parent_run_id: str | None = None) -> Iterator[str]:
-        """Start a run; end it FINISHED, FAILED (tag ``stx.error``) or KILLED (interrupt)."""
-        name = tags.get("hydra.overrides") or None
-        active = mlflow.start_run(
-            experiment_id=self.experiment_id, run_name=name, tags=dict(tags), parent_run_id=parent_run_id
-        )
+    def run(self, tags: Mapping[str, str], parent_run_id: str | None = None, run_id: str | None = None) -> Iterator[str]:
+        """Start a run (or reopen ``run_id``); end it FINISHED, FAILED (tag ``stx.error``) or
+        KILLED (interrupt)."""
+        if run_id is not None:
+            active = mlflow.start_run(run_id=run_id)
+            mlflow.set_tags(dict(tags))
+        else:
+            active = mlflow.start_run(
+                experiment_id=self.experiment_id,
+                run_name=tags.get("hydra.overrides") or None,
+                tags=dict(tags),
+                parent_run_id=parent_run_id,
+            )
         self.run_id = active.info.run_id
         status = RunStatus.to_string(RunStatus.FINISHED)
         try:
@@ -210,6 +244,11 @@ class RunTracker:
         if self.last_image_step != step:
             self.log_image(image, step)
         mlflow.log_artifact(str(path))
+
+    def log_checkpoint(self, path: Path, step: int) -> None:
+        """The latest checkpoint file, replacing the previous one, and its step as a tag."""
+        mlflow.log_artifact(str(path), CHECKPOINT_DIR)
+        mlflow.set_tag("stx.checkpoint_step", str(step))
 
     def log_file(self, path: Path) -> None:
         if path.is_file():

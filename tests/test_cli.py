@@ -88,6 +88,16 @@ def test_unknown_group_option_lists_valid_ones(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    "override,message",
+    [("loss=0", "Config group override must be a string or a list"), ("schedule.size=${oops}", "Interpolation key 'oops' not found")],
+)
+def test_composition_and_resolution_errors_print_no_traceback(tmp_path, override, message):
+    result = run_stx(tmp_path, "encoder.weights=random", override)
+    assert result.returncode in (1, 2)
+    assert message in result.stderr and "Traceback" not in result.stderr + result.stdout
+
+
 def test_non_finite_loss_fails_the_run_and_keeps_the_image(tmp_path):
     result = run_stx(tmp_path, *FAST, "schedule.steps=3", "loss.style.score_weight=1e39")
     assert result.returncode == 2

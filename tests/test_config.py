@@ -116,3 +116,20 @@ def test_bad_values_fail_before_work(make_cfg, overrides, message):
         pytest.skip("this machine has CUDA")
     with pytest.raises(StxError, match=message):
         build_job(make_cfg(*FAST, *overrides))
+
+
+def test_size_that_cannot_fit_is_refused_with_the_estimate(make_cfg):
+    with pytest.raises(StxError, match=r"schedule size 8192 px needs about \d+\.\d GiB on cpu \(image and optimiser .*encoder activations .*MRF patches and similarities .*\), but only"):
+        build_job(make_cfg("loss=mrf", "encoder.weights=random", "schedule.size=8192"))
+
+
+def test_memory_estimate_counts_vgg_activations(make_cfg):
+    from stx import memory
+
+    job = build_job(make_cfg(*FAST))
+    shapes = memory.layer_shapes(job.objective.encoder, 64, 96)
+    assert shapes[0] == (64, 64, 96) and shapes[job.objective.encoder.names.index("pool1")] == (64, 32, 48)
+    assert shapes[-1] == (512, 4, 6)  # relu5_1, after four poolings
+    estimate = memory.estimate_bytes(job.objective, 64, 96, optimizer_state_images=2, styles=1)
+    assert estimate["encoder activations"] == 2 * 4 * sum(c * h * w for c, h, w in shapes)
+    assert estimate["image and optimiser"] == 4 * 3 * 64 * 96 * 4

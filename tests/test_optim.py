@@ -89,3 +89,22 @@ def encoders_stub():
     from stx import encoders
 
     return encoders.vgg19(["relu1_1"], weights="random")
+
+
+@pytest.mark.parametrize("optimizer", [LBFGS, ADAM], ids=["lbfgs", "adam"])
+def test_resume_from_any_checkpoint_matches_uninterrupted_run(vgg19_random, optimizer):
+    import copy
+
+    objective = losses.PerceptualObjective(
+        vgg19_random, {"content": losses.ContentLoss({"relu4_2": 1.0}), "style": losses.GramStyleLoss({"relu1_1": 1.0, "relu2_1": 1.0}, 1e3)}
+    )
+    generator = torch.Generator().manual_seed(3)
+    content, style = torch.rand(1, 3, 40, 40, generator=generator), torch.rand(1, 3, 40, 40, generator=generator)
+    levels = (PyramidLevel(16, 4), PyramidLevel(32, 6))
+    run = functools.partial(optimise_image, objective, content, [style], [1.0], levels, optimizer, init="random", seed=1)
+    checkpoints = []
+    full = run(checkpoint_every=3, on_checkpoint=lambda c: checkpoints.append(copy.deepcopy(c)))
+    assert [(c.step, c.level) for c in checkpoints] == [(3, 0), (6, 1), (9, 1)]
+    assert torch.equal(run(), full)  # checkpointing does not change the result
+    for checkpoint in checkpoints:
+        assert torch.equal(run(start=checkpoint), full), checkpoint.step

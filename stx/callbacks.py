@@ -1,6 +1,10 @@
-"""Sweeps: one parent MLflow run per ``stx -m …``, one child run per job.
+"""Hydra callbacks (registered in ``conf/config.yaml``).
 
-:class:`MlflowSweepCallback` is a Hydra callback (registered in ``conf/config.yaml``). In the
+:class:`RunsDirCheck` checks, before Hydra creates the run or sweep dir, that the runs folder
+can be written, so that a bad one gets a clear message instead of a traceback.
+
+:class:`MlflowSweepCallback` gives a sweep (``stx -m …``) one parent MLflow run and each job
+a child run. In the
 launching process it creates the experiment once (no race between parallel jobs) and the
 parent run, tagged with the command line and sweep dir. Every launcher (basic, joblib,
 submitit) pickles callbacks into the job's process, where :meth:`on_job_start` hands the
@@ -17,6 +21,7 @@ import math
 import os
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +29,43 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from stx.errors import StxError
 from stx.runner import PARENT_RUN_ENV
 from stx.tracking import ensure_experiment, source_tags, tracking_uri
 
 FAILED_TAG = "stx.failed_job."
+
+
+def exit_with(error: StxError) -> None:
+    """Stop the command with the error's message (SystemExit passes Hydra's reporter untouched)."""
+    print(f"stx: error: {error}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def check_writable(folder: str) -> None:
+    """Create ``folder`` if needed and check a file can be written in it."""
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        exit_with(StxError(
+            f"the runs folder {str(path)!r} cannot be written ({exc.strerror or exc}); choose a writable "
+            f"one with runs_dir=/path or the STX_RUNS_DIR environment variable."
+        ))
+
+
+class RunsDirCheck(Callback):
+    """Refuse an unwritable ``runs_dir`` before Hydra creates the job's folder in it."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        check_writable(config.runs_dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        check_writable(config.runs_dir)
 
 
 class MlflowSweepCallback(Callback):
@@ -42,9 +78,12 @@ class MlflowSweepCallback(Callback):
         self._closed = False
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.uri = tracking_uri(config.tracking)
-        client = MlflowClient(self.uri)
-        experiment_id = ensure_experiment(client, config.tracking.experiment, config.tracking.artifact_location)
+        try:
+            self.uri = tracking_uri(config.tracking)
+            client = MlflowClient(self.uri)
+            experiment_id = ensure_experiment(client, config.tracking.experiment, config.tracking.artifact_location)
+        except StxError as error:
+            exit_with(error)
         self.sweep_dir = str(Path(config.hydra.sweep.dir).resolve())
         command = shlex.join(["stx", *sys.argv[1:]])
         tags = {
@@ -52,7 +91,7 @@ class MlflowSweepCallback(Callback):
             "stx.sweep": "true",
             "stx.sweep.command": command,
             "stx.sweep.dir": self.sweep_dir,
-            "hydra.overrides": " ".join(config.hydra.overrides.task),
+            "hydra.overrides": " ".join(OmegaConf.to_container(config.hydra.overrides.task, resolve=False)),
         }
         run = client.create_run(experiment_id, run_name=f"sweep: {command}"[:250], tags=tags)
         self.parent_run_id = run.info.run_id
