@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stx.errors import ConfigError
 from stx.encoders import MultiLayerEncoder
+from stx.errors import ConfigError
 
 
 def gram_matrix(features: torch.Tensor) -> torch.Tensor:

@@ -14,11 +14,10 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import to_absolute_path
-from omegaconf import DictConfig
-from tqdm import tqdm
-
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
+from tqdm import tqdm
 
 from stx.config import build_job
 from stx.errors import NonFiniteLossError, StxError

@@ -24,8 +24,8 @@ from typing import Any
 import mlflow
 import torch
 from mlflow.entities import Metric, RunStatus
-from mlflow.tracking import MlflowClient
 from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torchvision.transforms.functional import to_pil_image

@@ -1,7 +1,12 @@
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 
 from stx import encoders
+from stx.config import CONF_DIR
+
+FAST = ["encoder.weights=random", "schedule.size=32", "schedule.steps=2"]
 
 
 @pytest.fixture(scope="session")
@@ -14,3 +19,13 @@ def vgg19_random() -> encoders.MultiLayerEncoder:
 @pytest.fixture
 def rng() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture
+def make_cfg(tmp_path, monkeypatch):
+    """Compose stx's config with overrides (compose API), outputs under a temporary runs dir."""
+    monkeypatch.setenv("STX_RUNS_DIR", str(tmp_path / "runs"))
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        yield lambda *overrides: compose("config", overrides=list(overrides))
+    GlobalHydra.instance().clear()

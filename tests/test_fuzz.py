@@ -1,7 +1,7 @@
 """Fuzzing: garbage override values and image bytes always end in a clean, user-facing error."""
 
-import pytest
 import torch
+from conftest import FAST
 from hydra.errors import HydraException
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -10,8 +10,6 @@ from omegaconf.errors import OmegaConfBaseException
 from stx.config import ASSETS_DIR, build_job
 from stx.errors import ImageError, StxError
 from stx.image import read_image
-
-from test_config import FAST, make_cfg  # noqa: F401  (fixture)
 
 KEYS = [
     "schedule.size", "schedule.steps", "schedule.init", "schedule.style_scale", "schedule.optimizer.lr",
@@ -31,7 +29,7 @@ VALUES = st.one_of(
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(key=st.sampled_from(KEYS), value=VALUES)
-def test_garbage_overrides_fail_cleanly(make_cfg, key, value):  # noqa: F811
+def test_garbage_overrides_fail_cleanly(make_cfg, key, value):
     try:
         cfg = make_cfg(*FAST, f"{key}={value}")
     except (HydraException, OmegaConfBaseException, ValueError):

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-
 from test_cli import STX, artifact_paths, client_for, run_stx
 
 STEPS = ["encoder.weights=random", "schedule.size=32", "schedule.steps=300", "tracking.image_every=0"]

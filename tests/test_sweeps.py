@@ -13,10 +13,9 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
+from test_cli import artifact_paths, run_stx
 
 from stx.config import CONF_DIR
-
-from test_cli import STX, artifact_paths, run_stx
 
 TINY = ["encoder.weights=random", "schedule.size=32", "schedule.steps=2"]
 
