@@ -81,6 +81,16 @@ def test_bad_image_path_is_one_clear_error_before_any_run(tmp_path):
     assert not db.exists() or not client_for(tmp_path).search_experiments(filter_string="name = 'stx'")
 
 
+@pytest.mark.parametrize("multirun", [[], ["-m", "seed=0,1"]], ids=["run", "sweep"])
+def test_unwritable_runs_folder_is_one_clear_error(tmp_path, multirun):
+    (tmp_path / "a_file").write_text("not a folder")
+    runs = tmp_path / "a_file" / "runs"
+    result = run_stx(tmp_path, *multirun, *FAST, env={"STX_RUNS_DIR": str(runs)})
+    assert result.returncode == 2
+    assert f"stx: error: the runs folder '{runs}' cannot be written" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_unknown_group_option_lists_valid_ones(tmp_path):
     result = run_stx(tmp_path, "loss=nope")
     assert result.returncode == 1

@@ -55,7 +55,14 @@ def test_sweep_then_compare_then_reproduce(tmp_path):
     reproduced = run_stx(tmp_path, "reproduce", original.info.run_id)
     assert reproduced.returncode == 0, reproduced.stderr
     assert "max pixel difference to the original output: 0/255" in reproduced.stdout
-    (copy,) = client.search_runs([original.info.experiment_id], filter_string=f"tags.reproduced_from = '{original.info.run_id}'")
+    assert "warning" not in reproduced.stderr  # same commit
+
+    client.set_tag(original.info.run_id, "mlflow.source.git.commit", "0" * 40)
+    again = run_stx(tmp_path, "reproduce", original.info.run_id)
+    assert f"stx: warning: run {original.info.run_id} was made at commit {'0' * 40}" in again.stderr
+    copy, mismatched = sorted(client.search_runs([original.info.experiment_id], filter_string=f"tags.reproduced_from = '{original.info.run_id}'"),
+                              key=lambda r: r.info.start_time)
+    assert "stx.reproduce.commit_mismatch" in mismatched.data.tags and "stx.reproduce.commit_mismatch" not in copy.data.tags
     moved = {"runs_dir", "images.content", "images.styles.0"}  # the inputs are the run's logged copies
     assert {k: v for k, v in copy.data.params.items() if k not in moved} == {k: v for k, v in original.data.params.items() if k not in moved}
     assert copy.data.params["images.content"].endswith("inputs/content/content.png")
