@@ -105,7 +105,7 @@ class MlflowSweepCallback(Callback):
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if not self.parent_run_id:
             return
-        reason = None
+        reason = None  # JobReturn.return_value would re-raise a failed job's exception: read the field
         if job_return.status == JobStatus.FAILED:
             reason = f"{type(job_return._return_value).__name__}: {job_return._return_value}"
         elif not (isinstance(job_return._return_value, float) and math.isfinite(job_return._return_value)):
@@ -131,7 +131,7 @@ class MlflowSweepCallback(Callback):
             client.log_artifact(self.parent_run_id, str(multirun_yaml))
         parent = client.get_run(self.parent_run_id)
         children = client.search_runs(
-            [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.parent_run_id}'"
+            [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.parent_run_id}'", max_results=50000
         )
         failed = any(key.startswith(FAILED_TAG) for key in parent.data.tags)
         statuses = {child.info.status for child in children}

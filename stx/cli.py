@@ -27,7 +27,7 @@ COMMANDS = ("compare", "reproduce")
 
 
 class _Task:
-    started = False
+    started = False  # whether Hydra got as far as the task: errors before it are config mistakes
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
@@ -53,14 +53,15 @@ def default_tracking_uri() -> str:
 
 
 def tool_main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="stx", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tracking-uri", default=default_tracking_uri(),
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--tracking-uri", default=default_tracking_uri(),
                         help="MLflow store (default: $MLFLOW_TRACKING_URI, else the local runs/mlflow.db)")
+    parser = argparse.ArgumentParser(prog="stx", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    compare_parser = commands.add_parser("compare", help="contact sheet and table of a sweep's runs")
+    compare_parser = commands.add_parser("compare", parents=[common], help="contact sheet and table of a sweep's runs")
     compare_parser.add_argument("target", help="a sweep's parent run id, or an experiment name or id")
     compare_parser.add_argument("--out", type=Path, help="folder for contact_sheet.png and table.txt (default: runs/compare/<target>)")
-    reproduce_parser = commands.add_parser("reproduce", help="re-run a logged run and compare its output")
+    reproduce_parser = commands.add_parser("reproduce", parents=[common], help="re-run a logged run and compare its output")
     reproduce_parser.add_argument("run_id")
     args = parser.parse_args(argv)
     try:

@@ -20,7 +20,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate, to_absolute_path
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from stx import encoders, losses, memory
@@ -35,6 +35,7 @@ from stx.optim import (
     StepCallback,
     autocast,
     optimise_image,
+    style_edge,
 )
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -191,7 +192,19 @@ def _target(node: DictConfig, where: str, kind: type | None = None, module: Any 
         raise ConfigError(f"{where}._target_={name!r} is not a {kind.__module__}.{kind.__qualname__}.")
     if module is not None and getattr(target, "__module__", None) != module.__name__:
         raise ConfigError(f"{where}._target_={name!r} is not an encoder from {module.__name__}.")
+    for key, value in node.items():
+        if _names_a_target(value):
+            raise ConfigError(f"{where}.{key} holds a nested _target_; only {where} itself may name what to build.")
     return target
+
+
+def _names_a_target(value: Any) -> bool:
+    """Whether a config value holds a ``_target_`` at any depth (instantiate would call it)."""
+    if isinstance(value, DictConfig):
+        return "_target_" in value or any(_names_a_target(v) for v in value.values())
+    if isinstance(value, ListConfig):
+        return any(_names_a_target(v) for v in value)
+    return False
 
 
 def _instantiate(node: DictConfig, where: str, **kwargs: Any) -> Any:
@@ -280,7 +293,7 @@ def build_job(cfg: DictConfig) -> Job:
     estimate = memory.estimate_bytes(objective, *long_edge_shape(*content.shape[-2:], size), state_images, len(cfg.images.styles))
     memory.check_fits(estimate, device, size)
     content = resize(content, size).to(device)
-    styles = [read_image(to_absolute_path(path), max(16, round(size * style_scale))).to(device) for path in cfg.images.styles]
+    styles = [read_image(to_absolute_path(path), style_edge(size, style_scale)).to(device) for path in cfg.images.styles]
     return Job(
         objective=objective,
         content=content,

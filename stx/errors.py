@@ -5,6 +5,13 @@ diverges) raises a subclass of :class:`StxError` whose message is one paragraph 
 bad value and what would be valid. The command line prints that message without a traceback.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
 
 class StxError(Exception):
     """A problem the user can fix; the message says how."""
@@ -23,8 +30,10 @@ class WeightsError(StxError):
 
 
 class NonFiniteLossError(StxError):
-    """The objective became NaN or infinite during optimisation."""
+    """The objective became NaN or infinite at ``step``; ``image`` is the last image whose loss
+    was finite (``1×3×H×W``, [0, 1])."""
 
-    def __init__(self, message: str, step: int) -> None:
+    def __init__(self, message: str, step: int, image: torch.Tensor) -> None:
         super().__init__(message)
         self.step = step
+        self.image = image

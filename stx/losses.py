@@ -136,7 +136,7 @@ class EncodingLoss(Loss):
         self.targets: dict[str, object] = {}
 
     def represent(self, features: torch.Tensor) -> torch.Tensor:
-        """The representation compared by the loss (identity by default)."""
+        """A target image's representation at one layer (its features by default)."""
         return features
 
     def blend(self, representations: Sequence[torch.Tensor], weights: Sequence[float]) -> object:
@@ -154,7 +154,8 @@ class EncodingLoss(Loss):
         }
 
     def layer_loss(self, features: torch.Tensor, target: object) -> torch.Tensor:
-        return F.mse_loss(self.represent(features), target)
+        """The loss of the image's ``features`` at one layer against the cached ``target``."""
+        return F.mse_loss(features, target)
 
     def forward(self, features: Mapping[str, torch.Tensor], image: torch.Tensor) -> dict[str, torch.Tensor]:
         if not self.targets:
@@ -208,21 +209,12 @@ class MRFStyleLoss(EncodingLoss):
                 raise ConfigError(f"MRF {name}={value!r} is not valid: use a whole number >= 1.")
         self.patch_size, self.stride, self.target_stride = int(patch_size), int(stride), int(target_stride)
 
-    def blend(self, representations: Sequence[torch.Tensor], weights: Sequence[float]) -> object:
-        del representations  # patch sets are not averaged: each image keeps its own
-        return weights
+    def represent(self, features: torch.Tensor) -> torch.Tensor:
+        return extract_patches(features, self.patch_size, self.target_stride)
 
-    @torch.no_grad()
-    def set_targets(self, encoder: MultiLayerEncoder, images: Sequence[torch.Tensor], weights: Sequence[float]) -> None:
-        total = sum(weights)
-        encodings = [encoder(image, self.layers) for image in images]
-        self.targets = {}
-        for layer in self.layers:
-            entries = []
-            for weight, encoding in zip(weights, encodings):
-                patches = extract_patches(encoding[layer], self.patch_size, self.target_stride)
-                entries.append((weight / total, patches, F.normalize(patches, dim=1)))
-            self.targets[layer] = entries
+    def blend(self, representations: Sequence[torch.Tensor], weights: Sequence[float]) -> object:
+        """Patch sets are not averaged: each style keeps its own, with its weight."""
+        return [(w, patches, F.normalize(patches, dim=1)) for w, patches in zip(weights, representations)]
 
     def layer_loss(self, features: torch.Tensor, target: object) -> torch.Tensor:
         patches = extract_patches(features, self.patch_size, self.stride)
@@ -253,7 +245,7 @@ class PerceptualObjective(nn.Module):
     total is the sum of the weighted terms.
     """
 
-    def __init__(self, encoder: MultiLayerEncoder, losses: Mapping[str, Loss]) -> None:
+    def __init__(self, encoder: MultiLayerEncoder | None, losses: Mapping[str, Loss]) -> None:
         super().__init__()
         if not losses:
             raise ConfigError("the loss set is empty: configure at least one loss term.")

@@ -16,7 +16,7 @@ import torch
 from torch.optim import Optimizer
 
 from stx.errors import ConfigError, NonFiniteLossError
-from stx.image import check_size, resize
+from stx.image import MIN_SIZE, check_size, resize
 from stx.losses import PerceptualObjective
 
 INITS = ("content", "random", "style")
@@ -69,6 +69,11 @@ class Checkpoint:
 StepCallback = Callable[[StepInfo], None]
 CheckpointCallback = Callable[[Checkpoint], None]
 OptimizerFactory = Callable[[list[torch.Tensor]], Optimizer]
+
+
+def style_edge(size: int, style_scale: float) -> int:
+    """Long edge (px) of the style images at a level of ``size`` px."""
+    return max(MIN_SIZE, round(size * style_scale))
 
 
 def initial_image(init: str, content: torch.Tensor, style: torch.Tensor, seed: int) -> torch.Tensor:
@@ -136,7 +141,7 @@ def optimise_image(
             step += level.steps
             continue
         level_content = resize(content, level.size)
-        level_styles = [resize(style, max(16, round(level.size * style_scale))) for style in styles]
+        level_styles = [resize(style, style_edge(level.size, style_scale)) for style in styles]
         with amp:
             objective.set_targets(level_content, level_styles, style_weights)
         state, done = None, 0
@@ -193,14 +198,13 @@ def optimise_level(
             total, terms = objective(image)
         if not torch.isfinite(total):
             bad = [name for name, value in terms.items() if not torch.isfinite(value)]
-            error = NonFiniteLossError(
+            raise NonFiniteLossError(
                 f"the loss became {total.item()} at step {step + 1} (non-finite terms: "
                 f"{', '.join(bad) or 'total'}); the run stopped and kept the last image with a "
                 f"finite loss. Lower the learning rate or the score weights.",
                 step + 1,
+                last_finite,
             )
-            error.image = last_finite
-            raise error
         total.backward()
         last_finite.copy_(image.detach())
         measured.clear()

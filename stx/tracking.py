@@ -208,7 +208,7 @@ class RunTracker:
     def log_config(self, cfg: DictConfig, run_dir: Path) -> None:
         """Params (flattened resolved config), ``config.yaml`` and the ``.hydra/`` folder."""
         resolved = OmegaConf.to_container(cfg, resolve=True)
-        mlflow.log_params({key: value for key, value in flatten(resolved).items()})
+        mlflow.log_params(flatten(resolved))
         mlflow.log_dict(resolved, "config.yaml")
         if (run_dir / ".hydra").is_dir():
             mlflow.log_artifacts(str(run_dir / ".hydra"), "hydra")

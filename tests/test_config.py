@@ -95,6 +95,8 @@ def test_typos_fail_at_composition(make_cfg, override, message):
         (["images.style_weights=[-1]"], r"style_weights=\[-1.0\] is not valid"),
         (["+loss.evil={_target_: os.system, command: 'echo hi'}"], r"loss.evil._target_='os.system' is not a stx.losses.Loss"),
         (["schedule.optimizer._target_=builtins.eval"], r"is not a torch.optim.optimizer.Optimizer"),
+        (["+loss.style.layers.relu1_2={_target_: os.system, command: 'echo hi'}"], r"loss.style.layers holds a nested _target_"),
+        (["+schedule.optimizer.betas=[{_target_: os.getcwd}, 0.9]"], r"schedule.optimizer.betas holds a nested _target_"),
         (["encoder._target_=torchvision.models.resnet18"], r"is not an encoder from stx.encoders"),
         (["encoder.pooling=min"], r"pooling='min' is not valid"),
     ],

@@ -44,7 +44,7 @@ def test_sweep_then_compare_then_reproduce(tmp_path):
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     assert all(c.info.status == "FINISHED" for c in children)
 
-    compared = run_stx(tmp_path, "compare", parent.info.run_id)
+    compared = run_stx(tmp_path, "compare", parent.info.run_id, "--tracking-uri", local_uri(tmp_path))
     assert compared.returncode == 0, compared.stderr
     header, *rows = compared.stdout.splitlines()[:3]
     assert header.split()[:4] == ["run", "status", "loss.style.score_weight", "total"]
