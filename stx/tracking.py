@@ -236,7 +236,8 @@ class RunTracker:
         self.last_flush = time.monotonic()
 
     def log_image(self, image: torch.Tensor, step: int) -> None:
-        mlflow.log_image(to_pil_image(image[0].float().cpu()), key="image", step=step)
+        # synchronous: mlflow.log_image's default async queue costs ~1 s to shut down at end_run
+        mlflow.log_image(to_pil_image(image[0].float().cpu()), key="image", step=step, synchronous=True)
         self.last_image_step = step
 
     def log_output(self, image: torch.Tensor, path: Path, step: int) -> None:
