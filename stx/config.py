@@ -228,15 +228,16 @@ def build_losses(loss_cfg: DictConfig) -> dict[str, losses.Loss]:
     return terms
 
 
-def build_optimizer(node: DictConfig) -> OptimizerFactory:
-    """The optimiser factory, tried once on a dummy parameter so bad settings fail now."""
+def build_optimizer(node: DictConfig) -> tuple[OptimizerFactory, torch.optim.Optimizer]:
+    """The optimiser factory, and an optimiser it made for a dummy parameter (so that bad
+    settings fail now, and its defaults can be read)."""
     _target(node, "schedule.optimizer", kind=torch.optim.Optimizer)
     factory = _instantiate(node, "schedule.optimizer")
     try:
-        factory([torch.zeros(1, requires_grad=True)])
+        probe = factory([torch.zeros(1, requires_grad=True)])
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"schedule.optimizer is not valid: {exc}") from exc
-    return factory
+    return factory, probe
 
 
 def build_levels(schedule: DictConfig) -> list[PyramidLevel]:
@@ -277,7 +278,7 @@ def build_job(cfg: DictConfig) -> Job:
     levels = build_levels(cfg.schedule)
     if cfg.schedule.checkpoint_every < 0:
         raise ConfigError(f"schedule.checkpoint_every={cfg.schedule.checkpoint_every} is not valid: use 0 (off) or a number of steps.")
-    optimizer = build_optimizer(cfg.schedule.optimizer)
+    optimizer, probe = build_optimizer(cfg.schedule.optimizer)
     terms = build_losses(cfg.loss)
     style_weights = _style_weights(cfg.images)
 
@@ -288,7 +289,6 @@ def build_job(cfg: DictConfig) -> Job:
 
     size = max(level.size for level in levels)
     content = read_image(to_absolute_path(cfg.images.content))
-    probe = optimizer([torch.zeros(1, requires_grad=True)])
     state_images = 2 * probe.defaults["history_size"] + 3 if isinstance(probe, torch.optim.LBFGS) else 2
     estimate = memory.estimate_bytes(objective, *long_edge_shape(*content.shape[-2:], size), state_images, len(cfg.images.styles))
     memory.check_fits(estimate, device, size)
