@@ -136,11 +136,17 @@ def mlflow_server(tmp_path_factory):
     server.wait(timeout=30)
 
 
-def test_parallel_joblib_sweep_against_mlflow_server(tmp_path, mlflow_server):
-    result = run_stx(tmp_path, "-m", *TINY, "tracking=server", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                     "seed=0,1,2,3", env={"MLFLOW_TRACKING_URI": mlflow_server})
+@pytest.mark.parametrize("store", ["mlflow_server", "local_sqlite"])
+def test_parallel_joblib_sweep_loses_and_duplicates_no_run(tmp_path, request, store):
+    if store == "mlflow_server":
+        uri = request.getfixturevalue("mlflow_server")
+        tracking = ["tracking=server"]
+    else:
+        uri, tracking = local_uri(tmp_path), []
+    result = run_stx(tmp_path, "-m", *TINY, *tracking, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                     "seed=0,1,2,3", env={"MLFLOW_TRACKING_URI": uri} if tracking else None)
     assert result.returncode == 0, result.stderr
-    client, (parent,), children = runs_by_role(mlflow_server)
+    client, (parent,), children = runs_by_role(uri)
     assert parent.info.status == "FINISHED" and parent.data.tags["stx.sweep.jobs"] == "4"
     assert sorted(c.data.tags["stx.sweep.job_num"] for c in children) == ["0", "1", "2", "3"]  # each once
     assert sorted(c.data.params["seed"] for c in children) == ["0", "1", "2", "3"]
