@@ -214,16 +214,14 @@ def optimise_level(
     for _ in range(steps):
         optimiser.step(closure)
         step += 1
+        with torch.no_grad():  # the next evaluation clamps too; this keeps what others see in range
+            image.clamp_(0.0, 1.0)
         if callback is not None:
             values = torch.stack([v.detach().float() for v in measured.values()]).tolist()
-            with torch.no_grad():
-                image.clamp_(0.0, 1.0)
             size = max(image.shape[-2:])
             callback(StepInfo(step, level, size, dict(zip(measured, values)), image.detach()))
         if on_checkpoint is not None and checkpoint_every > 0 and step % checkpoint_every == 0:
-            with torch.no_grad():
-                image.clamp_(0.0, 1.0)
             on_checkpoint(Checkpoint(step, level, image.detach().clone(), optimiser.state_dict()))
     with torch.no_grad():
-        image.clamp_(0.0, 1.0)
+        image.clamp_(0.0, 1.0)  # also for steps == 0
     return image.detach()

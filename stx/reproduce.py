@@ -42,9 +42,7 @@ def reproduce(run_id: str, uri: str) -> tuple[JobResult, int]:
         print(f"stx: warning: run {run_id} was made at commit {then}, this code is at {now}; the result may differ.",
               file=sys.stderr)
     run_dir = Path(runs_dir()) / "reproduce" / run_id / datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
-    cfg = load_run_config(client, run_id, run_dir)
-    cfg.runs_dir = runs_dir()
-    cfg.tracking.uri = uri
+    cfg = load_run_config(client, run_id, run_dir, runs_dir(), uri)
     result = execute(cfg, run_dir, tags)
     with tempfile.TemporaryDirectory() as downloads:
         difference = max_pixel_difference(download_artifact(client, run_id, "output.png", Path(downloads)), result.output)

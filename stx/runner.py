@@ -78,9 +78,9 @@ def resume(cfg: DictConfig, run_dir: Path, log_file: Path | None = None) -> JobR
         raise StxError(f"resume={run_id!r}: no such run in {cfg.tracking.uri}.") from exc
     if run.info.status == "FINISHED":
         raise StxError(f"resume={run_id!r}: that run is already FINISHED; there is nothing to continue.")
-    original = load_run_config(client, run_id, run_dir)
-    original.runs_dir, original.tracking.uri = cfg.runs_dir, cfg.tracking.uri
-    path = download_artifact(client, run_id, f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}", run_dir / "resumed_from")
+    original = load_run_config(client, run_id, run_dir, cfg.runs_dir, cfg.tracking.uri)
+    path = download_artifact(client, run_id, f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}", run_dir / "resumed_from",
+                             hint="it ran without schedule.checkpoint_every, so there is nothing to resume from")
     state = torch.load(path, map_location="cpu", weights_only=True)
     start = Checkpoint(state["step"], state["level"], state["image"], state["optimizer_state"])
     log.info("resuming run %s at step %d", run_id, start.step)

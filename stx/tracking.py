@@ -81,16 +81,19 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | 
         return experiment.experiment_id
 
 
-def download_artifact(client: MlflowClient, run_id: str, path: str, folder: Path) -> Path:
+def download_artifact(
+    client: MlflowClient, run_id: str, path: str, folder: Path, hint: str = "only runs made by stx hold it"
+) -> Path:
+    """Download artifact ``path`` of ``run_id`` into ``folder``; a missing one raises with ``hint``."""
     try:
         return Path(client.download_artifacts(run_id, path, str(folder)))
     except (MlflowException, OSError) as exc:
-        raise StxError(f"run {run_id} has no artifact {path!r} ({exc}); only runs made by stx can be reproduced.") from exc
+        raise StxError(f"run {run_id} has no artifact {path!r} ({exc}); {hint}.") from exc
 
 
-def load_run_config(client: MlflowClient, run_id: str, folder: Path) -> DictConfig:
+def load_run_config(client: MlflowClient, run_id: str, folder: Path, runs_dir: str, uri: str) -> DictConfig:
     """The run's resolved ``config.yaml``, checked against stx's schema, reading its logged
-    input images (downloaded into ``folder/inputs``)."""
+    input images (downloaded into ``folder/inputs``) and writing to ``runs_dir`` and ``uri``."""
     loaded = OmegaConf.load(download_artifact(client, run_id, "config.yaml", folder))
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(StxSchema), loaded)
@@ -100,6 +103,7 @@ def load_run_config(client: MlflowClient, run_id: str, folder: Path) -> DictConf
     (content,) = (inputs / "content").iterdir()
     styles = [next((inputs / f"style_{index}").iterdir()) for index in range(len(cfg.images.styles))]
     cfg.images.content, cfg.images.styles = str(content), [str(style) for style in styles]
+    cfg.runs_dir, cfg.tracking.uri = runs_dir, uri
     return cfg
 
 

@@ -117,3 +117,6 @@ def test_non_finite_loss_fails_the_run_and_keeps_the_image(tmp_path):
     assert "NonFiniteLossError" in run.data.tags["stx.error"]
     assert (Path(run.data.tags["stx.run_dir"]) / "last_finite_output.png").is_file()
     assert "last_finite_output.png" in artifact_paths(client, run.info.run_id)
+
+    resumed = run_stx(tmp_path, f"resume={run.info.run_id}")  # it ran without checkpoints
+    assert resumed.returncode == 2 and "ran without schedule.checkpoint_every" in resumed.stderr
