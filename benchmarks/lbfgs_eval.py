@@ -31,7 +31,7 @@ from torch import nn
 from torchvision import models
 
 from stx import encoders, losses
-from stx.optim import optimise_level
+from stx.optim import PyramidLevel, Schedule, optimise_level
 
 CONTENT_LAYER = "relu4_2"
 STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
@@ -56,7 +56,7 @@ def floor_runner(content, style, device):
 
 
 def stx_runner(content, style, device):
-    encoder = encoders.vgg19([CONTENT_LAYER, *STYLE_LAYERS], weights="random").to(device)
+    encoder = encoders.vgg19([CONTENT_LAYER, *STYLE_LAYERS], weights="random", pooling="max", seed=0).to(device)
     objective = losses.PerceptualObjective(
         encoder,
         {
@@ -65,10 +65,10 @@ def stx_runner(content, style, device):
         },
     )
     objective.set_targets(content, [style], [1.0])
-    lbfgs = functools.partial(torch.optim.LBFGS, lr=1.0, max_iter=1)
+    schedule = Schedule((PyramidLevel(max(content.shape[-2:]), 1),), functools.partial(torch.optim.LBFGS, lr=1.0, max_iter=1))
 
     def run(evals: int) -> None:
-        optimise_level(objective, content, lbfgs, evals)
+        optimise_level(objective, content, schedule=schedule, level=0, steps=evals)
 
     return run
 

@@ -18,8 +18,18 @@ import time
 
 from hydra import compose, initialize_config_dir
 
-from stx.config import CONF_DIR, build_job
+from stx.job import build_job
+from stx.optim import OptimizationCallback, optimise_image
+from stx.schema import CONF_DIR
 from stx.tracking import RunTracker
+
+
+class LogSteps(OptimizationCallback):
+    def __init__(self, tracker: RunTracker) -> None:
+        self.tracker = tracker
+
+    def on_step(self, info) -> None:
+        self.tracker.log_step(info)
 
 
 def main() -> None:
@@ -54,18 +64,23 @@ def main() -> None:
             return wrapper
 
         tracker.log_step = timed(tracker.log_step)
-        job.run()  # warm-up
+
+        def optimise(callback=None):
+            return optimise_image(job.objective, content=job.content, styles=job.styles, style_weights=job.style_weights,
+                                  schedule=job.schedule, callback=callback)
+
+        optimise()  # warm-up
 
         def untracked() -> float:
             start = time.perf_counter()
-            job.run()
+            optimise()
             return time.perf_counter() - start
 
         def tracked() -> float:
             start = time.perf_counter()
-            with tracker.run({"benchmark": "tracking_overhead"}):
+            with tracker.open({"benchmark": "tracking_overhead"}):
                 in_calls[0] += time.perf_counter() - start  # start_run
-                job.run(tracker.log_step)
+                optimise(LogSteps(tracker))
                 ending = time.perf_counter()
             in_calls[0] += time.perf_counter() - ending  # flush + end_run
             return time.perf_counter() - start

@@ -31,11 +31,9 @@ from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from stx import layout
 from stx.errors import StxError
-from stx.runner import PARENT_RUN_ENV
 from stx.tracking import ensure_experiment, source_tags, tracking_uri
-
-FAILED_TAG = "stx.failed_job."
 
 
 def exit_with(error: StxError) -> None:
@@ -88,10 +86,10 @@ class MlflowSweepCallback(Callback):
         command = shlex.join(["stx", *sys.argv[1:]])
         tags = {
             **source_tags(),
-            "stx.sweep": "true",
-            "stx.sweep.command": command,
-            "stx.sweep.dir": self.sweep_dir,
-            "hydra.overrides": " ".join(OmegaConf.to_container(config.hydra.overrides.task, resolve=False)),
+            layout.TAG_SWEEP: "true",
+            layout.TAG_SWEEP_COMMAND: command,
+            layout.TAG_SWEEP_DIR: self.sweep_dir,
+            layout.TAG_OVERRIDES: " ".join(OmegaConf.to_container(config.hydra.overrides.task, resolve=False)),
         }
         run = client.create_run(experiment_id, run_name=f"sweep: {command}"[:250], tags=tags)
         self.parent_run_id = run.info.run_id
@@ -100,7 +98,7 @@ class MlflowSweepCallback(Callback):
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if self.parent_run_id:
-            os.environ[PARENT_RUN_ENV] = self.parent_run_id
+            os.environ[layout.PARENT_RUN_ENV] = self.parent_run_id
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if not self.parent_run_id:
@@ -111,7 +109,7 @@ class MlflowSweepCallback(Callback):
         elif not (isinstance(job_return._return_value, float) and math.isfinite(job_return._return_value)):
             reason = f"returned {job_return._return_value!r}"
         if reason:
-            MlflowClient(self.uri).set_tag(self.parent_run_id, f"{FAILED_TAG}{config.hydra.job.num}", reason[:5000])
+            MlflowClient(self.uri).set_tag(self.parent_run_id, f"{layout.TAG_FAILED_JOB}{config.hydra.job.num}", reason[:5000])
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         status = self.close(completed=True)
@@ -131,9 +129,9 @@ class MlflowSweepCallback(Callback):
             client.log_artifact(self.parent_run_id, str(multirun_yaml))
         parent = client.get_run(self.parent_run_id)
         children = client.search_runs(
-            [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.parent_run_id}'", max_results=50000
+            [parent.info.experiment_id], filter_string=f"tags.{layout.TAG_PARENT} = '{self.parent_run_id}'", max_results=50000
         )
-        failed = any(key.startswith(FAILED_TAG) for key in parent.data.tags)
+        failed = any(key.startswith(layout.TAG_FAILED_JOB) for key in parent.data.tags)
         statuses = {child.info.status for child in children}
         if "KILLED" in statuses:
             status = RunStatus.KILLED
@@ -141,7 +139,7 @@ class MlflowSweepCallback(Callback):
             status = RunStatus.FINISHED
         else:
             status = RunStatus.FAILED
-        client.set_tag(self.parent_run_id, "stx.sweep.jobs", str(len(children)))
+        client.set_tag(self.parent_run_id, layout.TAG_SWEEP_JOBS, str(len(children)))
         client.set_terminated(self.parent_run_id, RunStatus.to_string(status))
         return RunStatus.to_string(status)
 

@@ -19,8 +19,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from stx.config import CONF_DIR, runs_dir
 from stx.errors import StxError
+from stx.schema import CONF_DIR, runs_dir
 
 log = logging.getLogger("stx")
 COMMANDS = ("compare", "reproduce")
@@ -32,11 +32,11 @@ class _Task:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> float:
-    from stx.runner import run_job  # torch & mlflow load after Hydra has parsed the command line
+    from stx.runner import hydra_task  # torch & mlflow load after Hydra has parsed the command line
 
     _Task.started = True
     try:
-        return run_job(cfg)
+        return hydra_task(cfg)
     except (StxError, OmegaConfBaseException) as error:  # the latter: a value that cannot be resolved
         log.error("%s", error)
         print(f"stx: error: {error}", file=sys.stderr, flush=True)

@@ -13,11 +13,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from PIL import Image, ImageDraw, ImageFont
 
+from stx import layout
 from stx.errors import StxError
 
 CELL = 256
 LABEL_LINE = 14
-OUTPUT_NAMES = ("output.png", "last_finite_output.png", "interrupted_output.png")
 
 
 @dataclass
@@ -35,7 +35,7 @@ def find_runs(client: MlflowClient, target: str) -> tuple[list[Run], Run | None]
         parent = None
     if parent is not None:
         runs = client.search_runs(
-            [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{target}'", max_results=10000
+            [parent.info.experiment_id], filter_string=f"tags.{layout.TAG_PARENT} = '{target}'", max_results=10000
         )
     else:
         experiment = client.get_experiment_by_name(target)
@@ -43,15 +43,15 @@ def find_runs(client: MlflowClient, target: str) -> tuple[list[Run], Run | None]
             experiment = client.get_experiment(target)
         if experiment is None:
             raise StxError(f"{target!r} is neither a run id nor an experiment in {client.tracking_uri}; give a sweep's parent run id (printed when the sweep starts) or an experiment name such as 'stx'.")
-        runs = [r for r in client.search_runs([experiment.experiment_id], max_results=10000) if "stx.sweep" not in r.data.tags]
+        runs = [r for r in client.search_runs([experiment.experiment_id], max_results=10000) if layout.TAG_SWEEP not in r.data.tags]
     if not runs:
         raise StxError(f"no runs found for {target!r} in {client.tracking_uri}.")
-    return sorted(runs, key=lambda r: (int(r.data.tags.get("stx.sweep.job_num", 0)), r.info.start_time)), parent
+    return sorted(runs, key=lambda r: (int(r.data.tags.get(layout.TAG_JOB_NUM, 0)), r.info.start_time)), parent
 
 
 def overrides(run: Run) -> dict[str, str]:
     """The run's command-line overrides as ``{key: value}``."""
-    pairs = (item.split("=", 1) for item in shlex.split(run.data.tags.get("hydra.overrides", "")) if "=" in item)
+    pairs = (item.split("=", 1) for item in shlex.split(run.data.tags.get(layout.TAG_OVERRIDES, "")) if "=" in item)
     return {key: value for key, value in pairs}
 
 
@@ -65,7 +65,7 @@ def swept_values(runs: list[Run]) -> list[dict[str, str]]:
 
 def load_output(client: MlflowClient, run: Run, folder: Path) -> Image.Image | None:
     names = {item.path for item in client.list_artifacts(run.info.run_id)}
-    for name in OUTPUT_NAMES:
+    for name in layout.output_names(run):
         if name in names:
             path = client.download_artifacts(run.info.run_id, name, str(folder / run.info.run_id))
             with Image.open(path) as image:

@@ -166,13 +166,7 @@ def _random_features(arch: str, seed: int) -> nn.Sequential:
         return vgg_features(arch)
 
 
-def build_vgg(
-    arch: str,
-    layers: Collection[str],
-    weights: str = "imagenet",
-    pooling: str = "max",
-    seed: int = 0,
-) -> MultiLayerEncoder:
+def build_vgg(arch: str, layers: Collection[str], *, weights: str, pooling: str, seed: int) -> MultiLayerEncoder:
     """Build a :class:`MultiLayerEncoder` over torchvision's ``vgg16`` or ``vgg19``.
 
     ``weights``: ``"imagenet"`` (torchvision's IMAGENET1K_V1, cached in the torch hub cache),
@@ -196,11 +190,11 @@ def build_vgg(
     return MultiLayerEncoder(features, vgg_layer_names(features), layers)
 
 
-def vgg19(layers: Collection[str], weights: str = "imagenet", pooling: str = "max", seed: int = 0) -> MultiLayerEncoder:
+def vgg19(layers: Collection[str], *, weights: str, pooling: str, seed: int) -> MultiLayerEncoder:
     """VGG19 encoder (layers ``conv1_1`` … ``pool5``); see :func:`build_vgg`."""
-    return build_vgg("vgg19", layers, weights, pooling, seed)
+    return build_vgg("vgg19", layers, weights=weights, pooling=pooling, seed=seed)
 
 
-def vgg16(layers: Collection[str], weights: str = "imagenet", pooling: str = "max", seed: int = 0) -> MultiLayerEncoder:
+def vgg16(layers: Collection[str], *, weights: str, pooling: str, seed: int) -> MultiLayerEncoder:
     """VGG16 encoder (layers ``conv1_1`` … ``pool5``); see :func:`build_vgg`."""
-    return build_vgg("vgg16", layers, weights, pooling, seed)
+    return build_vgg("vgg16", layers, weights=weights, pooling=pooling, seed=seed)

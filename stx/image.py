@@ -56,11 +56,16 @@ def read_image(path: str | Path, size: int | None = None) -> torch.Tensor:
     return image if size is None else resize(image, size)
 
 
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """The first image of a ``B×3×H×W`` tensor in [0, 1] as an 8-bit RGB Pillow image."""
+    return to_pil_image(image[0].detach().float().clamp(0.0, 1.0).cpu())
+
+
 def write_image(image: torch.Tensor, path: str | Path) -> Path:
     """Write the first image of a ``B×3×H×W`` tensor in [0, 1] to ``path`` (format from suffix)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    to_pil_image(image[0].detach().float().clamp(0.0, 1.0).cpu()).save(path)
+    to_pil(image).save(path)
     return path
 
 

@@ -240,7 +240,7 @@ class TotalVariationLoss(Loss):
 class PerceptualObjective(nn.Module):
     """The full objective: one encoder pass per evaluation feeds every named loss term.
 
-    ``forward(image)`` returns ``(total, terms)`` where ``terms`` holds, for each loss named
+    ``forward(image)`` returns ``(total, values)`` where ``values`` holds, for each loss named
     ``n``, the unweighted per-layer values ``"n/layer"`` and the weighted term ``"n"``; the
     total is the sum of the weighted terms.
     """
@@ -265,12 +265,12 @@ class PerceptualObjective(nn.Module):
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         features = self.encoder(image, self.layers) if self.layers else {}
-        terms: dict[str, torch.Tensor] = {}
+        values: dict[str, torch.Tensor] = {}
         total = image.new_zeros(())
         for name, loss in self.losses.items():
-            values = loss(features, image)
-            weighted = loss.weighted(values)
+            per_layer = loss(features, image)
+            weighted = loss.weighted(per_layer)
             total = total + weighted
-            terms.update({f"{name}/{layer}": value for layer, value in values.items()})
-            terms[name] = weighted
-        return total, terms
+            values.update({f"{name}/{layer}": value for layer, value in per_layer.items()})
+            values[name] = weighted
+        return total, values

@@ -1,16 +1,18 @@
 """Image optimisation: Gatys-style pixel optimisation over an image pyramid.
 
 The image is a leaf tensor (``1×3×H×W``, [0, 1]) optimised with any ``torch.optim``
-optimiser; pixel values are clamped into [0, 1] before every evaluation. A pyramid runs
-coarse-to-fine levels, each with its own size and number of steps; the result of one level,
-upsampled, starts the next, and loss targets are recomputed once per level.
+optimiser; pixel values are clamped into [0, 1] before every evaluation. A :class:`Schedule`
+holds the pyramid's levels (coarse to fine, each with its own size and number of steps) and
+how to optimise them; :func:`optimise_image` hands each level to :func:`optimise_level`. The
+result of one level, upsampled, starts the next, and loss targets are recomputed once per level.
+Progress, logging and checkpoint writing stay outside the loop, in an :class:`OptimizationCallback`.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.optim import Optimizer
@@ -19,8 +21,8 @@ from stx.errors import ConfigError, NonFiniteLossError
 from stx.image import MIN_SIZE, check_size, resize
 from stx.losses import PerceptualObjective
 
-INITS = ("content", "random", "style")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+OptimizerFactory = Callable[[list[torch.Tensor]], Optimizer]
 
 
 @dataclass(frozen=True)
@@ -36,11 +38,96 @@ class PyramidLevel:
             raise ConfigError(f"pyramid level steps={self.steps!r} is not valid: use a whole number >= 0.")
 
 
+def _content_init(content: torch.Tensor, style: torch.Tensor, seed: int) -> torch.Tensor:
+    return content.clone(memory_format=torch.contiguous_format)
+
+
+def _random_init(content: torch.Tensor, style: torch.Tensor, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(content.shape, generator=generator).to(content.device)
+
+
+def _style_init(content: torch.Tensor, style: torch.Tensor, seed: int) -> torch.Tensor:
+    return torch.nn.functional.interpolate(style, size=content.shape[-2:], mode="bicubic", antialias=True).clamp_(0, 1)
+
+
+INITS = {"content": _content_init, "random": _random_init, "style": _style_init}
+"""Starting images at the content's size: the content, uniform noise (seeded), or the resized style."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How an image is optimised: the pyramid ``levels``, the optimiser (a factory taking the
+    parameter list, e.g. ``functools.partial(torch.optim.LBFGS, lr=1, max_iter=1)``), the
+    starting image (``init``: a key of :data:`INITS`), the style images' long edge as a multiple
+    of each level's (``style_scale``), checkpoints every ``checkpoint_every`` steps (0: never),
+    the autocast ``precision`` (a key of :data:`PRECISIONS`) and the random ``seed``."""
+
+    levels: tuple[PyramidLevel, ...]
+    make_optimizer: OptimizerFactory
+    init: str = "content"
+    style_scale: float = 1.0
+    checkpoint_every: int = 0
+    precision: str = "fp32"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "levels", tuple(self.levels))
+        if not self.levels:
+            raise ConfigError("schedule.levels is empty: give at least one {size: …, steps: …}.")
+        if self.init not in INITS:
+            raise ConfigError(f"schedule.init={self.init!r} is not valid; use one of {', '.join(INITS)}.")
+        if not (isinstance(self.style_scale, (int, float)) and 0 < self.style_scale < float("inf")):
+            raise ConfigError(f"schedule.style_scale={self.style_scale!r} is not valid: use a number > 0.")
+        if self.checkpoint_every < 0:
+            raise ConfigError(
+                f"schedule.checkpoint_every={self.checkpoint_every} is not valid: use 0 (off) or a number of steps."
+            )
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision={self.precision!r} is not valid; use one of {', '.join(PRECISIONS)}.")
+        try:
+            probe = self.make_optimizer([torch.zeros(1, requires_grad=True)])
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"schedule.optimizer is not valid: {exc}") from exc
+        # L-BFGS keeps 2 × history_size image-sized vectors (+ direction, previous gradient and
+        # flat gradient); other optimisers at most two (e.g. Adam's moments).
+        lbfgs = isinstance(probe, torch.optim.LBFGS)
+        object.__setattr__(self, "state_images", 2 * probe.defaults["history_size"] + 3 if lbfgs else 2)
+
+    state_images: int = field(init=False, default=0)
+    """Image-sized tensors the optimiser keeps (for the memory estimate); set from the optimiser."""
+
+    @property
+    def steps(self) -> int:
+        return sum(level.steps for level in self.levels)
+
+    @property
+    def size(self) -> int:
+        """Long edge of the largest level, px."""
+        return max(level.size for level in self.levels)
+
+    def style_edge(self, size: int) -> int:
+        """Long edge (px) of the style images at a level of ``size`` px."""
+        return max(MIN_SIZE, round(size * self.style_scale))
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """Autocast context for the precision on ``device``; reduced precision needs CUDA."""
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        if device.type != "cuda":
+            raise ConfigError(
+                f"precision={self.precision} uses CUDA autocast, but the device is {device}; use "
+                f"precision=fp32 on the CPU."
+            )
+        return torch.autocast("cuda", dtype=dtype)
+
+
 @dataclass
 class StepInfo:
-    """What the per-step callback receives.
+    """What :meth:`OptimizationCallback.on_step` receives.
 
-    ``step`` counts optimiser steps from 1 across all levels; ``terms`` holds every loss term
+    ``step`` counts optimiser steps from 1 across all levels; ``values`` holds every loss term
     (see :class:`~stx.losses.PerceptualObjective`) and ``"total"`` as Python floats, measured
     at the evaluation that step started from; ``image`` is the current image (do not modify).
     """
@@ -48,7 +135,7 @@ class StepInfo:
     step: int
     level: int
     size: int
-    terms: dict[str, float]
+    values: dict[str, float]
     image: torch.Tensor
 
 
@@ -66,96 +153,60 @@ class Checkpoint:
     optimizer_state: dict
 
 
-StepCallback = Callable[[StepInfo], None]
-CheckpointCallback = Callable[[Checkpoint], None]
-OptimizerFactory = Callable[[list[torch.Tensor]], Optimizer]
+class OptimizationCallback:
+    """Hooks called from the optimisation loop; subclass and override what you need."""
 
+    def on_step(self, info: StepInfo) -> None:
+        """After every optimiser step."""
 
-def style_edge(size: int, style_scale: float) -> int:
-    """Long edge (px) of the style images at a level of ``size`` px."""
-    return max(MIN_SIZE, round(size * style_scale))
-
-
-def initial_image(init: str, content: torch.Tensor, style: torch.Tensor, seed: int) -> torch.Tensor:
-    """Starting image at the content's size: the content, uniform noise, or the (resized) style."""
-    if init == "content":
-        return content.clone()
-    if init == "random":
-        generator = torch.Generator().manual_seed(seed)
-        return torch.rand(content.shape, generator=generator).to(content.device)
-    if init == "style":
-        return torch.nn.functional.interpolate(style, size=content.shape[-2:], mode="bicubic", antialias=True).clamp_(0, 1)
-    raise ConfigError(f"schedule.init={init!r} is not valid; use one of {', '.join(INITS)}.")
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Autocast context for ``precision`` (``fp32``, ``bf16`` or ``fp16``); reduced precision needs CUDA."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision={precision!r} is not valid; use one of {', '.join(PRECISIONS)}.")
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    if device.type != "cuda":
-        raise ConfigError(
-            f"precision={precision} uses CUDA autocast, but the device is {device}; use precision=fp32 "
-            f"on the CPU."
-        )
-    return torch.autocast("cuda", dtype=dtype)
+    def on_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Every ``schedule.checkpoint_every`` steps."""
 
 
 def optimise_image(
     objective: PerceptualObjective,
+    *,
     content: torch.Tensor,
     styles: Sequence[torch.Tensor],
     style_weights: Sequence[float],
-    levels: Sequence[PyramidLevel],
-    optimizer: OptimizerFactory,
-    init: str = "content",
-    seed: int = 0,
-    style_scale: float = 1.0,
-    precision: str = "fp32",
-    callback: StepCallback | None = None,
-    checkpoint_every: int = 0,
-    on_checkpoint: CheckpointCallback | None = None,
+    schedule: Schedule,
+    callback: OptimizationCallback | None = None,
     start: Checkpoint | None = None,
 ) -> torch.Tensor:
     """Optimise an image to minimise ``objective``; return it (``1×3×H×W``, [0, 1]).
 
     ``content`` and ``styles`` are full-resolution ``1×3×H×W`` images on the target device;
     at each level the content is resized to the level's size and each style to
-    ``style_scale ×`` that size. ``optimizer`` builds a fresh optimiser per level from the
-    parameter list (e.g. ``functools.partial(torch.optim.LBFGS, lr=1, max_iter=1)``).
-    Raises :class:`NonFiniteLossError` if the objective turns NaN/inf; its ``image`` attribute
-    is then the last image with a finite loss. Every ``checkpoint_every`` steps (0: never),
-    ``on_checkpoint`` receives a :class:`Checkpoint`; passing one as ``start`` continues from it
-    and gives the same result as an uninterrupted run.
+    :meth:`Schedule.style_edge` of it; ``style_weights`` blend the styles. Raises
+    :class:`NonFiniteLossError` if the objective turns NaN/inf; its ``image`` attribute is then
+    the last image with a finite loss. Passing a :class:`Checkpoint` as ``start`` continues from
+    it and gives the same result as an uninterrupted run.
     """
-    if not levels:
-        raise ConfigError("the schedule has no levels: give at least one size and number of steps.")
-    amp = autocast(content.device, precision)
-    torch.manual_seed(seed)
+    callback = callback or OptimizationCallback()
+    amp = schedule.autocast(content.device)
+    torch.manual_seed(schedule.seed)
     step = 0
     image: torch.Tensor | None = None
-    for level_index, level in enumerate(levels):
-        if start is not None and level_index < start.level:
+    for index, level in enumerate(schedule.levels):
+        if start is not None and index < start.level:
             step += level.steps
             continue
         level_content = resize(content, level.size)
-        level_styles = [resize(style, style_edge(level.size, style_scale)) for style in styles]
+        level_styles = [resize(style, schedule.style_edge(level.size)) for style in styles]
         with amp:
             objective.set_targets(level_content, level_styles, style_weights)
         state, done = None, 0
-        if start is not None and level_index == start.level:
+        if start is not None and index == start.level:
             image, state, done = start.image.to(content.device), start.optimizer_state, start.step - step
         elif image is None:
-            image = initial_image(init, level_content, level_styles[0], seed)
+            image = INITS[schedule.init](level_content, level_styles[0], schedule.seed)
         else:
             image = torch.nn.functional.interpolate(
                 image, size=level_content.shape[-2:], mode="bicubic", align_corners=False
             ).clamp_(0, 1)
         image = optimise_level(
-            objective, image, optimizer, level.steps - done, amp, callback, step + done, level_index,
-            state, checkpoint_every, on_checkpoint,
+            objective, image, schedule=schedule, level=index, steps=level.steps - done, first_step=step + done,
+            optimizer_state=state, amp=amp, callback=callback,
         )
         step += level.steps
     assert image is not None
@@ -165,39 +216,39 @@ def optimise_image(
 def optimise_level(
     objective: PerceptualObjective,
     image: torch.Tensor,
-    optimizer: OptimizerFactory,
+    *,
+    schedule: Schedule,
+    level: int,
     steps: int,
-    amp: contextlib.AbstractContextManager | None = None,
-    callback: StepCallback | None = None,
     first_step: int = 0,
-    level: int = 0,
     optimizer_state: dict | None = None,
-    checkpoint_every: int = 0,
-    on_checkpoint: CheckpointCallback | None = None,
+    amp: contextlib.AbstractContextManager | None = None,
+    callback: OptimizationCallback | None = None,
 ) -> torch.Tensor:
     """Run ``steps`` optimiser steps on a copy of ``image`` against the objective's current targets.
 
     Returns the optimised image (detached, clamped to [0, 1]). Steps are numbered from
-    ``first_step + 1`` in the callback. ``optimizer_state`` restores the optimiser. See
-    :func:`optimise_image` for errors and checkpoints.
+    ``first_step + 1``; ``level`` is reported with them. ``optimizer_state`` restores the
+    optimiser. See :func:`optimise_image` for errors and checkpoints.
     """
     amp = amp or contextlib.nullcontext()
-    image = image.detach().clone().requires_grad_(True)
+    callback = callback or OptimizationCallback()
+    image = image.detach().clone(memory_format=torch.contiguous_format).requires_grad_(True)
     last_finite = image.detach().clone()
-    optimiser = optimizer([image])
+    optimizer = schedule.make_optimizer([image])
     if optimizer_state is not None:
-        optimiser.load_state_dict(optimizer_state)
+        optimizer.load_state_dict(optimizer_state)
     measured: dict[str, torch.Tensor] = {}
     step = first_step
 
     def closure() -> torch.Tensor:
-        optimiser.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             image.clamp_(0.0, 1.0)
         with amp:
-            total, terms = objective(image)
+            total, values = objective(image)
         if not torch.isfinite(total):
-            bad = [name for name, value in terms.items() if not torch.isfinite(value)]
+            bad = [name for name, value in values.items() if not torch.isfinite(value)]
             raise NonFiniteLossError(
                 f"the loss became {total.item()} at step {step + 1} (non-finite terms: "
                 f"{', '.join(bad) or 'total'}); the run stopped and kept the last image with a "
@@ -208,20 +259,18 @@ def optimise_level(
         total.backward()
         last_finite.copy_(image.detach())
         measured.clear()
-        measured.update(terms, total=total)
+        measured.update(values, total=total)
         return total
 
     for _ in range(steps):
-        optimiser.step(closure)
+        optimizer.step(closure)
         step += 1
         with torch.no_grad():  # the next evaluation clamps too; this keeps what others see in range
             image.clamp_(0.0, 1.0)
-        if callback is not None:
-            values = torch.stack([v.detach().float() for v in measured.values()]).tolist()
-            size = max(image.shape[-2:])
-            callback(StepInfo(step, level, size, dict(zip(measured, values)), image.detach()))
-        if on_checkpoint is not None and checkpoint_every > 0 and step % checkpoint_every == 0:
-            on_checkpoint(Checkpoint(step, level, image.detach().clone(), optimiser.state_dict()))
+        values = torch.stack([v.detach().float() for v in measured.values()]).tolist()
+        callback.on_step(StepInfo(step, level, max(image.shape[-2:]), dict(zip(measured, values)), image.detach()))
+        if schedule.checkpoint_every > 0 and step % schedule.checkpoint_every == 0:
+            callback.on_checkpoint(Checkpoint(step, level, image.detach().clone(), optimizer.state_dict()))
     with torch.no_grad():
         image.clamp_(0.0, 1.0)  # also for steps == 0
     return image.detach()

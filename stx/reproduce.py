@@ -12,12 +12,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from stx.config import runs_dir
+from stx import layout
 from stx.errors import StxError
-from stx.runner import JobResult, execute
-from stx.tracking import download_artifact, load_run_config, source_tags
+from stx.runner import JobResult, run_tracked
+from stx.schema import runs_dir
+from stx.tracking import source_tags
 
-COPIED_TAGS = ("hydra.", "stx.sweep.job_num")
+COPIED_TAGS = ("hydra.", layout.TAG_JOB_NUM)
 
 
 def max_pixel_difference(a: Path, b: Path) -> int:
@@ -34,17 +35,18 @@ def reproduce(run_id: str, uri: str) -> tuple[JobResult, int]:
         original = client.get_run(run_id)
     except MlflowException as exc:
         raise StxError(f"run {run_id!r} is not in {uri}: give a run id from the MLflow UI or the summary line of stx.") from exc
-    then, now = original.data.tags.get("mlflow.source.git.commit"), source_tags().get("mlflow.source.git.commit")
+    then, now = original.data.tags.get(layout.TAG_COMMIT), source_tags().get(layout.TAG_COMMIT)
     tags = {k: v for k, v in original.data.tags.items() if k.startswith(COPIED_TAGS)}
-    tags["reproduced_from"] = run_id
+    tags[layout.TAG_REPRODUCED_FROM] = run_id
     if then != now:
-        tags["stx.reproduce.commit_mismatch"] = f"{then} -> {now}"
+        tags[layout.TAG_COMMIT_MISMATCH] = f"{then} -> {now}"
         print(f"stx: warning: run {run_id} was made at commit {then}, this code is at {now}; the result may differ.",
               file=sys.stderr)
     run_dir = Path(runs_dir()) / "reproduce" / run_id / datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
-    cfg = load_run_config(client, run_id, run_dir, runs_dir(), uri)
-    result = execute(cfg, run_dir, tags)
+    cfg = layout.load_run_config(client, run_id, run_dir, runs_dir(), uri)
+    result = run_tracked(cfg, run_dir, tags)
     with tempfile.TemporaryDirectory() as downloads:
-        difference = max_pixel_difference(download_artifact(client, run_id, "output.png", Path(downloads)), result.output)
+        original_output = layout.download_artifact(client, run_id, layout.output_names(original)[0], Path(downloads))
+        difference = max_pixel_difference(original_output, result.output)
     client.log_metric(result.run_id, "reproduce/max_pixel_diff", difference)
     return result, difference

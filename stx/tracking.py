@@ -24,19 +24,18 @@ from typing import Any
 import mlflow
 import torch
 from mlflow.entities import Metric, RunStatus
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-from torchvision.transforms.functional import to_pil_image
 
-from stx.config import StxSchema
+from stx import layout
 from stx.errors import StxError
+from stx.image import to_pil
 from stx.optim import StepInfo
 
 SOURCE_DIR = Path(__file__).resolve().parent.parent
 FLUSH_EVERY_S = 5.0
-CHECKPOINT_DIR = "checkpoint"
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+"""Makes MLflow 3's UI open the experiment on its runs table rather than the GenAI overview."""
 VERSIONED = ("stx", "torch", "torchvision", "hydra-core", "omegaconf", "mlflow", "pillow")
 
 
@@ -73,38 +72,12 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | 
         return experiment.experiment_id
     location = Path(artifact_location).resolve().as_uri() if artifact_location else None
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel job
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
             raise
         return experiment.experiment_id
-
-
-def download_artifact(
-    client: MlflowClient, run_id: str, path: str, folder: Path, hint: str = "only runs made by stx hold it"
-) -> Path:
-    """Download artifact ``path`` of ``run_id`` into ``folder``; a missing one raises with ``hint``."""
-    try:
-        return Path(client.download_artifacts(run_id, path, str(folder)))
-    except (MlflowException, OSError) as exc:
-        raise StxError(f"run {run_id} has no artifact {path!r} ({exc}); {hint}.") from exc
-
-
-def load_run_config(client: MlflowClient, run_id: str, folder: Path, runs_dir: str, uri: str) -> DictConfig:
-    """The run's resolved ``config.yaml``, checked against stx's schema, reading its logged
-    input images (downloaded into ``folder/inputs``) and writing to ``runs_dir`` and ``uri``."""
-    loaded = OmegaConf.load(download_artifact(client, run_id, "config.yaml", folder))
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(StxSchema), loaded)
-    except OmegaConfBaseException as exc:
-        raise StxError(f"the config logged with run {run_id} does not fit stx's schema: {exc}") from exc
-    inputs = download_artifact(client, run_id, "inputs", folder)
-    (content,) = (inputs / "content").iterdir()
-    styles = [next((inputs / f"style_{index}").iterdir()) for index in range(len(cfg.images.styles))]
-    cfg.images.content, cfg.images.styles = str(content), [str(style) for style in styles]
-    cfg.runs_dir, cfg.tracking.uri = runs_dir, uri
-    return cfg
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -135,7 +108,7 @@ def source_tags() -> dict[str, str]:
     tags["version.python"] = platform.python_version()
     commit = _git("rev-parse", "HEAD")
     if commit:
-        tags["mlflow.source.git.commit"] = commit
+        tags[layout.TAG_COMMIT] = commit
         tags["stx.git.dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no")))
     return tags
 
@@ -157,15 +130,15 @@ def device_tags(device: torch.device) -> dict[str, str]:
 def hydra_tags(hydra_cfg: DictConfig) -> dict[str, str]:
     """The command-line overrides and the config group choices."""
     overrides = OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False)  # "k=${x}" stays text
-    tags = {"hydra.overrides": " ".join(overrides)}
+    tags = {layout.TAG_OVERRIDES: " ".join(overrides)}
     for group, choice in hydra_cfg.runtime.choices.items():
         if not group.startswith("hydra/") and choice is not None:
-            tags[f"hydra.choice.{group}"] = str(choice)
+            tags[f"{layout.TAG_CHOICE}{group}"] = str(choice)
     return tags
 
 
 class RunTracker:
-    """Logs one job to MLflow; use :meth:`run` as a context manager around the work."""
+    """Logs one job to MLflow; use :meth:`open` as a context manager around the work."""
 
     def __init__(self, tracking: DictConfig) -> None:
         self.uri = tracking_uri(tracking)
@@ -180,7 +153,7 @@ class RunTracker:
         self.last_flush = time.monotonic()
 
     @contextmanager
-    def run(self, tags: Mapping[str, str], parent_run_id: str | None = None, run_id: str | None = None) -> Iterator[str]:
+    def open(self, tags: Mapping[str, str], parent_run_id: str | None = None, run_id: str | None = None) -> Iterator[str]:
         """Start a run (or reopen ``run_id``); end it FINISHED, FAILED (tag ``stx.error``) or
         KILLED (interrupt)."""
         if run_id is not None:
@@ -189,7 +162,7 @@ class RunTracker:
         else:
             active = mlflow.start_run(
                 experiment_id=self.experiment_id,
-                run_name=tags.get("hydra.overrides") or None,
+                run_name=tags.get(layout.TAG_OVERRIDES) or None,
                 tags=dict(tags),
                 parent_run_id=parent_run_id,
             )
@@ -199,11 +172,11 @@ class RunTracker:
             yield self.run_id
         except (KeyboardInterrupt, SystemExit):
             status = RunStatus.to_string(RunStatus.KILLED)
-            mlflow.set_tag("stx.error", "interrupted")
+            mlflow.set_tag(layout.TAG_ERROR, "interrupted")
             raise
         except BaseException as exc:
             status = RunStatus.to_string(RunStatus.FAILED)
-            mlflow.set_tag("stx.error", f"{type(exc).__name__}: {exc}"[:5000])
+            mlflow.set_tag(layout.TAG_ERROR, f"{type(exc).__name__}: {exc}"[:5000])
             raise
         finally:
             self.flush()
@@ -213,20 +186,20 @@ class RunTracker:
         """Params (flattened resolved config), ``config.yaml`` and the ``.hydra/`` folder."""
         resolved = OmegaConf.to_container(cfg, resolve=True)
         mlflow.log_params(flatten(resolved))
-        mlflow.log_dict(resolved, "config.yaml")
+        mlflow.log_dict(resolved, layout.CONFIG)
         if (run_dir / ".hydra").is_dir():
-            mlflow.log_artifacts(str(run_dir / ".hydra"), "hydra")
+            mlflow.log_artifacts(str(run_dir / ".hydra"), layout.HYDRA)
 
-    def log_inputs(self, content: str, styles: list[str]) -> None:
-        mlflow.log_artifact(content, "inputs/content")
+    def log_inputs(self, content: Path, styles: list[Path]) -> None:
+        mlflow.log_artifact(str(content), layout.content_dir())
         for index, style in enumerate(styles):
-            mlflow.log_artifact(style, f"inputs/style_{index}")
+            mlflow.log_artifact(str(style), layout.style_dir(index))
 
     def log_step(self, info: StepInfo) -> None:
         """Loss terms every ``metrics_every`` steps (buffered); the image every ``image_every``."""
         if info.step % self.metrics_every == 0:
             timestamp = int(time.time() * 1000)
-            self.pending.extend(Metric(key, value, timestamp, info.step) for key, value in info.terms.items())
+            self.pending.extend(Metric(key, value, timestamp, info.step) for key, value in info.values.items())
             if time.monotonic() - self.last_flush >= FLUSH_EVERY_S:
                 self.flush()
         if self.image_every > 0 and info.step % self.image_every == 0:
@@ -241,7 +214,7 @@ class RunTracker:
 
     def log_image(self, image: torch.Tensor, step: int) -> None:
         # synchronous: mlflow.log_image's default async queue costs ~1 s to shut down at end_run
-        mlflow.log_image(to_pil_image(image[0].float().cpu()), key="image", step=step, synchronous=True)
+        mlflow.log_image(to_pil(image), key=layout.IMAGE_KEY, step=step, synchronous=True)
         self.last_image_step = step
 
     def log_output(self, image: torch.Tensor, path: Path, step: int) -> None:
@@ -252,8 +225,8 @@ class RunTracker:
 
     def log_checkpoint(self, path: Path, step: int) -> None:
         """The latest checkpoint file, replacing the previous one, and its step as a tag."""
-        mlflow.log_artifact(str(path), CHECKPOINT_DIR)
-        mlflow.set_tag("stx.checkpoint_step", str(step))
+        mlflow.log_artifact(str(path), layout.CHECKPOINT_DIR)
+        mlflow.set_tag(layout.TAG_CHECKPOINT_STEP, str(step))
 
     def log_file(self, path: Path) -> None:
         if path.is_file():

@@ -1,19 +1,63 @@
+"""Shared fixtures and helpers: one set of fast overrides, the ``stx`` command, MLflow queries."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from mlflow.tracking import MlflowClient
 
 from stx import encoders
-from stx.config import CONF_DIR
+from stx.schema import ASSETS_DIR, CONF_DIR
 
 FAST = ["encoder.weights=random", "schedule.size=32", "schedule.steps=2"]
+"""Overrides for a job that takes about a second: random weights, 32 px, 2 steps."""
+STX = [str(Path(sys.executable).with_name("stx"))]
+CONTENT = ASSETS_DIR / "content.png"
+STYLE = ASSETS_DIR / "style.png"
+
+
+def run_stx(folder, *args, env=None, timeout=300):
+    """Run the ``stx`` command in ``folder`` with outputs under ``folder/runs``."""
+    environment = {**os.environ, "STX_RUNS_DIR": str(Path(folder) / "runs"), **(env or {})}
+    return subprocess.run(STX + list(args), cwd=folder, env=environment, capture_output=True, text=True, timeout=timeout)
+
+
+def local_uri(folder):
+    return f"sqlite:///{Path(folder) / 'runs' / 'mlflow.db'}"
+
+
+def client_for(folder):
+    return MlflowClient(local_uri(folder))
+
+
+def only_run(folder):
+    client = client_for(folder)
+    (run,) = client.search_runs([client.get_experiment_by_name("stx").experiment_id])
+    return client, run
+
+
+def artifact_paths(client, run_id, path=""):
+    paths = []
+    for item in client.list_artifacts(run_id, path):
+        paths.extend(artifact_paths(client, run_id, item.path) if item.is_dir else [item.path])
+    return paths
+
+
+def options(group):
+    """The selectable options of a config group (files starting with ``_`` are shared bases)."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
 
 
 @pytest.fixture(scope="session")
 def vgg19_random() -> encoders.MultiLayerEncoder:
     """A randomly initialised VGG19 encoder covering the layers the tests use."""
     layers = ["conv1_1", "relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu4_2", "relu5_1"]
-    return encoders.vgg19(layers, weights="random", seed=0)
+    return encoders.vgg19(layers, weights="random", pooling="max", seed=0)
 
 
 @pytest.fixture

@@ -1,39 +1,14 @@
 """End-to-end runs of the ``stx`` console script; MLflow is queried for what it really holds."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from mlflow.tracking import MlflowClient
+from conftest import artifact_paths, client_for, only_run, run_stx
 from PIL import Image
 
-STX = [str(Path(sys.executable).with_name("stx"))]
+pytestmark = pytest.mark.slow
 FAST = ["encoder.weights=random", "schedule.size=48"]
-
-
-def run_stx(tmp_path, *args, env=None):
-    environment = {**os.environ, "STX_RUNS_DIR": str(tmp_path / "runs"), **(env or {})}
-    return subprocess.run(STX + list(args), cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
-
-
-def client_for(tmp_path):
-    return MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
-
-
-def only_run(tmp_path):
-    client = client_for(tmp_path)
-    (run,) = client.search_runs([client.get_experiment_by_name("stx").experiment_id])
-    return client, run
-
-
-def artifact_paths(client, run_id, path=""):
-    paths = []
-    for item in client.list_artifacts(run_id, path):
-        paths.extend(artifact_paths(client, run_id, item.path) if item.is_dir else [item.path])
-    return paths
 
 
 def test_job_is_tracked_in_mlflow(tmp_path):

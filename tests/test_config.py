@@ -2,17 +2,13 @@
 
 import pytest
 import torch
-from conftest import FAST
+from conftest import FAST, STYLE, options
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from stx import losses
-from stx.config import CONF_DIR, build_job
 from stx.errors import StxError
-
-
-def options(group):
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+from stx.job import build_job
 
 
 def test_defaults_compose_to_gatys_on_vgg19(make_cfg, tmp_path):
@@ -41,15 +37,15 @@ def test_loss_options(make_cfg, choice):
 @pytest.mark.parametrize("choice", options("schedule"))
 def test_schedule_options(make_cfg, choice):
     job = build_job(make_cfg(f"schedule={choice}", "encoder.weights=random", "schedule.size=64", "schedule.steps=3"))
-    sizes = [level.size for level in job.levels]
+    sizes = [level.size for level in job.schedule.levels]
     assert sizes == ([32, 64] if choice == "pyramid" else [64])
-    assert all(level.steps == 3 for level in job.levels)
-    assert isinstance(job.optimizer([torch.zeros(1, requires_grad=True)]), torch.optim.Optimizer)
+    assert all(level.steps == 3 for level in job.schedule.levels)
+    assert isinstance(job.schedule.make_optimizer([torch.zeros(1, requires_grad=True)]), torch.optim.Optimizer)
 
 
 def test_images_option_and_blend_weights(make_cfg, tmp_path):
     assert options("images") == ["sample"]
-    style = str(CONF_DIR.parent / "stx" / "assets" / "style.png")
+    style = str(STYLE)
     job = build_job(make_cfg(*FAST, f"images.styles=[{style},{style}]", "images.style_weights=[3,1]"))
     assert job.style_weights == [3.0, 1.0] and len(job.styles) == 2
     assert job.content.shape == (1, 3, 21, 32)  # 451×300 sample, long edge 32
@@ -93,11 +89,13 @@ def test_typos_fail_at_composition(make_cfg, override, message):
         (["images.content=nowhere.png"], r"image '.*nowhere.png' does not exist"),
         (["images.style_weights=[1,2]"], r"style_weights has 2 value\(s\) for 1 style"),
         (["images.style_weights=[-1]"], r"style_weights=\[-1.0\] is not valid"),
-        (["+loss.evil={_target_: os.system, command: 'echo hi'}"], r"loss.evil._target_='os.system' is not a stx.losses.Loss"),
-        (["schedule.optimizer._target_=builtins.eval"], r"is not a torch.optim.optimizer.Optimizer"),
+        (["+loss.evil={_target_: os.system, command: 'echo hi'}"], r"loss.evil._target_='os.system' is not allowed: it must name a stx.losses.Loss"),
+        (["schedule.optimizer._target_=builtins.eval"], r"is not allowed: it must name a torch.optim.optimizer.Optimizer"),
         (["+loss.style.layers.relu1_2={_target_: os.system, command: 'echo hi'}"], r"loss.style.layers holds a nested _target_"),
         (["+schedule.optimizer.betas=[{_target_: os.getcwd}, 0.9]"], r"schedule.optimizer.betas holds a nested _target_"),
-        (["encoder._target_=torchvision.models.resnet18"], r"is not an encoder from stx.encoders"),
+        (["encoder._target_=torchvision.models.resnet18"], r"is not allowed: it must name an encoder from stx.encoders"),
+        (["encoder._target_=stx.encoders.torch.load"], r"is not an encoder from stx.encoders"),
+        (["loss.style._target_=this.x"], r"loss.style._target_='this.x' is not allowed"),
         (["encoder.pooling=min"], r"pooling='min' is not valid"),
     ],
 )

@@ -45,16 +45,16 @@ def test_conv_output_is_not_overwritten_by_inplace_relu(vgg19_random, rng):
 
 def test_unknown_layer_lists_valid_ones():
     with pytest.raises(ConfigError, match=r"unknown encoder layer\(s\) 'relu9_9'.*valid layers are: conv1_1, relu1_1"):
-        encoders.vgg19(["relu4_2", "relu9_9"], weights="random")
+        encoders.vgg19(["relu4_2", "relu9_9"], weights="random", pooling="max", seed=0)
 
 
 def test_weights_from_local_file(tmp_path, rng):
     model = models.vgg16(weights=None)  # a whole-model state dict, as torchvision saves it
     model.features.load_state_dict(encoders._random_features("vgg16", seed=3).state_dict())
     torch.save(model.state_dict(), tmp_path / "vgg16.pth")
-    from_file = encoders.vgg16(["relu3_3"], weights=str(tmp_path / "vgg16.pth"))
-    seeded = encoders.vgg16(["relu3_3"], weights="random", seed=3)
-    other = encoders.vgg16(["relu3_3"], weights="random", seed=4)
+    from_file = encoders.vgg16(["relu3_3"], weights=str(tmp_path / "vgg16.pth"), pooling="max", seed=0)
+    seeded = encoders.vgg16(["relu3_3"], weights="random", seed=3, pooling="max")
+    other = encoders.vgg16(["relu3_3"], weights="random", seed=4, pooling="max")
     image = torch.rand(1, 3, 32, 32, generator=rng)
     assert torch.equal(from_file(image)["relu3_3"], seeded(image)["relu3_3"])
     assert not torch.equal(other(image)["relu3_3"], seeded(image)["relu3_3"])
@@ -62,10 +62,10 @@ def test_weights_from_local_file(tmp_path, rng):
 
 def test_bad_weights_file_errors(tmp_path):
     with pytest.raises(WeightsError, match="does not exist"):
-        encoders.vgg19(["relu1_1"], weights=str(tmp_path / "missing.pth"))
+        encoders.vgg19(["relu1_1"], weights=str(tmp_path / "missing.pth"), pooling="max", seed=0)
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsError, match="could not be loaded"):
-        encoders.vgg19(["relu1_1"], weights=str(tmp_path / "junk.pth"))
+        encoders.vgg19(["relu1_1"], weights=str(tmp_path / "junk.pth"), pooling="max", seed=0)
 
 
 def test_offline_imagenet_says_where_to_put_the_file(monkeypatch, tmp_path):
@@ -76,12 +76,12 @@ def test_offline_imagenet_says_where_to_put_the_file(monkeypatch, tmp_path):
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(WeightsError, match=r"vgg19-dcbb9e9d\.pth.*encoder\.weights=random"):
-        encoders.vgg19(["relu1_1"], weights="imagenet")
+        encoders.vgg19(["relu1_1"], weights="imagenet", pooling="max", seed=0)
 
 
 def test_avg_pooling_swap():
-    encoder = encoders.vgg19(["relu2_1"], weights="random", pooling="avg")
+    encoder = encoders.vgg19(["relu2_1"], weights="random", pooling="avg", seed=0)
     assert any(isinstance(m, torch.nn.AvgPool2d) for m in encoder.features)
     assert not any(isinstance(m, torch.nn.MaxPool2d) for m in encoder.features)
     with pytest.raises(ConfigError, match="pooling='min'"):
-        encoders.vgg19(["relu2_1"], weights="random", pooling="min")
+        encoders.vgg19(["relu2_1"], weights="random", pooling="min", seed=0)

@@ -7,9 +7,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf.errors import OmegaConfBaseException
 
-from stx.config import ASSETS_DIR, build_job
 from stx.errors import ImageError, StxError
 from stx.image import read_image
+from stx.job import build_job
+from stx.schema import ASSETS_DIR
 
 KEYS = [
     "schedule.size", "schedule.steps", "schedule.init", "schedule.style_scale", "schedule.optimizer.lr",

@@ -1,3 +1,4 @@
+import copy
 import functools
 
 import pytest
@@ -5,24 +6,32 @@ import torch
 
 from stx import losses
 from stx.errors import ConfigError, NonFiniteLossError
-from stx.optim import PyramidLevel, optimise_image
+from stx.optim import OptimizationCallback, PyramidLevel, Schedule, optimise_image
 
 LBFGS = functools.partial(torch.optim.LBFGS, lr=1.0, max_iter=1)
 ADAM = functools.partial(torch.optim.Adam, lr=0.02)
 
 
-def run(encoder, loss_terms, rng, levels=(PyramidLevel(32, 8),), optimizer=LBFGS, init="content", seed=0, callback=None):
-    objective = losses.PerceptualObjective(encoder, loss_terms)
+class Recorder(OptimizationCallback):
+    """Keeps every step's info and every checkpoint."""
+
+    def __init__(self):
+        self.steps, self.checkpoints = [], []
+
+    def on_step(self, info):
+        self.steps.append(info)
+
+    def on_checkpoint(self, checkpoint):
+        self.checkpoints.append(copy.deepcopy(checkpoint))
+
+
+def run(encoder, loss_set, rng, levels=(PyramidLevel(32, 8),), optimizer=LBFGS, init="content", seed=0):
+    objective = losses.PerceptualObjective(encoder, loss_set)
     content, style = torch.rand(1, 3, 40, 40, generator=rng), torch.rand(1, 3, 40, 40, generator=rng)
-    history = []
-
-    def record(info):
-        history.append(info.terms["total"])
-        if callback:
-            callback(info)
-
-    out = optimise_image(objective, content, [style], [1.0], levels, optimizer, init=init, seed=seed, callback=record)
-    return out, history
+    recorder = Recorder()
+    schedule = Schedule(levels, optimizer, init=init, seed=seed)
+    out = optimise_image(objective, content=content, styles=[style], style_weights=[1.0], schedule=schedule, callback=recorder)
+    return out, [info.values["total"] for info in recorder.steps], recorder
 
 
 @pytest.mark.parametrize(
@@ -35,30 +44,29 @@ def run(encoder, loss_terms, rng, levels=(PyramidLevel(32, 8),), optimizer=LBFGS
     ],
 )
 def test_each_loss_falls(vgg19_random, rng, name, make, optimizer, init):
-    out, history = run(vgg19_random, {name: make()}, rng, optimizer=optimizer, init=init)
+    out, history, _ = run(vgg19_random, {name: make()}, rng, optimizer=optimizer, init=init)
     assert len(history) == 8
     assert history[-1] < 0.8 * history[0], history
     assert out.shape == (1, 3, 32, 32) and out.min() >= 0 and out.max() <= 1
 
 
 def test_pyramid_runs_levels_coarse_to_fine(vgg19_random, rng):
-    seen = []
-    out, history = run(
+    out, history, recorder = run(
         vgg19_random,
         {"style": losses.GramStyleLoss({"relu2_1": 1.0}, score_weight=1e3)},
         rng,
         levels=(PyramidLevel(16, 3), PyramidLevel(40, 4)),
-        callback=lambda info: seen.append((info.step, info.level, tuple(info.image.shape[-2:]))),
     )
+    seen = [(info.step, info.level, tuple(info.image.shape[-2:])) for info in recorder.steps]
     assert seen == [(1, 0, (16, 16)), (2, 0, (16, 16)), (3, 0, (16, 16))] + [(s, 1, (40, 40)) for s in range(4, 8)]
     assert out.shape == (1, 3, 40, 40)
 
 
 def test_same_seed_gives_same_image(vgg19_random):
     terms = lambda: {"style": losses.GramStyleLoss({"relu1_1": 1.0, "relu3_1": 1.0}, score_weight=1e3)}
-    a, _ = run(vgg19_random, terms(), torch.Generator().manual_seed(5), init="random", seed=7)
-    b, _ = run(vgg19_random, terms(), torch.Generator().manual_seed(5), init="random", seed=7)
-    c, _ = run(vgg19_random, terms(), torch.Generator().manual_seed(5), init="random", seed=8)
+    a, _, _ = run(vgg19_random, terms(), torch.Generator().manual_seed(5), init="random", seed=7)
+    b, _, _ = run(vgg19_random, terms(), torch.Generator().manual_seed(5), init="random", seed=7)
+    c, _, _ = run(vgg19_random, terms(), torch.Generator().manual_seed(5), init="random", seed=8)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
 
@@ -78,33 +86,45 @@ def test_non_finite_loss_stops_with_last_finite_image(vgg19_random, rng):
     assert torch.isfinite(info.value.image).all()
 
 
-def test_bad_schedule_values():
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"init": "noise"}, r"schedule.init='noise' is not valid; use one of content, random, style"),
+        ({"levels": ()}, r"schedule.levels is empty"),
+        ({"style_scale": 0.0}, r"schedule.style_scale=0.0 is not valid"),
+        ({"checkpoint_every": -1}, r"schedule.checkpoint_every=-1 is not valid"),
+        ({"precision": "fp8"}, r"precision='fp8' is not valid"),
+        ({"make_optimizer": functools.partial(torch.optim.Adam, lr=-1)}, r"schedule.optimizer is not valid: Invalid learning rate"),
+    ],
+)
+def test_bad_schedule_values(kwargs, message):
     with pytest.raises(ConfigError, match="steps=-1"):
         PyramidLevel(64, -1)
-    with pytest.raises(ConfigError, match="schedule.init='noise'"):
-        run(encoders_stub(), {"tv": losses.TotalVariationLoss()}, torch.Generator(), init="noise")
+    with pytest.raises(ConfigError, match=message):
+        Schedule(**{"levels": (PyramidLevel(32, 1),), "make_optimizer": LBFGS, **kwargs})
 
 
-def encoders_stub():
-    from stx import encoders
-
-    return encoders.vgg19(["relu1_1"], weights="random")
+def test_schedule_counts_optimizer_state_for_the_memory_estimate():
+    assert Schedule((PyramidLevel(32, 1),), functools.partial(torch.optim.LBFGS, history_size=7)).state_images == 17
+    assert Schedule((PyramidLevel(32, 1),), ADAM).state_images == 2
 
 
 @pytest.mark.parametrize("optimizer", [LBFGS, ADAM], ids=["lbfgs", "adam"])
 def test_resume_from_any_checkpoint_matches_uninterrupted_run(vgg19_random, optimizer):
-    import copy
-
     objective = losses.PerceptualObjective(
         vgg19_random, {"content": losses.ContentLoss({"relu4_2": 1.0}), "style": losses.GramStyleLoss({"relu1_1": 1.0, "relu2_1": 1.0}, 1e3)}
     )
     generator = torch.Generator().manual_seed(3)
     content, style = torch.rand(1, 3, 40, 40, generator=generator), torch.rand(1, 3, 40, 40, generator=generator)
     levels = (PyramidLevel(16, 4), PyramidLevel(32, 6))
-    run = functools.partial(optimise_image, objective, content, [style], [1.0], levels, optimizer, init="random", seed=1)
-    checkpoints = []
-    full = run(checkpoint_every=3, on_checkpoint=lambda c: checkpoints.append(copy.deepcopy(c)))
-    assert [(c.step, c.level) for c in checkpoints] == [(3, 0), (6, 1), (9, 1)]
-    assert torch.equal(run(), full)  # checkpointing does not change the result
-    for checkpoint in checkpoints:
-        assert torch.equal(run(start=checkpoint), full), checkpoint.step
+
+    def optimise(checkpoint_every=0, **kwargs):
+        schedule = Schedule(levels, optimizer, init="random", seed=1, checkpoint_every=checkpoint_every)
+        return optimise_image(objective, content=content, styles=[style], style_weights=[1.0], schedule=schedule, **kwargs)
+
+    recorder = Recorder()
+    full = optimise(checkpoint_every=3, callback=recorder)
+    assert [(c.step, c.level) for c in recorder.checkpoints] == [(3, 0), (6, 1), (9, 1)]
+    assert torch.equal(optimise(), full)  # checkpointing does not change the result
+    for checkpoint in recorder.checkpoints:
+        assert torch.equal(optimise(start=checkpoint), full), checkpoint.step

@@ -8,8 +8,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
+from conftest import STX, artifact_paths, client_for, run_stx
 from PIL import Image
-from test_cli import STX, artifact_paths, client_for, run_stx
+
+pytestmark = pytest.mark.slow
 
 STEPS = ["encoder.weights=random", "schedule.size=32", "schedule.steps=300", "tracking.image_every=0"]
 

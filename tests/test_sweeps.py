@@ -13,11 +13,11 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
-from test_cli import artifact_paths, run_stx
+from conftest import CONTENT, FAST, artifact_paths, local_uri, run_stx
 
-from stx.config import CONF_DIR
+from stx.schema import CONF_DIR
 
-TINY = ["encoder.weights=random", "schedule.size=32", "schedule.steps=2"]
+pytestmark = pytest.mark.slow
 
 
 def runs_by_role(uri):
@@ -28,12 +28,8 @@ def runs_by_role(uri):
     return client, parents, children
 
 
-def local_uri(tmp_path):
-    return f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
-
-
 def test_sweep_then_compare_then_reproduce(tmp_path):
-    result = run_stx(tmp_path, "-m", *TINY, "loss.style.score_weight=1e3,1e4")
+    result = run_stx(tmp_path, "-m", *FAST, "loss.style.score_weight=1e3,1e4")
     assert result.returncode == 0, result.stderr
     client, (parent,), children = runs_by_role(local_uri(tmp_path))
     assert parent.info.status == "FINISHED"
@@ -71,7 +67,7 @@ def test_sweep_then_compare_then_reproduce(tmp_path):
 
 
 def test_failed_job_fails_the_parent_but_not_the_other_jobs(tmp_path):
-    result = run_stx(tmp_path, "-m", *TINY, f"images.content={CONF_DIR.parent / 'stx/assets/content.png'},missing.png")
+    result = run_stx(tmp_path, "-m", *FAST, f"images.content={CONTENT},missing.png")
     assert result.returncode == 1
     assert "stx: error: image" in result.stderr and "stx: sweep ended FAILED" in result.stderr
     _, (parent,), (child,) = runs_by_role(local_uri(tmp_path))
@@ -82,7 +78,7 @@ def test_failed_job_fails_the_parent_but_not_the_other_jobs(tmp_path):
 
 
 def test_optuna_sweep_returns_finite_objectives(tmp_path):
-    result = run_stx(tmp_path, "-m", *TINY, "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2",
+    result = run_stx(tmp_path, "-m", *FAST, "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2",
                      "hydra.sweeper.sampler.seed=0", "loss.style.score_weight=interval(100,10000)")
     assert result.returncode == 0, result.stderr
     _, (parent,), children = runs_by_role(local_uri(tmp_path))
@@ -93,7 +89,7 @@ def test_optuna_sweep_returns_finite_objectives(tmp_path):
 
 
 def test_submitit_launcher_carries_the_parent_into_jobs(tmp_path):
-    result = run_stx(tmp_path, "-m", *TINY, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", "seed=0,1")
+    result = run_stx(tmp_path, "-m", *FAST, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", "seed=0,1")
     assert result.returncode == 0, result.stderr
     _, (parent,), children = runs_by_role(local_uri(tmp_path))
     assert parent.info.status == "FINISHED"
@@ -143,7 +139,7 @@ def test_parallel_joblib_sweep_loses_and_duplicates_no_run(tmp_path, request, st
         tracking = ["tracking=server"]
     else:
         uri, tracking = local_uri(tmp_path), []
-    result = run_stx(tmp_path, "-m", *TINY, *tracking, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+    result = run_stx(tmp_path, "-m", *FAST, *tracking, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
                      "seed=0,1,2,3", env={"MLFLOW_TRACKING_URI": uri} if tracking else None)
     assert result.returncode == 0, result.stderr
     client, (parent,), children = runs_by_role(uri)
@@ -158,7 +154,7 @@ def test_unreachable_server_fails_fast_with_the_uri(tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     started = time.monotonic()
-    result = run_stx(tmp_path, *TINY, "tracking=server", env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"})
+    result = run_stx(tmp_path, *FAST, "tracking=server", env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"})
     assert result.returncode == 2
     assert f"the MLflow server at http://127.0.0.1:{port} does not answer" in result.stderr
     assert time.monotonic() - started < 60

@@ -1,0 +1,177 @@
+"""Assemble one job from a composed config, in the order of the pipeline:
+images → losses → encoder → schedule → memory check.
+
+Everything is built with ``_target_`` + ``hydra.utils.instantiate`` after its ``_target_``
+is checked against an allow-list *by name*, before anything is imported. Each value is
+checked by the code that owns it (image I/O, losses, encoders, :class:`~stx.optim.Schedule`);
+the first problem raises :class:`~stx.errors.ConfigError` with a one-paragraph message, before
+any optimisation or tracking starts.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import get_object, instantiate, to_absolute_path
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from stx import encoders, losses, memory
+from stx.errors import ConfigError
+from stx.image import long_edge_shape, read_image, resize
+from stx.optim import PyramidLevel, Schedule
+
+ALLOWED_TARGETS = {
+    "loss": ("stx.losses.", losses.Loss),
+    "encoder": ("stx.encoders.", None),
+    "schedule.optimizer": ("torch.optim.", torch.optim.Optimizer),
+}
+"""Per config node: the dotted-name prefix its ``_target_`` must have, and the class it must derive from."""
+
+
+@dataclass
+class Job:
+    """Everything one run needs, built and checked from a config.
+
+    ``content`` and ``styles`` are full-resolution ``1×3×H×W`` images in [0, 1] on ``device``
+    (the styles already at the largest level's style size); ``content_path`` and
+    ``style_paths`` are the absolute paths they were read from.
+    """
+
+    objective: losses.PerceptualObjective
+    content: torch.Tensor
+    styles: list[torch.Tensor]
+    style_weights: list[float]
+    schedule: Schedule
+    device: torch.device
+    content_path: Path
+    style_paths: list[Path]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; ``cuda`` must exist when asked for."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"device={name!r} is not valid; use auto, cpu, cuda or cuda:N.") from exc
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0 or (device.index or 0) >= count:
+            raise ConfigError(
+                f"device={name!r} was asked for, but this machine has {count} CUDA device(s); "
+                f"use device=cpu, or device=auto to take CUDA only when present."
+            )
+    elif device.type != "cpu":
+        raise ConfigError(f"device={name!r} is not supported; use auto, cpu, cuda or cuda:N.")
+    return device
+
+
+def check_target(node: Any, where: str, kind: str) -> Any:
+    """The object ``node._target_`` names, once its dotted name has passed the allow-list of
+    ``kind`` (a key of :data:`ALLOWED_TARGETS`); nothing is imported before that."""
+    prefix, base = ALLOWED_TARGETS[kind]
+    name = node.get("_target_") if isinstance(node, DictConfig) else None
+    if not name:
+        raise ConfigError(f"{where} needs a _target_ naming what to build (e.g. stx.losses.GramStyleLoss).")
+    allowed = f"a {base.__module__}.{base.__qualname__}" if base is not None else "an encoder"
+    if not (isinstance(name, str) and name.startswith(prefix)):
+        raise ConfigError(f"{where}._target_={name!r} is not allowed: it must name {allowed} from {prefix.rstrip('.')}.")
+    try:
+        target = get_object(name)
+    except Exception as exc:
+        raise ConfigError(f"{where}._target_={name!r} cannot be imported ({exc}).") from exc
+    from_module = str(getattr(target, "__module__", "")).startswith(prefix.rstrip("."))
+    if not from_module or (base is not None and not (inspect.isclass(target) and issubclass(target, base))):
+        raise ConfigError(f"{where}._target_={name!r} is not {allowed} from {prefix.rstrip('.')}.")
+    for key, value in node.items():
+        if _names_a_target(value):
+            raise ConfigError(f"{where}.{key} holds a nested _target_; only {where} itself may name what to build.")
+    return target
+
+
+def _names_a_target(value: Any) -> bool:
+    """Whether a config value holds a ``_target_`` at any depth (instantiate would call it)."""
+    if isinstance(value, DictConfig):
+        return "_target_" in value or any(_names_a_target(v) for v in value.values())
+    if isinstance(value, ListConfig):
+        return any(_names_a_target(v) for v in value)
+    return False
+
+
+def build(node: DictConfig, where: str, kind: str, **kwargs: Any) -> Any:
+    """``instantiate(node)`` after :func:`check_target`; errors become one-paragraph ConfigErrors."""
+    check_target(node, where, kind)
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ConfigError):
+            raise ConfigError(f"{where}: {cause}") from cause
+        raise ConfigError(f"{where} could not be built: {cause or exc}") from exc
+
+
+def style_weights(images: DictConfig) -> list[float]:
+    """One blend weight per style image (default: equal); finite, >= 0, not all zero."""
+    count = len(images.styles)
+    if count == 0:
+        raise ConfigError("images.styles is empty: give at least one style image path.")
+    weights = [1.0] * count if images.style_weights is None else [float(w) for w in images.style_weights]
+    if len(weights) != count:
+        raise ConfigError(
+            f"images.style_weights has {len(weights)} value(s) for {count} style image(s); give one "
+            f"weight per style, or leave it null for equal weights."
+        )
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"images.style_weights={weights} is not valid: use finite weights >= 0, not all zero.")
+    return weights
+
+
+def build_schedule(cfg: DictConfig) -> Schedule:
+    """The :class:`Schedule` of ``cfg.schedule`` with the top-level ``precision`` and ``seed``."""
+    schedule = cfg.schedule
+    return Schedule(
+        levels=tuple(PyramidLevel(level.size, level.steps) for level in schedule.levels),
+        make_optimizer=build(schedule.optimizer, "schedule.optimizer", "schedule.optimizer"),
+        init=schedule.init,
+        style_scale=schedule.style_scale,
+        checkpoint_every=schedule.checkpoint_every,
+        precision=cfg.precision,
+        seed=cfg.seed,
+    )
+
+
+def build_job(cfg: DictConfig) -> Job:
+    """Check ``cfg`` and build the :class:`Job` it describes (raises :class:`ConfigError`)."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"the config cannot be resolved: {exc}") from exc
+    device = resolve_device(cfg.device)
+
+    content_path = Path(to_absolute_path(cfg.images.content))
+    style_paths = [Path(to_absolute_path(path)) for path in cfg.images.styles]
+    weights = style_weights(cfg.images)
+
+    loss_set = {str(name): build(node, f"loss.{name}", "loss") for name, node in cfg.loss.items()}
+    layers = frozenset().union(*(loss.layers for loss in loss_set.values()))
+    encoder = build(cfg.encoder, "encoder", "encoder")(layers=layers) if layers else None
+    objective = losses.PerceptualObjective(encoder, loss_set).to(device)
+
+    schedule = build_schedule(cfg)
+    schedule.autocast(device)
+
+    content = read_image(content_path)
+    height, width = long_edge_shape(*content.shape[-2:], schedule.size)
+    estimate = memory.estimate_bytes(objective, height, width, schedule.state_images, len(style_paths))
+    memory.check_fits(estimate, device, schedule.size)
+    content = resize(content, schedule.size).to(device)
+    styles = [read_image(path, schedule.style_edge(schedule.size)).to(device) for path in style_paths]
+    return Job(objective, content, styles, weights, schedule, device, content_path, style_paths)

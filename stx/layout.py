@@ -1,0 +1,119 @@
+"""What an stx MLflow run holds, and under which names: the one owner of artifact names, tag
+keys, the checkpoint file and its format, and how a run's config is read back.
+
+Used by the runner (writing), the sweep callback, ``stx compare``, ``stx reproduce`` and
+``stx resume`` (reading), so a name changed here changes for all of them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from stx.errors import StxError
+from stx.schema import StxSchema
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+
+    from stx.optim import Checkpoint
+
+CONFIG = "config.yaml"
+"""The resolved config, whole (params hold it flattened)."""
+HYDRA = "hydra"
+"""Hydra's ``.hydra/`` folder of the job."""
+INPUTS = "inputs"
+IMAGE_KEY = "image"
+"""``mlflow.log_image`` key of the image series (every ``tracking.image_every`` steps)."""
+CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT = f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}"
+DEFAULT_OUTPUT = "output.png"
+LAST_FINITE = "last_finite_"
+"""Prefix of the output's name for a run stopped by a non-finite loss (its last finite image)."""
+INTERRUPTED = "interrupted_"
+"""Prefix of the output's name for an interrupted run (its latest image)."""
+
+PARENT_RUN_ENV = "STX_PARENT_RUN_ID"
+"""Set by the sweep callback in each job's process: the sweep's parent MLflow run."""
+
+TAG_ERROR = "stx.error"
+TAG_RUN_DIR = "stx.run_dir"
+TAG_OUTPUT = "stx.output"
+TAG_CHECKPOINT_STEP = "stx.checkpoint_step"
+TAG_RESUMED_AT_STEP = "stx.resumed_at_step"
+TAG_SWEEP = "stx.sweep"
+TAG_SWEEP_COMMAND = "stx.sweep.command"
+TAG_SWEEP_DIR = "stx.sweep.dir"
+TAG_SWEEP_JOBS = "stx.sweep.jobs"
+TAG_JOB_NUM = "stx.sweep.job_num"
+TAG_FAILED_JOB = "stx.failed_job."
+TAG_REPRODUCED_FROM = "reproduced_from"
+TAG_COMMIT_MISMATCH = "stx.reproduce.commit_mismatch"
+TAG_OVERRIDES = "hydra.overrides"
+TAG_CHOICE = "hydra.choice."
+TAG_PARENT = "mlflow.parentRunId"
+TAG_COMMIT = "mlflow.source.git.commit"
+
+
+def content_dir() -> str:
+    return f"{INPUTS}/content"
+
+
+def style_dir(index: int) -> str:
+    return f"{INPUTS}/style_{index}"
+
+
+def output_names(run: Run) -> list[str]:
+    """Artifact names the run's output image may have, best first: the finished output, then
+    the images kept by a run that stopped early."""
+    output = run.data.tags.get(TAG_OUTPUT, DEFAULT_OUTPUT)
+    return [output, LAST_FINITE + output, INTERRUPTED + output]
+
+
+def save_checkpoint(checkpoint: Checkpoint, path: Path) -> Path:
+    import torch
+
+    torch.save({"step": checkpoint.step, "level": checkpoint.level, "image": checkpoint.image.cpu(),
+                "optimizer_state": checkpoint.optimizer_state}, path)
+    return path
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    import torch
+
+    from stx.optim import Checkpoint
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return Checkpoint(state["step"], state["level"], state["image"], state["optimizer_state"])
+
+
+def download_artifact(
+    client: MlflowClient, run_id: str, path: str, folder: Path, hint: str = "only runs made by stx hold it"
+) -> Path:
+    """Download artifact ``path`` of ``run_id`` into ``folder``; a missing one raises with ``hint``."""
+    try:
+        return Path(client.download_artifacts(run_id, path, str(folder)))
+    except (MlflowException, OSError) as exc:
+        raise StxError(f"run {run_id} has no artifact {path!r} ({exc}); {hint}.") from exc
+
+
+def load_run_config(client: MlflowClient, run_id: str, folder: Path, runs_dir: str, uri: str) -> DictConfig:
+    """The run's resolved config, checked against stx's schema, reading its logged input
+    images (downloaded into ``folder/inputs``) and writing to ``runs_dir`` and ``uri``."""
+    loaded = OmegaConf.load(download_artifact(client, run_id, CONFIG, folder))
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(StxSchema), loaded)
+    except OmegaConfBaseException as exc:
+        raise StxError(f"the config logged with run {run_id} does not fit stx's schema: {exc}") from exc
+    download_artifact(client, run_id, INPUTS, folder)
+    (content,) = (folder / content_dir()).iterdir()
+    styles = [next((folder / style_dir(index)).iterdir()) for index in range(len(cfg.images.styles))]
+    cfg.images.content, cfg.images.styles = str(content), [str(style) for style in styles]
+    cfg.runs_dir, cfg.tracking.uri = runs_dir, uri
+    return cfg

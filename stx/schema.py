@@ -1,0 +1,91 @@
+"""The config schema: key names and types of the composed config (no torch, no mlflow).
+
+Hydra composes the YAML tree in ``conf/`` on top of :class:`StxSchema`, so a typo'd key or a
+value of the wrong type fails at composition. The schema states types only: every default
+value lives once, in the YAML files (``conf/config.yaml`` and the group options). Values are
+checked by the code that owns them, when :func:`stx.job.build_job` builds the job.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+CONF_DIR = PACKAGE_DIR.parent / "conf"
+ASSETS_DIR = PACKAGE_DIR / "assets"
+
+
+def runs_dir() -> str:
+    """Where outputs go: ``$STX_RUNS_DIR``, else ``<repo>/runs`` (absolute)."""
+    return str(Path(os.environ.get("STX_RUNS_DIR") or PACKAGE_DIR.parent / "runs").resolve())
+
+
+OmegaConf.register_new_resolver("stx.runs_dir", runs_dir, replace=True)
+OmegaConf.register_new_resolver("stx.asset", lambda name: str(ASSETS_DIR / name), replace=True)
+OmegaConf.register_new_resolver("floordiv", lambda a, b: int(a) // int(b), replace=True)
+
+
+@dataclass
+class EncoderSchema:
+    _target_: str = MISSING
+    _partial_: bool = MISSING
+    weights: str = MISSING
+    pooling: str = MISSING
+    seed: int = MISSING
+
+
+@dataclass
+class LevelSchema:
+    size: int = MISSING
+    steps: int = MISSING
+
+
+@dataclass
+class ScheduleSchema:
+    optimizer: Dict[str, Any] = MISSING
+    size: int = MISSING
+    steps: int = MISSING
+    levels: List[LevelSchema] = MISSING
+    init: str = MISSING
+    style_scale: float = MISSING
+    checkpoint_every: int = MISSING
+
+
+@dataclass
+class ImagesSchema:
+    content: str = MISSING
+    styles: List[str] = MISSING
+    style_weights: Optional[List[float]] = MISSING
+
+
+@dataclass
+class TrackingSchema:
+    uri: Optional[str] = MISSING
+    artifact_location: Optional[str] = MISSING
+    experiment: str = MISSING
+    metrics_every: int = MISSING
+    image_every: int = MISSING
+
+
+@dataclass
+class StxSchema:
+    encoder: EncoderSchema = field(default_factory=EncoderSchema)
+    loss: Dict[str, Any] = MISSING
+    schedule: ScheduleSchema = field(default_factory=ScheduleSchema)
+    images: ImagesSchema = field(default_factory=ImagesSchema)
+    tracking: TrackingSchema = field(default_factory=TrackingSchema)
+    device: str = MISSING
+    precision: str = MISSING
+    seed: int = MISSING
+    output: str = MISSING
+    runs_dir: str = MISSING
+    resume: Optional[str] = MISSING
+
+
+ConfigStore.instance().store(name="stx_schema", node=StxSchema)
