@@ -22,17 +22,18 @@ from hydra.utils import get_object, instantiate, to_absolute_path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from stx import encoders, losses, memory
+from stx import encoders, losses, memory, plugins
 from stx.errors import ConfigError
 from stx.image import long_edge_shape, read_image, resize
 from stx.optim import PyramidLevel, Schedule
 
 ALLOWED_TARGETS = {
-    "loss": ("stx.losses.", losses.Loss),
-    "encoder": ("stx.encoders.", None),
-    "schedule.optimizer": ("torch.optim.", torch.optim.Optimizer),
+    "loss": ("stx.losses", losses.Loss, True),
+    "encoder": ("stx.encoders", None, True),
+    "schedule.optimizer": ("torch.optim", torch.optim.Optimizer, False),
 }
-"""Per config node: the dotted-name prefix its ``_target_`` must have, and the class it must derive from."""
+"""Per kind of config node: the module its ``_target_`` must come from, the class it must
+derive from, and whether trusted plugin modules (:mod:`stx.plugins`) may provide it too."""
 
 
 @dataclass
@@ -77,20 +78,25 @@ def resolve_device(name: str) -> torch.device:
 def check_target(node: Any, where: str, kind: str) -> Any:
     """The object ``node._target_`` names, once its dotted name has passed the allow-list of
     ``kind`` (a key of :data:`ALLOWED_TARGETS`); nothing is imported before that."""
-    prefix, base = ALLOWED_TARGETS[kind]
+    home, base, pluggable = ALLOWED_TARGETS[kind]
     name = node.get("_target_") if isinstance(node, DictConfig) else None
     if not name:
         raise ConfigError(f"{where} needs a _target_ naming what to build (e.g. stx.losses.GramStyleLoss).")
     allowed = f"a {base.__module__}.{base.__qualname__}" if base is not None else "an encoder"
-    if not (isinstance(name, str) and name.startswith(prefix)):
-        raise ConfigError(f"{where}._target_={name!r} is not allowed: it must name {allowed} from {prefix.rstrip('.')}.")
+    modules = (home, *plugins.trusted_modules()) if pluggable else (home,)
+    module = next((m for m in modules if isinstance(name, str) and name.startswith(m + ".")), None)
+    if module is None:
+        hint = f"; {plugins.how_to_trust(name.rpartition('.')[0] or name)}" if pluggable and isinstance(name, str) else ""
+        raise ConfigError(
+            f"{where}._target_={name!r} is not allowed: it must name {allowed} from {' or '.join(modules)}{hint}."
+        )
     try:
         target = get_object(name)
     except Exception as exc:
         raise ConfigError(f"{where}._target_={name!r} cannot be imported ({exc}).") from exc
-    from_module = str(getattr(target, "__module__", "")).startswith(prefix.rstrip("."))
+    from_module = str(getattr(target, "__module__", "")).startswith(module)
     if not from_module or (base is not None and not (inspect.isclass(target) and issubclass(target, base))):
-        raise ConfigError(f"{where}._target_={name!r} is not {allowed} from {prefix.rstrip('.')}.")
+        raise ConfigError(f"{where}._target_={name!r} is not {allowed} from {module}.")
     for key, value in node.items():
         if _names_a_target(value):
             raise ConfigError(f"{where}.{key} holds a nested _target_; only {where} itself may name what to build.")
@@ -163,6 +169,9 @@ def build_job(cfg: DictConfig) -> Job:
     loss_set = {str(name): build(node, f"loss.{name}", "loss") for name, node in cfg.loss.items()}
     layers = frozenset().union(*(loss.layers for loss in loss_set.values()))
     encoder = build(cfg.encoder, "encoder", "encoder")(layers=layers) if layers else None
+    if encoder is not None and not isinstance(encoder, encoders.MultiLayerEncoder):
+        raise ConfigError(f"encoder._target_={cfg.encoder._target_!r} returned a {type(encoder).__name__}, "
+                          f"not a stx.encoders.MultiLayerEncoder.")
     objective = losses.PerceptualObjective(encoder, loss_set).to(device)
 
     schedule = build_schedule(cfg)

@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-CONF_DIR = PACKAGE_DIR.parent / "conf"
-ASSETS_DIR = PACKAGE_DIR / "assets"
+CONF_PACKAGE = "stx.conf"
+"""The config tree: ``conf/`` in the repository, the package ``stx.conf`` once installed."""
+CONF_DIR = Path(str(files(CONF_PACKAGE)))
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
 
 def runs_dir() -> str:
-    """Where outputs go: ``$STX_RUNS_DIR``, else ``<repo>/runs`` (absolute)."""
-    return str(Path(os.environ.get("STX_RUNS_DIR") or PACKAGE_DIR.parent / "runs").resolve())
+    """Where outputs go: ``$STX_RUNS_DIR``, else ``runs/`` in the folder stx was started in (absolute)."""
+    return str(Path(os.environ.get("STX_RUNS_DIR") or "runs").resolve())
 
 
 OmegaConf.register_new_resolver("stx.runs_dir", runs_dir, replace=True)

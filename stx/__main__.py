@@ -1,0 +1,5 @@
+"""``python -m stx …`` is the ``stx`` command."""
+
+from stx.cli import main
+
+main()
