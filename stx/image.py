@@ -2,10 +2,22 @@
 
 Convention everywhere in stx: an image is a float tensor with values in [0, 1] and shape
 ``B×3×H×W`` (RGB, batch first). Sizes are given as the length of the *long edge* in pixels.
+
+:func:`read_image` reads every mode Pillow opens: 1-bit, 8-bit grey, palette, RGB, CMYK,
+YCbCr and LAB through Pillow's conversion to RGB (Pillow opens 16-bit RGB files as 8-bit RGB);
+16-bit grey (``I;16*``) as 0…65535; 32-bit integer grey (``I``, e.g. 16-bit PGM) as 0…65535 when
+every value fits, else as 0…2³¹−1; float grey (``F``) as it is, which must lie in [0, 1]. Grey
+images are repeated into three channels. Alpha is dropped (a transparent pixel keeps the colour
+stored under it) and of a multi-frame file (GIF, APNG, TIFF, WebP, MPO) only the first frame is
+read; each is said in one log line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -15,10 +27,25 @@ from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
 from stx.errors import ImageError
 
+log = logging.getLogger(__name__)
+
 MIN_SIZE = 16
 """Smallest long edge (px) stx accepts: VGG needs a few pixels left after its pooling layers."""
 MAX_SIZE = 8192
 """Largest long edge (px) stx accepts."""
+MAX_PIXELS = 16384 * 16384
+"""Most pixels (width × height) an input file may have (268 M); larger files are refused
+before anything is decoded. Pillow's own decompression-bomb check guards frames and tiles at
+twice this."""
+
+FLOAT_RANGE = (
+    "stx reads float images as intensities in [0, 1]; rescale it to [0, 1] (no NaN or infinity) "
+    "or save it as an 8- or 16-bit image."
+)
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+PREMULTIPLIED = {"La": "LA", "RGBa": "RGBA"}
+"""Premultiplied-alpha modes and the straight-alpha mode Pillow converts them to."""
+WITHOUT_ALPHA = {"LA": "L", "PA": "RGB", "RGBA": "RGB"}
 
 
 def check_size(size: int, what: str = "image size") -> int:
@@ -31,12 +58,30 @@ def check_size(size: int, what: str = "image size") -> int:
     return size
 
 
-def read_image(path: str | Path, size: int | None = None) -> torch.Tensor:
-    """Read an image file as a ``1×3×H×W`` float tensor in [0, 1].
+@contextlib.contextmanager
+def _pillow_pixel_limit(limit: int | None) -> Iterator[None]:
+    """Pillow's decompression-bomb limit set to ``limit`` (None: off) and its warning silenced:
+    stx checks :data:`MAX_PIXELS` itself and says so in its own words."""
+    previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, limit
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
 
-    ``size`` resizes the long edge to that many pixels (aspect ratio kept). Missing,
-    unreadable and non-image files raise :class:`ImageError` naming the path.
-    """
+
+def _unreadable(path: Path, exc: Exception) -> ImageError:
+    return ImageError(
+        f"image {str(path)!r} could not be read ({exc}): the file is corrupt or not an "
+        f"image; give a PNG, JPEG or other format Pillow can read."
+    )
+
+
+@contextlib.contextmanager
+def open_image(path: str | Path) -> Iterator[Image.Image]:
+    """``path`` opened by Pillow, header only, with its pixel count checked against
+    :data:`MAX_PIXELS`; loading it inside the block is guarded by Pillow's bomb check."""
     path = Path(path)
     if not path.is_file():
         raise ImageError(
@@ -45,15 +90,109 @@ def read_image(path: str | Path, size: int | None = None) -> torch.Tensor:
             f"stx was started in)."
         )
     try:
-        with Image.open(path) as pil:
-            pil = pil.convert("RGB")
+        with _pillow_pixel_limit(None):
+            pil = Image.open(path)
     except Exception as exc:  # Pillow's decoders raise many types (SyntaxError, struct.error, …) on bad bytes
-        raise ImageError(
-            f"image {str(path)!r} could not be read ({exc}): the file is corrupt or not an "
-            f"image; give a PNG, JPEG or other format Pillow can read."
-        ) from exc
-    image = pil_to_tensor(pil).unsqueeze(0).float().div_(255.0)
-    return image if size is None else resize(image, size)
+        raise _unreadable(path, exc) from exc
+    with pil:
+        width, height = pil.size
+        if width * height > MAX_PIXELS:
+            raise ImageError(
+                f"image {str(path)!r} has {width}×{height} = {width * height:,} pixels, more than stx "
+                f"reads ({MAX_PIXELS:,}): downscale the file first, e.g. with ImageMagick's `magick "
+                f"{path.name} -resize {MAX_SIZE}x{MAX_SIZE} smaller.png` (stx optimises at most "
+                f"{MAX_SIZE} px on the long edge, so nothing is lost)."
+            )
+        with _pillow_pixel_limit(MAX_PIXELS):
+            yield pil
+
+
+def image_shape(path: str | Path) -> tuple[int, int]:
+    """``(H, W)`` of an image file, from its header (nothing is decoded)."""
+    with open_image(path) as pil:
+        return pil.height, pil.width
+
+
+def reduction_factor(long_edge: int, size: int | None) -> int:
+    """Whole factor by which :func:`read_image` shrinks a file of ``long_edge`` px before
+    resizing it to ``size`` px: as much as keeps at least ``2 × size`` px (1: not at all)."""
+    return 1 if size is None else max(1, long_edge // (2 * size))
+
+
+def _working_image(pil: Image.Image, path: Path) -> tuple[Image.Image, float]:
+    """The loaded frame as an 8-bit ``L`` or ``RGB`` image or a float ``F`` image, alpha
+    dropped, and the value that stands for 1.0."""
+    if pil.mode in SIXTEEN_BIT_MODES:
+        return pil.convert("F"), 65535.0
+    if pil.mode == "F":
+        low, high = pil.getextrema()  # skips NaN, which read_image looks for in the tensor
+        if not 0.0 <= low <= high <= 1.0:
+            raise ImageError(f"image {str(path)!r} is a float image with values from {low} to {high}: {FLOAT_RANGE}")
+        return pil, 1.0
+    if pil.mode == "I":
+        low, high = pil.getextrema()
+        if low < 0:
+            raise ImageError(
+                f"image {str(path)!r} is a 32-bit integer image with negative values (down to {low}): "
+                f"stx reads integer images as intensities from 0; save it as an 8- or 16-bit image."
+            )
+        return pil.convert("F"), 65535.0 if high <= 65535 else 2.0**31 - 1
+    pil.info.pop("transparency", None)  # alpha is dropped; Pillow would warn converting palette transparency
+    pil = pil.convert(PREMULTIPLIED[pil.mode]) if pil.mode in PREMULTIPLIED else pil
+    pil = pil.convert(WITHOUT_ALPHA[pil.mode]) if pil.mode in WITHOUT_ALPHA else pil
+    mode = "L" if pil.mode in ("1", "L") else "RGB"
+    return (pil if pil.mode == mode else pil.convert(mode)), 255.0
+
+
+def _dropped(pil: Image.Image) -> str | None:
+    """What :func:`read_image` leaves out of ``pil`` (frames after the first, alpha), in words."""
+    parts = []
+    frames = getattr(pil, "n_frames", 1)
+    if frames > 1:
+        parts.append(f"only its first of {frames} frames is used")
+    if pil.mode in (*PREMULTIPLIED, *WITHOUT_ALPHA) or "transparency" in pil.info:
+        parts.append("its alpha channel is dropped (transparent pixels keep the colour stored under them)")
+    return " and ".join(parts) or None
+
+
+def read_image(path: str | Path, size: int | None = None) -> torch.Tensor:
+    """Read an image file as a contiguous ``1×3×H×W`` float tensor in [0, 1].
+
+    ``size`` resizes the long edge to that many pixels (aspect ratio kept): files at least
+    four times larger are first shrunk by a whole factor (JPEG: decoded at 1/2, 1/4 or 1/8
+    scale; others: box-averaged) to no less than ``2 × size``, then resized with antialiased
+    bicubic like everything else. Missing, unreadable, too large (:data:`MAX_PIXELS`) and
+    non-image files, and float/integer images outside the range above, raise
+    :class:`ImageError` naming the path.
+    """
+    path = Path(path)
+    if size is not None:
+        check_size(size)
+    with open_image(path) as pil:
+        shape = pil.height, pil.width
+        try:
+            if size is not None:
+                height, width = long_edge_shape(*shape, 2 * size)
+                pil.draft(None, (width, height))  # JPEG only; a no-op for other formats
+            dropped = _dropped(pil)
+            pil.load()
+            working, one = _working_image(pil, path)
+            factor = reduction_factor(max(working.size), size)
+            if factor > 1:
+                working = working.reduce(factor)
+            image = pil_to_tensor(working).unsqueeze(0).to(torch.float32, memory_format=torch.contiguous_format)
+        except ImageError:
+            raise
+        except Exception as exc:
+            raise _unreadable(path, exc) from exc
+    if working.mode == "F" and image.isnan().any():
+        raise ImageError(f"image {str(path)!r} is a float image holding NaN values: {FLOAT_RANGE}")
+    if dropped:
+        log.warning("image %s: %s.", path, dropped)
+    image.div_(one)
+    if size is not None:
+        image = resize_to(image, long_edge_shape(*shape, size))
+    return image.expand(-1, 3, -1, -1).contiguous()
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -76,9 +215,13 @@ def long_edge_shape(height: int, width: int, size: int) -> tuple[int, int]:
 
 
 def resize(image: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize a ``B×3×H×W`` image so its long edge is ``size`` pixels (bicubic, antialiased)."""
+    """Resize a ``B×C×H×W`` image so its long edge is ``size`` pixels (bicubic, antialiased)."""
     check_size(size)
-    shape = long_edge_shape(image.shape[-2], image.shape[-1], size)
+    return resize_to(image, long_edge_shape(image.shape[-2], image.shape[-1], size))
+
+
+def resize_to(image: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Resize a ``B×C×H×W`` image in [0, 1] to ``shape = (H, W)`` (bicubic, antialiased)."""
     if shape == tuple(image.shape[-2:]):
         return image
     resized = F.interpolate(image, size=shape, mode="bicubic", align_corners=False, antialias=True)

@@ -28,7 +28,7 @@ def test_encoder_options(make_cfg, choice):
 
 @pytest.mark.parametrize("choice", options("loss"))
 def test_loss_options(make_cfg, choice):
-    job = build_job(make_cfg(f"loss={choice}", *FAST))
+    job = build_job(make_cfg(f"loss={choice}", *FAST, "schedule.size=48"))  # MRF's 3×3 patches at relu4_1 need 24 px
     assert all(isinstance(term, losses.Loss) for term in job.objective.losses.values())
     expected = {"gatys": {"content", "style"}, "gatys_tv": {"content", "style", "tv"}, "mrf": {"content", "style", "tv"}}
     assert set(job.objective.losses) == expected[choice]
