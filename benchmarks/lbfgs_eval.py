@@ -65,7 +65,9 @@ def stx_runner(content, style, device):
         },
     )
     objective.set_targets(content, [style], [1.0])
-    schedule = Schedule((PyramidLevel(max(content.shape[-2:]), 1),), functools.partial(torch.optim.LBFGS, lr=1.0, max_iter=1))
+    schedule = Schedule(levels=(PyramidLevel(max(content.shape[-2:]), 1),),
+                        make_optimizer=functools.partial(torch.optim.LBFGS, lr=1.0, max_iter=1), init="content",
+                        bounds="clamp", max_rise=0.0, style_scale=1.0, checkpoint_every=0, precision="fp32", seed=0)
 
     def run(evals: int) -> None:
         optimise_level(objective, content, schedule=schedule, level=0, steps=evals)

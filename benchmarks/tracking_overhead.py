@@ -15,6 +15,7 @@ import functools
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
@@ -49,7 +50,7 @@ def main() -> None:
         ]
         cfg = compose("config", overrides=overrides)
         job = build_job(cfg)
-        tracker = RunTracker(cfg.tracking)
+        tracker = RunTracker(cfg.tracking, Path(runs))
         in_calls = [0.0]
 
         def timed(method):

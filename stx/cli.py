@@ -3,34 +3,39 @@
 * ``stx key=value …`` runs one job, ``stx -m key=a,b …`` a sweep (a Hydra app; ``stx --help``).
 * ``stx compare <parent-run-id | experiment>``: contact sheet and table of a sweep's runs.
 * ``stx reproduce <run-id>``: re-run a logged run and report the max pixel difference.
+* ``stx init [dir]``: scaffold a project folder of your own (images, configs, presets).
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
-from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from stx import interrupts
 from stx.errors import StxError
-from stx.schema import CONF_DIR, runs_dir
+from stx.schema import CONF_PACKAGE, runs_dir
 
 log = logging.getLogger("stx")
-COMMANDS = ("compare", "reproduce")
+COMMANDS = ("compare", "reproduce", "init")
 
 
 class _Task:
     started = False  # whether Hydra got as far as the task: errors before it are config mistakes
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+@hydra.main(config_path=f"pkg://{CONF_PACKAGE}", config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> float:
     from stx.runner import hydra_task  # torch & mlflow load after Hydra has parsed the command line
 
@@ -43,9 +48,67 @@ def hydra_main(cfg: DictConfig) -> float:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             return float("nan")  # the other jobs go on; the sweep callback fails the parent run
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("stx: interrupted; the latest image was written and the MLflow run marked KILLED.", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as interrupt:
+        from stx.layout import INTERRUPTED
+
+        interrupts.ignore()
+        print(f"stx: {interrupt or 'interrupted'}; the job's MLflow run, if it had started, is marked KILLED and "
+              f"its latest image kept as {INTERRUPTED}{cfg.output}.", file=sys.stderr, flush=True)
+        sys.exit(interrupts.exit_code(interrupt))
+
+
+def fail(message: str) -> NoReturn:
+    """Stop the command with one paragraph on stderr and exit status 2 (a mistake the user can fix)."""
+    print(f"stx: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def closest(name: str, valid: list[str], prefix: str = "") -> str:
+    """`` Did you mean X?`` for the valid names closest to ``name`` (difflib), else nothing."""
+    matches = [prefix + match for match in difflib.get_close_matches(name, valid, n=3)]
+    return f" Did you mean {' or '.join(matches)}?" if matches else ""
+
+
+def unknown_option(group: str, option: str, options: list[str]) -> str:
+    """``group=option`` names no config file of the group (files starting with ``_`` are shared bases)."""
+    valid = sorted(o for o in options if not o.startswith("_"))
+    return f"{group}={option} is not an option of {group}.{closest(option, valid)} Options: {', '.join(valid)}."
+
+
+def unknown_key(error: ConfigAttributeError | ConfigKeyError) -> str:
+    """An override names a key that is not in the composed config; list the keys at its level."""
+    parent, _, key = error.full_key.rpartition(".")
+    node = error.parent_node
+    valid = sorted(str(k) for k in node.keys()) if isinstance(node, DictConfig) else []
+    if not valid:
+        return f"{error.full_key} is not a config key: {parent} is a value, with no keys under it."
+    where = f"under {parent}" if parent else "at the top level"
+    message = f"{error.full_key} is not a config key.{closest(key, valid, f'{parent}.' if parent else '')} " \
+              f"Keys {where}: {', '.join(valid)}."
+    if OmegaConf.get_type(node) is dict:  # free-form (loss terms, layer weights, optimiser arguments)
+        message += f" To add a new key there instead, write +{error.full_key}=…"
+    return message
+
+
+def config_error_message(error: HydraException | OmegaConfBaseException) -> str:
+    """One paragraph for a command-line mistake that Hydra or OmegaConf reports: the bad key,
+    option or value, the closest valid ones and the valid set."""
+    cause = error.__cause__
+    if isinstance(error, MissingConfigException) and error.options and error.missing_cfg_file:
+        group, _, option = error.missing_cfg_file.rpartition("/")
+        return unknown_option(group, option, list(error.options))
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and cause.full_key:
+        return unknown_key(cause)
+    if isinstance(error, OverrideParseException):
+        return f"cannot parse the override {error.override!r}: {one_line(error.message)}"
+    if isinstance(cause, OmegaConfBaseException):  # e.g. a value of the wrong type
+        reason = str(cause.msg).splitlines()[0].rstrip(".")  # the lines after it are OmegaConf internals
+        return f"{one_line(str(error)).removeprefix('Error merging override ')} is not valid: {reason}."
+    return one_line(str(error))
 
 
 def default_tracking_uri() -> str:
@@ -60,15 +123,26 @@ def tool_main(argv: list[str]) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     compare_parser = commands.add_parser("compare", parents=[common], help="contact sheet and table of a sweep's runs")
     compare_parser.add_argument("target", help="a sweep's parent run id, or an experiment name or id")
-    compare_parser.add_argument("--out", type=Path, help="folder for contact_sheet.png and table.txt (default: runs/compare/<target>)")
+    compare_parser.add_argument("--out", type=Path, help="folder for contact_sheet.png and table.txt (default: "
+                                "compare/<target> beside a local store, else in the runs folder)")
     reproduce_parser = commands.add_parser("reproduce", parents=[common], help="re-run a logged run and compare its output")
     reproduce_parser.add_argument("run_id")
+    init_parser = commands.add_parser("init", help="scaffold a project folder: your images, configs and presets")
+    init_parser.add_argument("folder", nargs="?", type=Path, default=Path("."), help="(default: the current folder)")
     args = parser.parse_args(argv)
     try:
-        if args.command == "compare":
-            from stx.compare import compare
+        if args.command == "init":
+            from stx.project import scaffold
 
-            sheet, text = compare(args.target, args.tracking_uri, args.out or Path(runs_dir()) / "compare" / args.target)
+            created = scaffold(args.folder)
+            print("stx: created " + ", ".join(str(path) for path in created))
+            print(f"stx: run it with: cd {args.folder} && stx -cd conf -cn project")
+            return
+        if args.command == "compare":
+            from stx.compare import compare, default_out_dir
+
+            out = args.out or default_out_dir(args.tracking_uri, args.target)
+            sheet, text = compare(args.target, args.tracking_uri, out)
             print(text)
             print(f"stx: contact sheet {sheet}")
         else:
@@ -78,25 +152,34 @@ def tool_main(argv: list[str]) -> None:
             print(f"stx: reproduced {args.run_id} as MLflow run {result.run_id}; max pixel difference to the "
                   f"original output: {difference}/255")
     except StxError as error:
-        print(f"stx: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(error))
+
+
+def app_main() -> None:
+    """The Hydra app, with Hydra's and OmegaConf's reports of command-line mistakes in stx's form."""
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # raise them here rather than print them
+    try:
+        hydra_main()
+    except (HydraException, OmegaConfBaseException) as error:
+        fail(config_error_message(error))
+    except Exception as error:
+        if _Task.started:
+            raise  # not a config mistake: a bug, whose traceback is wanted
+        fail(one_line(str(error)))
 
 
 def main() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
-        tool_main(sys.argv[1:])
-        return
-    # Hydra prints some composition errors (e.g. `loss=0`) as raw tracebacks; stx reports them.
-    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    interrupts.stop_on_signals()
     try:
-        hydra_main()
-    except Exception as error:
-        if _Task.started:
-            raise  # not a config mistake: a bug, whose traceback is wanted
-        cause = f" ({error.__cause__})" if isinstance(error.__cause__, OmegaConfBaseException) else ""
-        print(f"stx: error: {error}{cause}", file=sys.stderr)
-        sys.exit(1)
+        if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
+            tool_main(sys.argv[1:])
+        else:
+            app_main()
+    except KeyboardInterrupt as interrupt:  # outside a job (the job reports its own)
+        interrupts.ignore()
+        print(f"stx: {interrupt or 'interrupted'}.", file=sys.stderr, flush=True)
+        sys.exit(interrupts.exit_code(interrupt))
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import re
 import shlex
 import tempfile
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +17,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from stx import layout
 from stx.errors import StxError
+from stx.liveness import dead_reason
+from stx.schema import runs_dir
 
 CELL = 256
 LABEL_LINE = 14
@@ -73,6 +77,11 @@ def load_output(client: MlflowClient, run: Run, folder: Path) -> Image.Image | N
     return None
 
 
+def status(run: Run) -> str:
+    """The run's MLflow status, or ``DEAD`` for a RUNNING run whose process is gone."""
+    return "DEAD" if dead_reason(run) is not None else run.info.status
+
+
 def loss_terms(run: Run) -> dict[str, float]:
     """Final total and weighted terms (per-layer values left out)."""
     return {k: v for k, v in sorted(run.data.metrics.items(), key=lambda kv: (kv[0] != "total", kv[0])) if "/" not in k}
@@ -81,7 +90,7 @@ def loss_terms(run: Run) -> dict[str, float]:
 def contact_sheet(rows: list[Row]) -> Image.Image:
     """Outputs in a grid, each labelled with its swept values and final losses."""
     font = ImageFont.load_default(size=12)
-    labels = [[f"{k}={v}" for k, v in row.swept.items()] + [f"{row.run.info.status.lower()} {row.run.info.run_id[:8]}"]
+    labels = [[f"{k}={v}" for k, v in row.swept.items()] + [f"{status(row.run).lower()} {row.run.info.run_id[:8]}"]
               + [f"{k}={v:.4g}" for k, v in loss_terms(row.run).items()] for row in rows]
     label_height = LABEL_LINE * max(len(lines) for lines in labels) + 6
     columns = math.ceil(math.sqrt(len(rows)))
@@ -107,10 +116,24 @@ def table(rows: list[Row]) -> str:
     swept_keys = list(rows[0].swept)
     term_keys = sorted({k for row in rows for k in loss_terms(row.run)}, key=lambda k: (k != "total", k))
     header = ["run", "status", *swept_keys, *term_keys]
-    body = [[row.run.info.run_id[:8], row.run.info.status, *row.swept.values(),
+    body = [[row.run.info.run_id[:8], status(row.run), *row.swept.values(),
              *(f"{row.run.data.metrics[k]:.6g}" if k in row.run.data.metrics else "-" for k in term_keys)] for row in rows]
     widths = [max(len(str(cells[i])) for cells in [header, *body]) for i in range(len(header))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip() for cells in [header, *body])
+
+
+def default_out_dir(uri: str, target: str) -> Path:
+    """Where ``stx compare`` writes by default: ``compare/<target>`` beside the store it reads
+    (the sqlite file's folder, or the folder holding a file store), and for a server (or any
+    store without a local folder) in the runs folder."""
+    store = urllib.parse.urlparse(uri)
+    if store.scheme == "sqlite" and store.path not in ("", "/"):  # sqlite:///rel.db, sqlite:////abs.db
+        base = Path(uri.removeprefix("sqlite:///").partition("?")[0]).resolve().parent
+    elif store.scheme == "file" or (not store.scheme and Path(uri).is_dir()):
+        base = Path(urllib.parse.unquote(store.path)).resolve().parent
+    else:
+        base = Path(runs_dir())
+    return base / "compare" / (re.sub(r"[^\w.-]+", "_", target).strip(".") or "_")
 
 
 def compare(target: str, uri: str, out_dir: Path) -> tuple[Path, str]:

@@ -22,9 +22,9 @@ from hydra.utils import get_object, instantiate, to_absolute_path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from stx import encoders, losses, memory, plugins
+from stx import encoders, layout, losses, memory, plugins
 from stx.errors import ConfigError
-from stx.image import long_edge_shape, read_image, resize
+from stx.image import image_shape, long_edge_shape, read_image
 from stx.optim import PyramidLevel, Schedule
 
 ALLOWED_TARGETS = {
@@ -147,6 +147,8 @@ def build_schedule(cfg: DictConfig) -> Schedule:
         levels=tuple(PyramidLevel(level.size, level.steps) for level in schedule.levels),
         make_optimizer=build(schedule.optimizer, "schedule.optimizer", "schedule.optimizer"),
         init=schedule.init,
+        bounds=schedule.bounds,
+        max_rise=schedule.max_rise,
         style_scale=schedule.style_scale,
         checkpoint_every=schedule.checkpoint_every,
         precision=cfg.precision,
@@ -160,6 +162,7 @@ def build_job(cfg: DictConfig) -> Job:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"the config cannot be resolved: {exc}") from exc
+    layout.check_output(cfg.output)
     device = resolve_device(cfg.device)
 
     content_path = Path(to_absolute_path(cfg.images.content))
@@ -177,10 +180,10 @@ def build_job(cfg: DictConfig) -> Job:
     schedule = build_schedule(cfg)
     schedule.autocast(device)
 
-    content = read_image(content_path)
-    height, width = long_edge_shape(*content.shape[-2:], schedule.size)
-    estimate = memory.estimate_bytes(objective, height, width, schedule.state_images, len(style_paths))
+    decoding = memory.check_inputs(objective, schedule, content_path, style_paths)
+    height, width = long_edge_shape(*image_shape(content_path), schedule.size)
+    estimate = memory.estimate_bytes(objective, height, width, schedule.state_images, len(style_paths), decoding)
     memory.check_fits(estimate, device, schedule.size)
-    content = resize(content, schedule.size).to(device)
+    content = read_image(content_path, schedule.size).to(device)
     styles = [read_image(path, schedule.style_edge(schedule.size)).to(device) for path in style_paths]
     return Job(objective, content, styles, weights, schedule, device, content_path, style_paths)

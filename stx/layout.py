@@ -7,6 +7,7 @@ Used by the runner (writing), the sweep callback, ``stx compare``, ``stx reprodu
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from stx.errors import StxError
+from stx.errors import ConfigError, StxError
 from stx.schema import StxSchema
 
 if TYPE_CHECKING:
@@ -38,6 +39,9 @@ LAST_FINITE = "last_finite_"
 """Prefix of the output's name for a run stopped by a non-finite loss (its last finite image)."""
 INTERRUPTED = "interrupted_"
 """Prefix of the output's name for an interrupted run (its latest image)."""
+METRICS_FILE = "metrics.csv"
+"""In the run dir: every metric point the job logged (``step,key,value,timestamp_ms``), written
+at each flush before the store is asked, so it survives a failing store."""
 
 PARENT_RUN_ENV = "STX_PARENT_RUN_ID"
 """Set by the sweep callback in each job's process: the sweep's parent MLflow run."""
@@ -47,6 +51,12 @@ TAG_RUN_DIR = "stx.run_dir"
 TAG_OUTPUT = "stx.output"
 TAG_CHECKPOINT_STEP = "stx.checkpoint_step"
 TAG_RESUMED_AT_STEP = "stx.resumed_at_step"
+TAG_RESUME_CHANGED = "stx.resume.changed"
+"""What the overrides of each ``stx resume`` changed (``key old -> new (at step N)``; ``; ``-separated)."""
+TAG_HOST = "stx.host"
+TAG_PID = "stx.pid"
+TAG_PID_START = "stx.pid_start"
+TAG_HEARTBEAT = "stx.heartbeat"
 TAG_SWEEP = "stx.sweep"
 TAG_SWEEP_COMMAND = "stx.sweep.command"
 TAG_SWEEP_DIR = "stx.sweep.dir"
@@ -69,6 +79,22 @@ def style_dir(index: int) -> str:
     return f"{INPUTS}/style_{index}"
 
 
+OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
+"""Suffixes ``output`` may have: formats Pillow writes from 8-bit RGB."""
+
+
+def check_output(name: str) -> None:
+    """``output`` names the result in the run dir and, unchanged, the run's artifact: it must
+    be a plain file name with one of :data:`OUTPUT_SUFFIXES`."""
+    if Path(name).name != name:
+        problem = "give a file name, without a folder (the file is written in the run dir)"
+    elif Path(name).suffix.lower() not in OUTPUT_SUFFIXES:
+        problem = f"its suffix must be one of {', '.join(OUTPUT_SUFFIXES)}"
+    else:
+        return
+    raise ConfigError(f"output={name!r} is not valid: {problem}; e.g. output=result.png.")
+
+
 def output_names(run: Run) -> list[str]:
     """Artifact names the run's output image may have, best first: the finished output, then
     the images kept by a run that stopped early."""
@@ -79,8 +105,10 @@ def output_names(run: Run) -> list[str]:
 def save_checkpoint(checkpoint: Checkpoint, path: Path) -> Path:
     import torch
 
-    torch.save({"step": checkpoint.step, "level": checkpoint.level, "image": checkpoint.image.cpu(),
-                "optimizer_state": checkpoint.optimizer_state}, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {field.name: getattr(checkpoint, field.name) for field in dataclasses.fields(checkpoint)}
+    state.update(parameter=checkpoint.parameter.cpu(), best=checkpoint.best.cpu())
+    torch.save(state, path)
     return path
 
 
@@ -89,8 +117,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
 
     from stx.optim import Checkpoint
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return Checkpoint(state["step"], state["level"], state["image"], state["optimizer_state"])
+    return Checkpoint(**torch.load(path, map_location="cpu", weights_only=True))
 
 
 def download_artifact(

@@ -1,7 +1,11 @@
 """Image optimisation: Gatys-style pixel optimisation over an image pyramid.
 
-The image is a leaf tensor (``1×3×H×W``, [0, 1]) optimised with any ``torch.optim``
-optimiser; pixel values are clamped into [0, 1] before every evaluation. A :class:`Schedule`
+The image (``1×3×H×W``, [0, 1]) is optimised with any ``torch.optim`` optimiser, either
+directly with pixel values clamped into [0, 1] before every evaluation (``bounds=clamp``), or
+through its logit, ``image = sigmoid(parameter)`` (``bounds=sigmoid``), which keeps it in the box
+without moving it behind the optimiser's back (a clamp corrupts L-BFGS's curvature pairs). A
+step that raises the loss above ``max_rise`` × the lowest loss so far is undone and the
+optimiser's history restarted; each level returns its lowest-loss image. A :class:`Schedule`
 holds the pyramid's levels (coarse to fine, each with its own size and number of steps) and
 how to optimise them; :func:`optimise_image` hands each level to :func:`optimise_level`. The
 result of one level, upsampled, starts the next, and loss targets are recomputed once per level.
@@ -12,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -54,22 +60,50 @@ def _style_init(content: torch.Tensor, style: torch.Tensor, seed: int) -> torch.
 INITS = {"content": _content_init, "random": _random_init, "style": _style_init}
 """Starting images at the content's size: the content, uniform noise (seeded), or the resized style."""
 
+BOUNDS = ("sigmoid", "clamp")
+SIGMOID_MARGIN = 1e-3
+"""Under ``bounds=sigmoid`` pixel values start within [margin, 1 − margin] (the logit of 0 or 1 is infinite)."""
 
-@dataclass(frozen=True)
+
+def to_parameter(image: torch.Tensor, bounds: str) -> torch.Tensor:
+    """The tensor optimised for ``image`` (a contiguous copy): the image itself, or its logit."""
+    if bounds == "sigmoid":
+        return torch.logit(image.clamp(SIGMOID_MARGIN, 1.0 - SIGMOID_MARGIN))
+    return image.clone(memory_format=torch.contiguous_format)
+
+
+def to_image(parameter: torch.Tensor, bounds: str) -> torch.Tensor:
+    """The image a parameter stands for (see :func:`to_parameter`)."""
+    return torch.sigmoid(parameter) if bounds == "sigmoid" else parameter
+
+
+def restart(optimizer: Optimizer) -> None:
+    """Forget the optimiser's history, in place (``step()`` holds a reference to its state)."""
+    for state in optimizer.state.values():
+        state.clear()
+    if isinstance(optimizer, torch.optim.LBFGS):
+        optimizer.state[optimizer.param_groups[0]["params"][0]].update(func_evals=0, n_iter=0)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Schedule:
     """How an image is optimised: the pyramid ``levels``, the optimiser (a factory taking the
     parameter list, e.g. ``functools.partial(torch.optim.LBFGS, lr=1, max_iter=1)``), the
-    starting image (``init``: a key of :data:`INITS`), the style images' long edge as a multiple
-    of each level's (``style_scale``), checkpoints every ``checkpoint_every`` steps (0: never),
-    the autocast ``precision`` (a key of :data:`PRECISIONS`) and the random ``seed``."""
+    starting image (``init``: a key of :data:`INITS`), how pixels stay in [0, 1] (``bounds``: one
+    of :data:`BOUNDS`), the largest factor by which a step may raise the loss over the lowest so
+    far before it is undone (``max_rise``; 0: off), the style images' long edge as a multiple of
+    each level's (``style_scale``), checkpoints every ``checkpoint_every`` steps (0: never), the
+    autocast ``precision`` (a key of :data:`PRECISIONS`) and the random ``seed``."""
 
     levels: tuple[PyramidLevel, ...]
     make_optimizer: OptimizerFactory
-    init: str = "content"
-    style_scale: float = 1.0
-    checkpoint_every: int = 0
-    precision: str = "fp32"
-    seed: int = 0
+    init: str
+    bounds: str
+    max_rise: float
+    style_scale: float
+    checkpoint_every: int
+    precision: str
+    seed: int
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "levels", tuple(self.levels))
@@ -77,6 +111,10 @@ class Schedule:
             raise ConfigError("schedule.levels is empty: give at least one {size: …, steps: …}.")
         if self.init not in INITS:
             raise ConfigError(f"schedule.init={self.init!r} is not valid; use one of {', '.join(INITS)}.")
+        if self.bounds not in BOUNDS:
+            raise ConfigError(f"schedule.bounds={self.bounds!r} is not valid; use one of {', '.join(BOUNDS)}.")
+        if not (self.max_rise == 0 or 1 < self.max_rise < float("inf")):
+            raise ConfigError(f"schedule.max_rise={self.max_rise!r} is not valid: use 0 (off) or a factor > 1, e.g. 2.")
         if not (isinstance(self.style_scale, (int, float)) and 0 < self.style_scale < float("inf")):
             raise ConfigError(f"schedule.style_scale={self.style_scale!r} is not valid: use a number > 0.")
         if self.checkpoint_every < 0:
@@ -90,9 +128,11 @@ class Schedule:
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"schedule.optimizer is not valid: {exc}") from exc
         # L-BFGS keeps 2 × history_size image-sized vectors (+ direction, previous gradient and
-        # flat gradient); other optimisers at most two (e.g. Adam's moments).
+        # flat gradient); other optimisers at most two (e.g. Adam's moments); the level keeps the
+        # best parameter and, under sigmoid bounds, the image computed from the parameter.
         lbfgs = isinstance(probe, torch.optim.LBFGS)
-        object.__setattr__(self, "state_images", 2 * probe.defaults["history_size"] + 3 if lbfgs else 2)
+        optimizer_images = 2 * probe.defaults["history_size"] + 3 if lbfgs else 2
+        object.__setattr__(self, "state_images", optimizer_images + 2)
 
     state_images: int = field(init=False, default=0)
     """Image-sized tensors the optimiser keeps (for the memory estimate); set from the optimiser."""
@@ -127,7 +167,8 @@ class Schedule:
 class StepInfo:
     """What :meth:`OptimizationCallback.on_step` receives.
 
-    ``step`` counts optimiser steps from 1 across all levels; ``values`` holds every loss term
+    ``step`` counts optimiser steps from 1 across all levels (a schedule without steps reports
+    its starting image once, as step 0); ``values`` holds every loss term
     (see :class:`~stx.losses.PerceptualObjective`) and ``"total"`` as Python floats, measured
     at the evaluation that step started from; ``image`` is the current image (do not modify).
     """
@@ -143,14 +184,18 @@ class StepInfo:
 class Checkpoint:
     """Everything needed to continue an optimisation exactly, taken after ``step`` steps.
 
-    ``level`` indexes the pyramid level the step belongs to; ``image`` is that level's current
-    image and ``optimizer_state`` the optimiser's ``state_dict()`` (L-BFGS history included).
+    ``level`` indexes the pyramid level the step belongs to; ``parameter`` is that level's
+    optimised tensor (see :func:`to_parameter`), ``optimizer_state`` the optimiser's
+    ``state_dict()`` (L-BFGS history included), ``best`` the parameter with the lowest loss so
+    far in the level and ``best_loss`` that loss.
     """
 
     step: int
     level: int
-    image: torch.Tensor
+    parameter: torch.Tensor
     optimizer_state: dict
+    best: torch.Tensor
+    best_loss: float
 
 
 class OptimizationCallback:
@@ -179,7 +224,7 @@ def optimise_image(
     at each level the content is resized to the level's size and each style to
     :meth:`Schedule.style_edge` of it; ``style_weights`` blend the styles. Raises
     :class:`NonFiniteLossError` if the objective turns NaN/inf; its ``image`` attribute is then
-    the last image with a finite loss. Passing a :class:`Checkpoint` as ``start`` continues from
+    the lowest-loss image of the level. Passing a :class:`Checkpoint` as ``start`` continues from
     it and gives the same result as an uninterrupted run.
     """
     callback = callback or OptimizationCallback()
@@ -195,9 +240,11 @@ def optimise_image(
         level_styles = [resize(style, schedule.style_edge(level.size)) for style in styles]
         with amp:
             objective.set_targets(level_content, level_styles, style_weights)
-        state, done = None, 0
+        resume, done = None, 0
         if start is not None and index == start.level:
-            image, state, done = start.image.to(content.device), start.optimizer_state, start.step - step
+            device = content.device
+            resume = dataclasses.replace(start, parameter=start.parameter.to(device), best=start.best.to(device))
+            done = start.step - step
         elif image is None:
             image = INITS[schedule.init](level_content, level_styles[0], schedule.seed)
         else:
@@ -206,58 +253,80 @@ def optimise_image(
             ).clamp_(0, 1)
         image = optimise_level(
             objective, image, schedule=schedule, level=index, steps=level.steps - done, first_step=step + done,
-            optimizer_state=state, amp=amp, callback=callback,
+            resume=resume, amp=amp, callback=callback,
         )
         step += level.steps
     assert image is not None
+    if start is None and schedule.steps == 0:  # nothing to optimise: report the starting image's loss
+        with torch.no_grad(), amp:
+            total, values = objective(image)
+        measured = {**values, "total": total}
+        floats = torch.stack([v.float() for v in measured.values()]).tolist()
+        callback.on_step(StepInfo(0, len(schedule.levels) - 1, max(image.shape[-2:]), dict(zip(measured, floats)), image))
     return image
 
 
 def optimise_level(
     objective: PerceptualObjective,
-    image: torch.Tensor,
+    image: torch.Tensor | None,
     *,
     schedule: Schedule,
     level: int,
     steps: int,
     first_step: int = 0,
-    optimizer_state: dict | None = None,
+    resume: Checkpoint | None = None,
     amp: contextlib.AbstractContextManager | None = None,
     callback: OptimizationCallback | None = None,
 ) -> torch.Tensor:
-    """Run ``steps`` optimiser steps on a copy of ``image`` against the objective's current targets.
+    """Run ``steps`` optimiser steps from ``image`` (or from ``resume``, a checkpoint of this
+    level on the objective's device) against the objective's current targets.
 
-    Returns the optimised image (detached, clamped to [0, 1]). Steps are numbered from
-    ``first_step + 1``; ``level`` is reported with them. ``optimizer_state`` restores the
-    optimiser. See :func:`optimise_image` for errors and checkpoints.
+    Returns the image with the lowest loss seen (detached, in [0, 1]). Steps are numbered from
+    ``first_step + 1``; ``level`` is reported with them. See :func:`optimise_image` for errors
+    and checkpoints, :class:`Schedule` for ``bounds`` and ``max_rise``.
     """
     amp = amp or contextlib.nullcontext()
     callback = callback or OptimizationCallback()
-    image = image.detach().clone(memory_format=torch.contiguous_format).requires_grad_(True)
-    last_finite = image.detach().clone()
-    optimizer = schedule.make_optimizer([image])
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
+    bounds = schedule.bounds
+    source = resume.parameter if resume is not None else to_parameter(image, bounds)
+    parameter = source.detach().clone(memory_format=torch.contiguous_format).requires_grad_(True)
+    optimizer = schedule.make_optimizer([parameter])
+    if resume is not None:
+        optimizer.load_state_dict(resume.optimizer_state)
+    best = (resume.best if resume is not None else parameter).detach().clone()
+    best_loss = resume.best_loss if resume is not None else math.inf
     measured: dict[str, torch.Tensor] = {}
     step = first_step
 
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            image.clamp_(0.0, 1.0)
+    def evaluate() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if bounds == "clamp":
+            with torch.no_grad():
+                parameter.clamp_(0.0, 1.0)
         with amp:
-            total, values = objective(image)
+            return objective(to_image(parameter, bounds))
+
+    def closure() -> torch.Tensor:
+        nonlocal best_loss
+        optimizer.zero_grad(set_to_none=True)
+        total, values = evaluate()
         if not torch.isfinite(total):
             bad = [name for name, value in values.items() if not torch.isfinite(value)]
             raise NonFiniteLossError(
                 f"the loss became {total.item()} at step {step + 1} (non-finite terms: "
-                f"{', '.join(bad) or 'total'}); the run stopped and kept the last image with a "
+                f"{', '.join(bad) or 'total'}); the run stopped and kept the image with the lowest "
                 f"finite loss. Lower the learning rate or the score weights.",
                 step + 1,
-                last_finite,
+                to_image(best, bounds).clamp(0.0, 1.0),
             )
+        if schedule.max_rise and total.item() > schedule.max_rise * best_loss:
+            with torch.no_grad():
+                parameter.copy_(best)
+            restart(optimizer)
+            total, values = evaluate()
         total.backward()
-        last_finite.copy_(image.detach())
+        if total.item() < best_loss:
+            best_loss = total.item()
+            best.copy_(parameter.detach())
         measured.clear()
         measured.update(values, total=total)
         return total
@@ -265,12 +334,14 @@ def optimise_level(
     for _ in range(steps):
         optimizer.step(closure)
         step += 1
-        with torch.no_grad():  # the next evaluation clamps too; this keeps what others see in range
-            image.clamp_(0.0, 1.0)
+        if bounds == "clamp":
+            with torch.no_grad():  # the next evaluation clamps too; this keeps what others see in range
+                parameter.clamp_(0.0, 1.0)
         values = torch.stack([v.detach().float() for v in measured.values()]).tolist()
-        callback.on_step(StepInfo(step, level, max(image.shape[-2:]), dict(zip(measured, values)), image.detach()))
+        current = to_image(parameter.detach(), bounds)
+        callback.on_step(StepInfo(step, level, max(current.shape[-2:]), dict(zip(measured, values)), current))
         if schedule.checkpoint_every > 0 and step % schedule.checkpoint_every == 0:
-            callback.on_checkpoint(Checkpoint(step, level, image.detach().clone(), optimizer.state_dict()))
-    with torch.no_grad():
-        image.clamp_(0.0, 1.0)  # also for steps == 0
-    return image.detach()
+            callback.on_checkpoint(
+                Checkpoint(step, level, parameter.detach().clone(), optimizer.state_dict(), best.clone(), best_loss)
+            )
+    return to_image(best, bounds).clamp(0.0, 1.0)

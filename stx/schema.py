@@ -55,6 +55,8 @@ class ScheduleSchema:
     steps: int = MISSING
     levels: List[LevelSchema] = MISSING
     init: str = MISSING
+    bounds: str = MISSING
+    max_rise: float = MISSING
     style_scale: float = MISSING
     checkpoint_every: int = MISSING
 
@@ -76,12 +78,19 @@ class TrackingSchema:
 
 
 @dataclass
+class ObjectiveSchema:
+    metrics: Dict[str, float] = MISSING
+    pareto: bool = MISSING
+
+
+@dataclass
 class StxSchema:
     encoder: EncoderSchema = field(default_factory=EncoderSchema)
     loss: Dict[str, Any] = MISSING
     schedule: ScheduleSchema = field(default_factory=ScheduleSchema)
     images: ImagesSchema = field(default_factory=ImagesSchema)
     tracking: TrackingSchema = field(default_factory=TrackingSchema)
+    objective: ObjectiveSchema = field(default_factory=ObjectiveSchema)
     device: str = MISSING
     precision: str = MISSING
     seed: int = MISSING

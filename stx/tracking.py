@@ -3,40 +3,53 @@
 One stx job is one MLflow run holding: the resolved config flattened into params (and whole,
 as ``config.yaml``), Hydra's overrides and group choices, the git commit, library versions
 and device as tags, every loss term per step as metrics (buffered and written with one
-``log_batch`` call every few seconds, so tracking costs well under 3% of run time), the image
+``log_batch`` call every few seconds, so tracking costs well under 3% of run time; also
+appended to ``metrics.csv`` in the run dir), the image
 every ``image_every`` steps (``mlflow.log_image``, with the UI's step slider), the final
-image, the input images and Hydra's ``.hydra/`` folder.
+image, the input images, Hydra's ``.hydra/`` folder and the job's log, and the host, pid and a
+heartbeat that tell a live run from one whose process was killed (see :mod:`stx.liveness`).
 """
 
 from __future__ import annotations
 
+import csv
+import logging
 import platform
 import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import mlflow
 import torch
-from mlflow.entities import Metric, RunStatus
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.tracking.context.registry import resolve_tags
 from omegaconf import DictConfig, OmegaConf
 
 from stx import layout
 from stx.errors import StxError
 from stx.image import to_pil
+from stx.liveness import DEAD_AFTER_S, close_dead_runs, dead_reason, heartbeat, process_tags
 from stx.optim import StepInfo
 
 SOURCE_DIR = Path(__file__).resolve().parent.parent
 FLUSH_EVERY_S = 5.0
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 """Makes MLflow 3's UI open the experiment on its runs table rather than the GenAI overview."""
+METRICS_COLUMNS = ("step", "key", "value", "timestamp_ms")
+QUIET_LOGGERS = ("mlflow.store.db.utils",)
+"""They log each failed call to the store as an ERROR with a traceback; stx reports the failure once."""
 VERSIONED = ("stx", "torch", "torchvision", "hydra-core", "omegaconf", "mlflow", "pillow")
+
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class TrackingError(StxError):
@@ -73,7 +86,7 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | 
     location = Path(artifact_location).resolve().as_uri() if artifact_location else None
     try:
         return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
-    except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel job
+    except MlflowException:  # created meanwhile by a parallel job
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
             raise
@@ -138,97 +151,177 @@ def hydra_tags(hydra_cfg: DictConfig) -> dict[str, str]:
 
 
 class RunTracker:
-    """Logs one job to MLflow; use :meth:`open` as a context manager around the work."""
+    """Logs one job to the MLflow run it opens; use :meth:`open` as a context manager around the work.
 
-    def __init__(self, tracking: DictConfig) -> None:
+    Every call to the store goes through :meth:`_store`: the first one that fails raises a
+    :class:`TrackingError` naming the store, and every later one is skipped. Metric points are
+    also appended to ``metrics.csv`` in ``run_dir`` before they are sent, so a failing store
+    loses none of them.
+    """
+
+    def __init__(self, tracking: DictConfig, run_dir: Path) -> None:
         self.uri = tracking_uri(tracking)
         self.metrics_every = max(1, int(tracking.metrics_every))
         self.image_every = int(tracking.image_every)
-        mlflow.set_tracking_uri(self.uri)
-        self.client = MlflowClient(self.uri)
-        self.experiment_id = ensure_experiment(self.client, tracking.experiment, tracking.artifact_location)
+        self.metrics_file = run_dir / layout.METRICS_FILE
+        self.failure: TrackingError | None = None
+        self.client = self._store("opening it", MlflowClient, self.uri)
+        self.experiment_id = self._store("opening the experiment", ensure_experiment, self.client,
+                                         tracking.experiment, tracking.artifact_location)
+        self._store("closing runs whose process is gone", close_dead_runs, self.client, self.experiment_id)
         self.last_image_step = -1
         self.run_id: str | None = None
         self.pending: list[Metric] = []
+        self.logged_through: dict[str, int] = {}
+        """Per metric key, the last step a reopened run had logged (its steps up to it are skipped)."""
         self.last_flush = time.monotonic()
 
+    def _store(self, doing: str, call: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+        """``call(*args, **kwargs)`` against the store; None (skipped) once the store has failed."""
+        if self.failure is not None:
+            return None
+        try:
+            with _errors_muted(QUIET_LOGGERS):
+                return call(*args, **kwargs)
+        except (MlflowException, OSError) as exc:  # OSError covers requests' connection errors
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self.failure = TrackingError(f"the MLflow tracking store {self.uri} failed while {doing}: {reason}")
+            raise self.failure from exc
+
     @contextmanager
-    def open(self, tags: Mapping[str, str], parent_run_id: str | None = None, run_id: str | None = None) -> Iterator[str]:
-        """Start a run (or reopen ``run_id``); end it FINISHED, FAILED (tag ``stx.error``) or
-        KILLED (interrupt)."""
-        if run_id is not None:
-            active = mlflow.start_run(run_id=run_id)
-            mlflow.set_tags(dict(tags))
-        else:
-            active = mlflow.start_run(
-                experiment_id=self.experiment_id,
-                run_name=tags.get(layout.TAG_OVERRIDES) or None,
-                tags=dict(tags),
-                parent_run_id=parent_run_id,
-            )
-        self.run_id = active.info.run_id
-        status = RunStatus.to_string(RunStatus.FINISHED)
+    def open(
+        self,
+        tags: Mapping[str, str],
+        parent_run_id: str | None = None,
+        run_id: str | None = None,
+        log_file: Path | None = None,
+    ) -> Iterator[str]:
+        """Start a run (or reopen ``run_id``), tagged with ``tags`` and this process's host, pid
+        and heartbeat; end it FINISHED, FAILED (tag ``stx.error``) or KILLED (interrupt), with
+        ``log_file`` logged in every case. A store failure while closing a run that failed for
+        another reason is logged, and that reason is raised."""
+        tags = {**tags, **process_tags()}
+        self.run_id = self._start(tags, parent_run_id) if run_id is None else self._reopen(run_id, tags)
         try:
             yield self.run_id
-        except (KeyboardInterrupt, SystemExit):
-            status = RunStatus.to_string(RunStatus.KILLED)
-            mlflow.set_tag(layout.TAG_ERROR, "interrupted")
-            raise
         except BaseException as exc:
-            status = RunStatus.to_string(RunStatus.FAILED)
-            mlflow.set_tag(layout.TAG_ERROR, f"{type(exc).__name__}: {exc}"[:5000])
+            interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
+            status = RunStatus.KILLED if interrupted else RunStatus.FAILED
+            try:
+                self._close(status, "interrupted" if interrupted else f"{type(exc).__name__}: {exc}"[:5000], log_file)
+            except TrackingError as failure:
+                log.error("%s", failure)
             raise
-        finally:
-            self.flush()
-            mlflow.end_run(status)
+        self._close(RunStatus.FINISHED, None, log_file)
+
+    def _start(self, tags: dict[str, str], parent_run_id: str | None) -> str:
+        if parent_run_id is not None:
+            tags[layout.TAG_PARENT] = parent_run_id
+        run = self._store("starting the run", self.client.create_run, self.experiment_id,
+                          run_name=tags.get(layout.TAG_OVERRIDES) or None, tags=resolve_tags(tags))
+        return run.info.run_id
+
+    def _reopen(self, run_id: str, tags: dict[str, str]) -> str:
+        """Set run ``run_id`` RUNNING again (clearing its ``stx.error``) and note which steps it logged."""
+        run = self._store("reopening the run", self.client.get_run, run_id)
+        if run.info.status == "RUNNING" and layout.TAG_PID in run.data.tags and dead_reason(run) is None:
+            raise TrackingError(
+                f"run {run_id} is still RUNNING in process {run.data.tags[layout.TAG_PID]} on "
+                f"{run.data.tags[layout.TAG_HOST]}: stop that job first (a run whose process is gone is "
+                f"closed by the next job on the store; on another host after {DEAD_AFTER_S:.0f} s without heartbeat)."
+            )
+        for key in run.data.metrics:
+            history = self._store("reading the run's metrics", self.client.get_metric_history, run_id, key)
+            self.logged_through[key] = max(metric.step for metric in history)
+        self._store("reopening the run", self.client.update_run, run_id, RunStatus.to_string(RunStatus.RUNNING))
+        if layout.TAG_ERROR in run.data.tags:
+            self._store("reopening the run", self.client.delete_tag, run_id, layout.TAG_ERROR)
+        self._store("tagging the run", self.client.log_batch, run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        return run_id
+
+    def _close(self, status: int, error: str | None, log_file: Path | None) -> None:
+        self.flush()
+        if error is not None:
+            self._store("tagging the error", self.client.set_tag, self.run_id, layout.TAG_ERROR, error)
+        if log_file is not None and log_file.is_file():
+            self._store("logging the job's log", self.client.log_artifact, self.run_id, str(log_file))
+        self._store("closing the run", self.client.set_terminated, self.run_id, RunStatus.to_string(status))
 
     def log_config(self, cfg: DictConfig, run_dir: Path) -> None:
         """Params (flattened resolved config), ``config.yaml`` and the ``.hydra/`` folder."""
         resolved = OmegaConf.to_container(cfg, resolve=True)
-        mlflow.log_params(flatten(resolved))
-        mlflow.log_dict(resolved, layout.CONFIG)
+        params = [Param(key, str(value)) for key, value in flatten(resolved).items()]
+        self._store("logging the config", self.client.log_batch, self.run_id, params=params)
+        self._store("logging the config", self.client.log_dict, self.run_id, resolved, layout.CONFIG)
         if (run_dir / ".hydra").is_dir():
-            mlflow.log_artifacts(str(run_dir / ".hydra"), layout.HYDRA)
+            self._store("logging the config", self.client.log_artifacts, self.run_id, str(run_dir / ".hydra"), layout.HYDRA)
 
     def log_inputs(self, content: Path, styles: list[Path]) -> None:
-        mlflow.log_artifact(str(content), layout.content_dir())
+        self._store("logging the inputs", self.client.log_artifact, self.run_id, str(content), layout.content_dir())
         for index, style in enumerate(styles):
-            mlflow.log_artifact(str(style), layout.style_dir(index))
+            self._store("logging the inputs", self.client.log_artifact, self.run_id, str(style), layout.style_dir(index))
 
     def log_step(self, info: StepInfo) -> None:
-        """Loss terms every ``metrics_every`` steps (buffered); the image every ``image_every``."""
+        """The image every ``image_every`` steps; loss terms every ``metrics_every`` steps, buffered
+        and flushed every :data:`FLUSH_EVERY_S`. Steps a reopened run had logged are skipped."""
+        if self.image_every > 0 and info.step % self.image_every == 0 and info.step > max(self.logged_through.values(), default=-1):
+            self.log_image(info.image, info.step)
         if info.step % self.metrics_every == 0:
             timestamp = int(time.time() * 1000)
-            self.pending.extend(Metric(key, value, timestamp, info.step) for key, value in info.values.items())
-            if time.monotonic() - self.last_flush >= FLUSH_EVERY_S:
-                self.flush()
-        if self.image_every > 0 and info.step % self.image_every == 0:
-            self.log_image(info.image, info.step)
+            self.pending.extend(Metric(key, value, timestamp, info.step) for key, value in info.values.items()
+                                if info.step > self.logged_through.get(key, -1))
+        if time.monotonic() - self.last_flush >= FLUSH_EVERY_S:
+            self.flush()
 
     def flush(self) -> None:
-        """Write the buffered metrics in one batch."""
-        if self.pending and self.run_id:
-            self.client.log_batch(self.run_id, metrics=self.pending)
-        self.pending = []
+        """Append the buffered metrics to ``metrics.csv``, then write them and a fresh heartbeat
+        to the store in one batch."""
+        metrics, self.pending = self.pending, []
         self.last_flush = time.monotonic()
+        if metrics:
+            new = not self.metrics_file.exists()
+            self.metrics_file.parent.mkdir(parents=True, exist_ok=True)
+            with self.metrics_file.open("a", newline="") as file:
+                writer = csv.writer(file)
+                if new:
+                    writer.writerow(METRICS_COLUMNS)
+                writer.writerows((m.step, m.key, repr(m.value), m.timestamp) for m in metrics)
+        if self.run_id is not None:
+            beat = [RunTag(key, value) for key, value in heartbeat().items()]
+            self._store("logging metrics", self.client.log_batch, self.run_id, metrics=metrics, tags=beat)
 
     def log_image(self, image: torch.Tensor, step: int) -> None:
-        # synchronous: mlflow.log_image's default async queue costs ~1 s to shut down at end_run
-        mlflow.log_image(to_pil(image), key=layout.IMAGE_KEY, step=step, synchronous=True)
+        # synchronous: the async queue costs ~1 s to shut down when the run ends
+        self._store("logging the image", self.client.log_image, self.run_id, to_pil(image), key=layout.IMAGE_KEY,
+                    step=step, synchronous=True)
         self.last_image_step = step
 
     def log_output(self, image: torch.Tensor, path: Path, step: int) -> None:
         """The final image: as the last point of the image series and as a file artifact."""
         if self.last_image_step != step:
             self.log_image(image, step)
-        mlflow.log_artifact(str(path))
+        self._store("logging the output", self.client.log_artifact, self.run_id, str(path))
 
     def log_checkpoint(self, path: Path, step: int) -> None:
-        """The latest checkpoint file, replacing the previous one, and its step as a tag."""
-        mlflow.log_artifact(str(path), layout.CHECKPOINT_DIR)
-        mlflow.set_tag(layout.TAG_CHECKPOINT_STEP, str(step))
+        """The metrics so far, then the latest checkpoint file (replacing the previous one) and its
+        step as a tag: a run resumed from it has every step up to it logged."""
+        self.flush()
+        self._store("logging the checkpoint", self.client.log_artifact, self.run_id, str(path), layout.CHECKPOINT_DIR)
+        self._store("logging the checkpoint", self.client.set_tag, self.run_id, layout.TAG_CHECKPOINT_STEP, str(step))
 
-    def log_file(self, path: Path) -> None:
-        if path.is_file():
-            mlflow.log_artifact(str(path))
 
+def _below_error(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR
+
+
+@contextmanager
+def _errors_muted(names: tuple[str, ...]) -> Iterator[None]:
+    """Drop the ERROR records of the named loggers for the duration."""
+    loggers = [logging.getLogger(name) for name in names]
+    for logger in loggers:
+        logger.addFilter(_below_error)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(_below_error)

@@ -1,8 +1,13 @@
 """Shared fixtures and helpers: one set of fast overrides, the ``stx`` command, MLflow queries."""
 
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -73,3 +78,41 @@ def make_cfg(tmp_path, monkeypatch):
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         yield lambda *overrides: compose("config", overrides=list(overrides))
     GlobalHydra.instance().clear()
+
+
+@contextmanager
+def mlflow_server_at(folder):
+    """A real ``mlflow server`` (sqlite behind it, in ``folder``) on a free 127.0.0.1 port:
+    yields its process (the leader of its own process group) and URI; stopped afterwards."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mlflow = str(Path(sys.executable).with_name("mlflow"))
+    server = subprocess.Popen(
+        [mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
+         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    pytest.fail("mlflow server did not start within 90 s")
+                time.sleep(0.5)
+        yield server, uri
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """The URI of an ``mlflow server`` shared by a test module."""
+    with mlflow_server_at(tmp_path_factory.mktemp("mlflow_server")) as (_, uri):
+        yield uri

@@ -1,11 +1,18 @@
 """End-to-end runs of the ``stx`` console script; MLflow is queried for what it really holds."""
 
+import os
+import signal
+import subprocess
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import artifact_paths, client_for, only_run, run_stx
+from conftest import STX, artifact_paths, client_for, only_run, run_stx
 from PIL import Image
+
+from stx.runner import run_tracked
 
 pytestmark = pytest.mark.slow
 FAST = ["encoder.weights=random", "schedule.size=48"]
@@ -66,11 +73,20 @@ def test_unwritable_runs_folder_is_one_clear_error(tmp_path, multirun):
     assert "Traceback" not in result.stderr
 
 
-def test_unknown_group_option_lists_valid_ones(tmp_path):
-    result = run_stx(tmp_path, "loss=nope")
-    assert result.returncode == 1
-    assert "Could not find 'loss/nope'" in result.stderr and "gatys_tv" in result.stderr
-    assert "Traceback" not in result.stderr
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("loss=gatyss", "loss=gatyss is not an option of loss. Did you mean gatys or gatys_tv? Options: gatys, gatys_tv, mrf."),
+        ("loss.sytle=1", "loss.sytle is not a config key. Did you mean loss.style? Keys under loss: content, style. "
+                         "To add a new key there instead, write +loss.sytle=…"),
+        ("schedule.stpes=2", "schedule.stpes is not a config key. Did you mean schedule.steps? Keys under schedule: "
+                             "checkpoint_every, init, levels, optimizer, size, steps, style_scale."),
+    ],
+)
+def test_typo_in_a_key_or_an_option_is_one_paragraph_naming_the_valid_ones(tmp_path, override, message):
+    result = run_stx(tmp_path, "encoder.weights=random", override)
+    assert result.returncode == 2
+    assert result.stderr == f"stx: error: {message}\n"
 
 
 @pytest.mark.parametrize(
@@ -79,8 +95,62 @@ def test_unknown_group_option_lists_valid_ones(tmp_path):
 )
 def test_composition_and_resolution_errors_print_no_traceback(tmp_path, override, message):
     result = run_stx(tmp_path, "encoder.weights=random", override)
-    assert result.returncode in (1, 2)
+    assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr + result.stdout
+
+
+def start_job(folder, *args):
+    """Start ``stx`` in ``folder``; return the process once its MLflow run has logged an image
+    (a step is done), and the lines it printed (still collected in the background)."""
+    env = {**os.environ, "STX_RUNS_DIR": str(folder / "runs")}
+    process = subprocess.Popen(STX + list(args), cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
+    deadline = time.monotonic() + 180
+    while not any("[stx.runner][INFO] - MLflow run" in line for line in lines):
+        assert process.poll() is None and time.monotonic() < deadline, "".join(lines)
+        time.sleep(0.2)
+    run_id = next(line for line in lines if "[stx.runner][INFO] - MLflow run" in line).split("MLflow run ")[1].split()[0]
+    client = client_for(folder)
+    while not client.list_artifacts(run_id, "images"):
+        assert process.poll() is None and time.monotonic() < deadline, "".join(lines)
+        time.sleep(0.2)
+    return process, run_id, lines
+
+
+@pytest.mark.parametrize("first,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signals_during_shutdown_do_not_keep_the_run_from_closing(tmp_path, first, code):
+    process, run_id, lines = start_job(tmp_path, *FAST, "schedule.steps=300", "tracking.image_every=1")
+    process.send_signal(first)
+    while process.poll() is None:  # sent again and again while stx writes the image and closes the run
+        time.sleep(0.02)
+        process.send_signal(first)
+    time.sleep(0.5)  # the reader thread takes the last lines
+    output = "".join(lines)
+    assert process.returncode == code, output
+    assert "Traceback" not in output
+    assert f"stx: interrupted by {signal.Signals(first).name}; the job's MLflow run" in output
+    run = client_for(tmp_path).get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.tags["stx.error"] == "interrupted"
+    assert (Path(run.data.tags["stx.run_dir"]) / "interrupted_output.png").is_file()
+    assert "interrupted_output.png" in artifact_paths(client_for(tmp_path), run_id)
+
+
+def test_resume_honours_steps_and_refuses_other_overrides(tmp_path, make_cfg):
+    first = run_tracked(make_cfg(*FAST, "schedule.steps=2", "schedule.checkpoint_every=2"), tmp_path / "first", {})
+    client = client_for(tmp_path)
+    client.set_terminated(first.run_id, "KILLED")  # stopped after its checkpoint, before writing its output
+
+    refused = run_stx(tmp_path, f"resume={first.run_id}", "schedule.steps=3", "loss=mrf")
+    assert refused.returncode == 2
+    assert f"stx: error: resume={first.run_id} continues the run with the config it logged, so loss=mrf cannot be applied" in refused.stderr
+
+    resumed = run_stx(tmp_path, f"resume={first.run_id}", "schedule.steps=3")
+    assert resumed.returncode == 0, resumed.stderr
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(first.run_id, "total")) == [1, 2, 3]
+    assert run.data.tags["stx.resume.changed"] == "schedule.steps 2 -> 3; schedule.levels.0.steps 2 -> 3 (at step 2)"
 
 
 def test_non_finite_loss_fails_the_run_and_keeps_the_image(tmp_path):

@@ -12,6 +12,12 @@ LBFGS = functools.partial(torch.optim.LBFGS, lr=1.0, max_iter=1)
 ADAM = functools.partial(torch.optim.Adam, lr=0.02)
 
 
+def schedule(levels=(PyramidLevel(32, 8),), optimizer=LBFGS, **overrides):
+    """A Schedule with the shipped defaults (conf/schedule/_base.yaml), changed by ``overrides``."""
+    settings = dict(init="content", bounds="clamp", max_rise=2.0, style_scale=1.0, checkpoint_every=0, precision="fp32", seed=0)
+    return Schedule(levels=levels, make_optimizer=optimizer, **{**settings, **overrides})
+
+
 class Recorder(OptimizationCallback):
     """Keeps every step's info and every checkpoint."""
 
@@ -25,12 +31,12 @@ class Recorder(OptimizationCallback):
         self.checkpoints.append(copy.deepcopy(checkpoint))
 
 
-def run(encoder, loss_set, rng, levels=(PyramidLevel(32, 8),), optimizer=LBFGS, init="content", seed=0):
+def run(encoder, loss_set, rng, levels=(PyramidLevel(32, 8),), optimizer=LBFGS, **settings):
     objective = losses.PerceptualObjective(encoder, loss_set)
     content, style = torch.rand(1, 3, 40, 40, generator=rng), torch.rand(1, 3, 40, 40, generator=rng)
     recorder = Recorder()
-    schedule = Schedule(levels, optimizer, init=init, seed=seed)
-    out = optimise_image(objective, content=content, styles=[style], style_weights=[1.0], schedule=schedule, callback=recorder)
+    out = optimise_image(objective, content=content, styles=[style], style_weights=[1.0],
+                         schedule=schedule(levels, optimizer, **settings), callback=recorder)
     return out, [info.values["total"] for info in recorder.steps], recorder
 
 
@@ -94,23 +100,25 @@ def test_non_finite_loss_stops_with_last_finite_image(vgg19_random, rng):
         ({"style_scale": 0.0}, r"schedule.style_scale=0.0 is not valid"),
         ({"checkpoint_every": -1}, r"schedule.checkpoint_every=-1 is not valid"),
         ({"precision": "fp8"}, r"precision='fp8' is not valid"),
-        ({"make_optimizer": functools.partial(torch.optim.Adam, lr=-1)}, r"schedule.optimizer is not valid: Invalid learning rate"),
+        ({"optimizer": functools.partial(torch.optim.Adam, lr=-1)}, r"schedule.optimizer is not valid: Invalid learning rate"),
+        ({"bounds": "tanh"}, r"schedule.bounds='tanh' is not valid; use one of sigmoid, clamp"),
+        ({"max_rise": 0.5}, r"schedule.max_rise=0.5 is not valid"),
     ],
 )
 def test_bad_schedule_values(kwargs, message):
     with pytest.raises(ConfigError, match="steps=-1"):
         PyramidLevel(64, -1)
     with pytest.raises(ConfigError, match=message):
-        Schedule(**{"levels": (PyramidLevel(32, 1),), "make_optimizer": LBFGS, **kwargs})
+        schedule(**kwargs)
 
 
 def test_schedule_counts_optimizer_state_for_the_memory_estimate():
-    assert Schedule((PyramidLevel(32, 1),), functools.partial(torch.optim.LBFGS, history_size=7)).state_images == 17
-    assert Schedule((PyramidLevel(32, 1),), ADAM).state_images == 2
+    assert schedule(optimizer=functools.partial(torch.optim.LBFGS, history_size=7)).state_images == 2 * 7 + 3 + 2
+    assert schedule(optimizer=ADAM).state_images == 2 + 2
 
 
-@pytest.mark.parametrize("optimizer", [LBFGS, ADAM], ids=["lbfgs", "adam"])
-def test_resume_from_any_checkpoint_matches_uninterrupted_run(vgg19_random, optimizer):
+@pytest.mark.parametrize("optimizer,bounds", [(LBFGS, "sigmoid"), (LBFGS, "clamp"), (ADAM, "clamp")], ids=["lbfgs-sigmoid", "lbfgs-clamp", "adam"])
+def test_resume_from_any_checkpoint_matches_uninterrupted_run(vgg19_random, optimizer, bounds):
     objective = losses.PerceptualObjective(
         vgg19_random, {"content": losses.ContentLoss({"relu4_2": 1.0}), "style": losses.GramStyleLoss({"relu1_1": 1.0, "relu2_1": 1.0}, 1e3)}
     )
@@ -119,8 +127,8 @@ def test_resume_from_any_checkpoint_matches_uninterrupted_run(vgg19_random, opti
     levels = (PyramidLevel(16, 4), PyramidLevel(32, 6))
 
     def optimise(checkpoint_every=0, **kwargs):
-        schedule = Schedule(levels, optimizer, init="random", seed=1, checkpoint_every=checkpoint_every)
-        return optimise_image(objective, content=content, styles=[style], style_weights=[1.0], schedule=schedule, **kwargs)
+        plan = schedule(levels, optimizer, init="random", seed=1, checkpoint_every=checkpoint_every, bounds=bounds)
+        return optimise_image(objective, content=content, styles=[style], style_weights=[1.0], schedule=plan, **kwargs)
 
     recorder = Recorder()
     full = optimise(checkpoint_every=3, callback=recorder)
@@ -128,3 +136,36 @@ def test_resume_from_any_checkpoint_matches_uninterrupted_run(vgg19_random, opti
     assert torch.equal(optimise(), full)  # checkpointing does not change the result
     for checkpoint in recorder.checkpoints:
         assert torch.equal(optimise(start=checkpoint), full), checkpoint.step
+
+
+def gatys_on_samples(size):
+    """The default objective (content relu4_2, Gram relu1_1…relu5_1 × 1e3) on the sample images at ``size`` px."""
+    from stx import encoders
+    from stx.image import read_image
+    from stx.schema import ASSETS_DIR
+
+    layers = ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
+    encoder = encoders.vgg19([*layers, "relu4_2"], weights="random", pooling="max", seed=0)
+    objective = losses.PerceptualObjective(
+        encoder, {"content": losses.ContentLoss({"relu4_2": 1.0}), "style": losses.GramStyleLoss({l: 0.2 for l in layers}, 1e3)}
+    )
+    return objective, read_image(ASSETS_DIR / "content.png", size), read_image(ASSETS_DIR / "style.png", size)
+
+
+def test_lbfgs_never_keeps_a_step_that_multiplies_the_loss_and_returns_the_best_image():
+    objective, content, style = gatys_on_samples(48)
+
+    def optimise(**settings):
+        recorder = Recorder()
+        out = optimise_image(objective, content=content, styles=[style], style_weights=[1.0],
+                             schedule=schedule((PyramidLevel(48, 40),), **settings), callback=recorder)
+        return out, [info.values["total"] for info in recorder.steps], recorder
+
+    _, unguarded, _ = optimise(bounds="clamp", max_rise=0.0)  # the tutorial's loop
+    assert max(b / min(unguarded[: i + 1]) for i, b in enumerate(unguarded[1:])) > 2  # it does spike here
+    out, guarded, recorder = optimise(bounds="sigmoid", max_rise=2.0)
+    assert all(b <= 2.0 * min(guarded[: i + 1]) for i, b in enumerate(guarded[1:]))
+    assert min(guarded[:20]) < min(unguarded[:20])  # and gets lower at equal evaluations
+    best = min(range(len(guarded)), key=guarded.__getitem__)  # loss of step k is measured before step k
+    expected = recorder.steps[best - 1].image if best > 0 else content
+    torch.testing.assert_close(out, expected.clamp(0, 1))

@@ -1,6 +1,9 @@
-"""Interruptions end to end: nothing logged is lost, runs are closed, killed runs resume exactly."""
+"""Interruptions and failures end to end: nothing computed is lost, every step is logged exactly
+once, runs are closed (by the next job when their process was killed), killed runs resume exactly."""
 
+import csv
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -9,17 +12,32 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import STX, artifact_paths, client_for, run_stx
+from conftest import STX, artifact_paths, client_for, local_uri, mlflow_server_at, run_stx
+from mlflow.tracking import MlflowClient
 from PIL import Image
+
+from stx.compare import compare
+from stx.liveness import close_dead_runs
 
 pytestmark = pytest.mark.slow
 
 STEPS = ["encoder.weights=random", "schedule.size=32", "schedule.steps=300", "tracking.image_every=0"]
+EVERY_STEP = list(range(1, 301))
 
 
-def start_stx(tmp_path, *args):
-    env = {**os.environ, "STX_RUNS_DIR": str(tmp_path / "runs")}
+def start_stx(tmp_path, *args, env=None):
+    env = {**os.environ, "STX_RUNS_DIR": str(tmp_path / "runs"), **(env or {})}
     return subprocess.Popen(STX + list(args), cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def steps_logged(client, run_id, key="total"):
+    """The steps of ``key``'s history, sorted, repeats included."""
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def steps_on_disk(run_dir, key="total"):
+    with (run_dir / "metrics.csv").open() as file:
+        return sorted(int(row["step"]) for row in csv.DictReader(file) if row["key"] == key)
 
 
 def wait_for_run_line(process):
@@ -42,11 +60,11 @@ def wait_for(condition, timeout=120):
     return value
 
 
-def running_run(tmp_path):
-    db = tmp_path / "runs" / "mlflow.db"
-    if not db.exists():
-        return None
-    client = client_for(tmp_path)
+def running_run(tmp_path, client=None):
+    if client is None:
+        if not (tmp_path / "runs" / "mlflow.db").exists():
+            return None
+        client = client_for(tmp_path)
     experiment = client.get_experiment_by_name("stx")
     runs = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'") if experiment else []
     children = [r for r in runs if "stx.sweep" not in r.data.tags]
@@ -69,17 +87,19 @@ def test_interrupted_run_keeps_its_work_and_resumes_to_the_uninterrupted_result(
     client = client_for(tmp_path)
     killed = client.get_run(run.info.run_id)
     assert killed.info.status == "KILLED" and killed.data.tags["stx.error"] == "interrupted"
-    logged_steps = [m.step for m in client.get_metric_history(run.info.run_id, "total")]
+    logged_steps = steps_logged(client, run.info.run_id)
     assert 5 <= max(logged_steps) < 300  # metrics up to the interruption were kept
     run_dir = Path(killed.data.tags["stx.run_dir"])
     assert (run_dir / "interrupted_output.png").is_file()
-    assert {"interrupted_output.png", "checkpoint/checkpoint.pt"} <= set(artifact_paths(client, run.info.run_id))
+    assert {"interrupted_output.png", "checkpoint/checkpoint.pt", "stx.log"} <= set(artifact_paths(client, run.info.run_id))
+    assert steps_on_disk(run_dir) == logged_steps == list(range(1, max(logged_steps) + 1))
 
     resumed = run_stx(tmp_path, f"resume={run.info.run_id}")
     assert resumed.returncode == 0, resumed.stderr
     finished = client.get_run(run.info.run_id)
-    assert finished.info.status == "FINISHED"
-    assert max(m.step for m in client.get_metric_history(run.info.run_id, "total")) == 300
+    assert finished.info.status == "FINISHED" and "stx.error" not in finished.data.tags
+    assert steps_logged(client, run.info.run_id) == EVERY_STEP  # the steps after the checkpoint not twice
+    assert "stx.log" in artifact_paths(client, run.info.run_id)
 
     (tmp_path / "u").mkdir()
     uninterrupted = run_stx(tmp_path / "u", *STEPS)
@@ -104,3 +124,83 @@ def test_terminated_sweep_closes_its_parent(tmp_path):
     assert client.get_run(child.info.run_id).info.status == "KILLED"
     parent = client.get_run(child.data.tags["mlflow.parentRunId"])
     assert parent.info.status == "KILLED"
+
+
+def test_killed_job_is_closed_by_the_next_one_and_resumes_with_every_step_logged_once(tmp_path):
+    process = start_stx(tmp_path, *STEPS, "schedule.steps=150", "schedule.checkpoint_every=5")
+    wait_for_run_line(process)
+    client = client_for(tmp_path)
+    run = wait_for(lambda: (r := running_run(tmp_path))
+                   and int(client.get_run(r.info.run_id).data.tags.get("stx.checkpoint_step", 0)) >= 10 and r)
+    process.kill()  # SIGKILL: no handler runs, the run stays RUNNING
+    assert process.wait(timeout=60) == -signal.SIGKILL
+    killed = client.get_run(run.info.run_id)
+    assert killed.info.status == "RUNNING"
+    checkpoint = int(killed.data.tags["stx.checkpoint_step"])
+    logged = steps_logged(client, run.info.run_id)
+    assert logged == list(range(1, max(logged) + 1)) and max(logged) >= checkpoint  # flushed with each checkpoint
+    table = compare("stx", local_uri(tmp_path), tmp_path / "compare")[1]
+    assert table.splitlines()[1].split()[:2] == [run.info.run_id[:8], "DEAD"]
+
+    resumed = run_stx(tmp_path, f"resume={run.info.run_id}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"closed 1 run(s) whose process is gone as FAILED: {run.info.run_id}" in resumed.stdout + resumed.stderr
+    finished = client.get_run(run.info.run_id)
+    assert finished.info.status == "FINISHED" and "stx.error" not in finished.data.tags
+    for key in ("total", "style", "content/relu4_2"):
+        assert steps_logged(client, run.info.run_id, key) == list(range(1, 151)), key
+
+
+def failed_job_output(process, output):
+    """The job's whole output once it has exited with 2 after one error and no traceback."""
+    assert process.wait(timeout=300) == 2, "".join(output)
+    time.sleep(0.5)  # let the drain thread take the last lines
+    text = "".join(output)
+    assert text.count("stx: error:") == 1 and "Traceback" not in text, text
+    return text
+
+
+def assert_work_kept(run_dir, logged):
+    """The latest image and every computed step on disk, more than the store got (``logged``)."""
+    assert (run_dir / "interrupted_output.png").is_file() and not (run_dir / "output.png").exists()
+    on_disk = steps_on_disk(run_dir)
+    assert on_disk == list(range(1, len(on_disk) + 1))
+    assert logged == list(range(1, len(logged) + 1)) and 0 < len(logged) < len(on_disk)
+
+
+@pytest.mark.skipif(shutil.which("chattr") is None or os.geteuid() != 0, reason="needs chattr +i (as root)")
+def test_failing_store_stops_the_job_with_one_error_and_keeps_its_work_on_disk(tmp_path):
+    process = start_stx(tmp_path, *STEPS)
+    output = wait_for_run_line(process)
+    client = client_for(tmp_path)
+    run = wait_for(lambda: (r := running_run(tmp_path)) and client.get_metric_history(r.info.run_id, "total") and r)
+    db = tmp_path / "runs" / "mlflow.db"
+    subprocess.run(["chattr", "+i", str(db)], check=True)  # unwritable, even for root
+    try:
+        text = failed_job_output(process, output)
+    finally:
+        subprocess.run(["chattr", "-i", str(db)], check=True)
+    assert f"stx: error: the MLflow tracking store sqlite:///{db} failed while logging metrics" in text
+    run_dir = Path(run.data.tags["stx.run_dir"])
+    assert f"what the job computed is on disk in {run_dir}: interrupted_output.png, metrics.csv, stx.log." in text
+    assert_work_kept(run_dir, steps_logged(client, run.info.run_id))
+    assert client.get_run(run.info.run_id).info.status == "RUNNING"
+    assert close_dead_runs(client, run.info.experiment_id) == [run.info.run_id]  # as the next job on the store does
+    assert client.get_run(run.info.run_id).info.status == "FAILED"
+
+
+def test_server_going_away_stops_the_job_with_one_error_and_keeps_its_work_on_disk(tmp_path):
+    (tmp_path / "server").mkdir()
+    with mlflow_server_at(tmp_path / "server") as (server, uri):
+        # MLflow retries a request for ~4 min by default; a test need not wait for that
+        process = start_stx(tmp_path, *STEPS, "tracking=server",
+                            env={"MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+        output = wait_for_run_line(process)
+        client = MlflowClient(uri)
+        run = wait_for(lambda: (r := running_run(tmp_path, client)) and client.get_metric_history(r.info.run_id, "total") and r)
+        logged = steps_logged(client, run.info.run_id)
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+        text = failed_job_output(process, output)
+    assert f"stx: error: the MLflow tracking store {uri} failed while" in text and "Connection refused" in text
+    assert_work_kept(Path(run.data.tags["stx.run_dir"]), logged)

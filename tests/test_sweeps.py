@@ -1,20 +1,19 @@
 """Sweeps (basic, joblib, submitit-local, Optuna), ``stx compare`` and ``stx reproduce``, end to end."""
 
 import math
-import os
 import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
-from conftest import CONTENT, FAST, artifact_paths, local_uri, run_stx
+from conftest import CONTENT, FAST, artifact_paths, local_uri, only_run, run_stx
+from PIL import Image
 
+from stx.compare import CELL, default_out_dir, load_output
 from stx.schema import CONF_DIR
 
 pytestmark = pytest.mark.slow
@@ -77,6 +76,55 @@ def test_failed_job_fails_the_parent_but_not_the_other_jobs(tmp_path):
     assert "returned nan" in parent.data.tags["stx.failed_job.1"]
 
 
+def test_a_job_without_steps_finishes_with_the_loss_of_its_starting_image(tmp_path):
+    result = run_stx(tmp_path, "-m", *FAST, "schedule.steps=0,1")
+    assert result.returncode == 0, result.stderr
+    client, (parent,), children = runs_by_role(local_uri(tmp_path))
+    assert parent.info.status == "FINISHED" and all(c.info.status == "FINISHED" for c in children)
+    assert not any(key.startswith("stx.failed_job.") for key in parent.data.tags)
+    history = {c.data.params["schedule.steps"]: client.get_metric_history(c.info.run_id, "total") for c in children}
+    (no_steps,), first_of_one = history["0"], [m for m in history["1"] if m.step == 1]
+    assert no_steps.step == 0 and math.isfinite(no_steps.value)
+    assert [no_steps.value] == [m.value for m in first_of_one]  # step 1 is measured on the starting image too
+
+
+def test_output_name_reaches_reproduce_and_compare_beside_the_store(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    made = run_stx(tmp_path / "a", *FAST, "output=result.png")
+    assert made.returncode == 0, made.stderr
+    client, run = only_run(tmp_path / "a")
+    written = np.asarray(Image.open(Path(run.data.tags["stx.run_dir"]) / "result.png"))
+
+    reproduced = run_stx(tmp_path / "a", "reproduce", run.info.run_id)
+    assert reproduced.returncode == 0, reproduced.stderr
+    assert "max pixel difference to the original output: 0/255" in reproduced.stdout
+
+    store = local_uri(tmp_path / "a")
+    compared = run_stx(tmp_path / "b", "compare", "stx", "--tracking-uri", store)  # from elsewhere
+    assert compared.returncode == 0, compared.stderr
+    sheet_path = tmp_path / "a" / "runs" / "compare" / "stx" / "contact_sheet.png"
+    assert f"stx: contact sheet {sheet_path}" in compared.stdout
+    assert not (tmp_path / "b" / "runs").exists()
+    assert np.array_equal(np.asarray(load_output(client, run, tmp_path / "downloads")), written)
+    sheet = np.asarray(Image.open(sheet_path))
+    assert all(len(np.unique(cell[CELL // 4: 3 * CELL // 4, CELL // 4: 3 * CELL // 4].reshape(-1, 3), axis=0)) > 50
+               for cell in (sheet[:CELL, :CELL], sheet[:CELL, CELL:2 * CELL]))  # both runs drawn, not "no output image"
+
+
+@pytest.mark.parametrize(
+    "uri,folder",
+    [("sqlite:////data/x/mlflow.db", "/data/x"), ("sqlite:///rel/mlflow.db?mode=ro", "{cwd}/rel"),
+     ("file:///data/y/mlruns", "/data/y"), ("http://127.0.0.1:5000", "{runs}"), ("postgresql://u@db/mlflow", "{runs}")],
+)
+def test_compare_writes_beside_the_store_it_reads(tmp_path, monkeypatch, uri, folder):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("STX_RUNS_DIR", str(tmp_path / "runs"))
+    expected = Path(folder.format(cwd=tmp_path, runs=tmp_path / "runs")) / "compare"
+    assert default_out_dir(uri, "0123abcd") == expected / "0123abcd"
+    assert default_out_dir(uri, "team/../exp 1") == expected / "team_.._exp_1"
+
+
 def test_optuna_sweep_returns_finite_objectives(tmp_path):
     result = run_stx(tmp_path, "-m", *FAST, "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2",
                      "hydra.sweeper.sampler.seed=0", "loss.style.score_weight=interval(100,10000)")
@@ -101,35 +149,6 @@ def test_slurm_launcher_config_composes():
         cfg = compose("config", overrides=["hydra/launcher=stx_slurm"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert cfg.hydra.launcher.gpus_per_node == 1
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """A real ``mlflow server`` (sqlite behind it) on a free 127.0.0.1 port."""
-    folder = tmp_path_factory.mktemp("mlflow_server")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    mlflow = str(Path(sys.executable).with_name("mlflow"))
-    server = subprocess.Popen(
-        [mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
-         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                server.kill()
-                pytest.fail("mlflow server did not start within 90 s")
-            time.sleep(0.5)
-    yield uri
-    os.killpg(server.pid, 15)
-    server.wait(timeout=30)
 
 
 @pytest.mark.parametrize("store", ["mlflow_server", "local_sqlite"])

@@ -1,0 +1,71 @@
+"""How stx stops on Ctrl-C (SIGINT) and SIGTERM (no torch, no mlflow).
+
+The first signal raises :class:`Interrupted`: the job unwinds, writes its latest image and
+closes its MLflow run KILLED, and ``stx`` exits with ``128 + signal number`` (130 for Ctrl-C,
+143 for SIGTERM). Signals that arrive while stx is already stopping are held off: they print a
+note and do not cut the closing of the run short. Ctrl-\\ (SIGQUIT) or ``kill -9`` still end
+the process at once, leaving the run open. Once the run is closed and stx exits, they are
+ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+from typing import Any
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+Handlers = dict[int, Any]
+"""Signal number → the handler installed before (as :func:`signal.signal` returns it)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped stx while a job ran; ``signum`` is the signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def _install(handler: Callable[[int, Any], None] | signal.Handlers) -> Handlers:
+    return {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
+
+
+def _held_off(signum: int, frame: Any) -> None:
+    # os.write: a print() here could land inside another write to sys.stderr (reentrant call)
+    os.write(2, f"\nstx: {signal.Signals(signum).name} while stopping: still writing the latest image and "
+                f"closing the MLflow run (Ctrl-\\ quits at once and leaves the run open)\n".encode())
+
+
+def hold_off() -> None:
+    """From now on, SIGINT and SIGTERM only print a note (stx is already stopping)."""
+    _install(_held_off)
+
+
+def ignore() -> None:
+    """Ignore SIGINT and SIGTERM from now on (stx is exiting, its run closed). Unlike a Python
+    handler, this lasts through the interpreter's shutdown, which would otherwise reset the
+    handlers to the defaults and let one more Ctrl-C kill the process."""
+    _install(signal.SIG_IGN)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    hold_off()
+    raise Interrupted(signum)
+
+
+def stop_on_signals() -> Handlers:
+    """Make the next SIGINT or SIGTERM raise :class:`Interrupted` and hold off the ones after
+    it; returns the previous handlers for :func:`restore`. Call from the main thread."""
+    return _install(_interrupt)
+
+
+def restore(previous: Handlers) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
+def exit_code(interrupt: KeyboardInterrupt) -> int:
+    """The exit status for an interrupt: 143 for SIGTERM, 130 for Ctrl-C."""
+    return 128 + (interrupt.signum if isinstance(interrupt, Interrupted) else signal.SIGINT)
