@@ -57,12 +57,12 @@ def main() -> None:
         job = build_job(cfg)
     device = job.device
     schedule = dataclasses.replace(job.schedule, levels=(PyramidLevel(job.schedule.size, args.steps),))
-    job.objective.set_targets(job.content, job.styles, job.style_weights)
+    job.loss.set_targets(job.content, job.styles, job.style_weights)
     judge = Judge.from_config(cfg, device, size=args.judge_size)
     evaluations = args.run_steps // args.image_every + 1
 
     def run_block() -> torch.Tensor:
-        return optimise_level(job.objective, job.content, schedule=schedule, level=0, steps=args.steps)
+        return optimise_level(job.loss, job.content, schedule=schedule, level=0, steps=args.steps)
 
     def set_references() -> None:
         judge.set_references(job.content, job.styles, job.style_weights)

@@ -67,7 +67,7 @@ def main() -> None:
         tracker.log_step = timed(tracker.log_step)
 
         def optimise(callback=None):
-            return optimise_image(job.objective, content=job.content, styles=job.styles, style_weights=job.style_weights,
+            return optimise_image(job.loss, content=job.content, styles=job.styles, style_weights=job.style_weights,
                                   schedule=job.schedule, callback=callback)
 
         optimise()  # warm-up

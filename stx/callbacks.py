@@ -25,9 +25,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
-from mlflow.entities import RunStatus
+from mlflow.entities import Param, RunStatus
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
@@ -73,6 +74,7 @@ class MlflowSweepCallback(Callback):
         self.uri: str | None = None
         self.parent_run_id: str | None = None
         self.sweep_dir: str | None = None
+        self.swept_keys: list[str] = []
         self._closed = False
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -93,12 +95,18 @@ class MlflowSweepCallback(Callback):
         }
         run = client.create_run(experiment_id, run_name=f"sweep: {command}"[:250], tags=tags)
         self.parent_run_id = run.info.run_id
+        overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+        self.swept_keys = [o.key_or_group for o in overrides if o.is_sweep_override()]
+        self.swept_keys += [str(key) for key in (config.hydra.sweeper.get("params") or {})]
+        fixed = {o.key_or_group: o.get_value_element_as_str() for o in overrides if not o.is_sweep_override()}
+        client.log_batch(self.parent_run_id, params=[Param(key, value) for key, value in fixed.items()])
         atexit.register(self.close)
         print(f"stx: sweep parent MLflow run {self.parent_run_id} ({self.uri})", flush=True)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if self.parent_run_id:
             os.environ[layout.PARENT_RUN_ENV] = self.parent_run_id
+            os.environ[layout.SWEPT_KEYS_ENV] = ",".join(self.swept_keys)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if not self.parent_run_id:
@@ -106,7 +114,7 @@ class MlflowSweepCallback(Callback):
         reason = None  # JobReturn.return_value would re-raise a failed job's exception: read the field
         if job_return.status == JobStatus.FAILED:
             reason = f"{type(job_return._return_value).__name__}: {job_return._return_value}"
-        elif not (isinstance(job_return._return_value, float) and math.isfinite(job_return._return_value)):
+        elif not _finite(job_return._return_value):
             reason = f"returned {job_return._return_value!r}"
         if reason:
             MlflowClient(self.uri).set_tag(self.parent_run_id, f"{layout.TAG_FAILED_JOB}{config.hydra.job.num}", reason[:5000])
@@ -140,6 +148,23 @@ class MlflowSweepCallback(Callback):
         else:
             status = RunStatus.FAILED
         client.set_tag(self.parent_run_id, layout.TAG_SWEEP_JOBS, str(len(children)))
+        if children:
+            self.summarize()
         client.set_terminated(self.parent_run_id, RunStatus.to_string(status))
         return RunStatus.to_string(status)
 
+    def summarize(self) -> None:
+        """The sweep's table, contact sheet and scatter plot on the parent, with its best child
+        (``stx compare`` of the parent); a failure here is reported, never fails the sweep."""
+        from stx.compare import compare
+
+        try:
+            compare(self.parent_run_id, self.uri, Path(self.sweep_dir) / "compare")
+        except Exception as exc:  # noqa: BLE001 - the sweep's own status must still be recorded
+            print(f"stx: warning: the sweep summary could not be made ({type(exc).__name__}: {exc})", file=sys.stderr)
+
+
+def _finite(value: object) -> bool:
+    """Whether a job returned a finite objective (a number, or a list of numbers for Pareto searches)."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return bool(values) and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)

@@ -1,4 +1,7 @@
-"""``stx compare``: a contact sheet and a table of a sweep's (or an experiment's) runs."""
+"""``stx compare``: a table, a contact sheet and a style/content scatter plot of a sweep's (or an
+experiment's) runs, best first: sorted by their objective (see :mod:`stx.objectives`), with the
+Pareto front of style distance against content distance marked. For a sweep they are logged to
+the parent run, which is tagged with its best child (``stx.sweep.best_run``) or its Pareto set."""
 
 from __future__ import annotations
 
@@ -22,6 +25,9 @@ from stx.schema import runs_dir
 
 CELL = 256
 LABEL_LINE = 14
+STYLE, CONTENT = "eval/style_distance", "eval/content_distance"
+SCORES = (layout.OBJECTIVE_METRIC, STYLE, CONTENT, "eval/color_distance_style", "eval/color_distance_content",
+          "eval/ssim_content")
 
 
 @dataclass
@@ -29,6 +35,7 @@ class Row:
     run: Run
     swept: dict[str, str]
     image: Image.Image | None
+    on_front: bool = False
 
 
 def find_runs(client: MlflowClient, target: str) -> tuple[list[Run], Run | None]:
@@ -84,14 +91,67 @@ def status(run: Run) -> str:
 
 def loss_terms(run: Run) -> dict[str, float]:
     """Final total and weighted terms (per-layer values left out)."""
-    return {k: v for k, v in sorted(run.data.metrics.items(), key=lambda kv: (kv[0] != "total", kv[0])) if "/" not in k}
+    terms = run.data.metrics.items()
+    return {k: v for k, v in sorted(terms, key=lambda kv: (kv[0] != "total", kv[0])) if "/" not in k and k not in SCORES}
+
+
+def pareto_front(runs: list[Run]) -> set[str]:
+    """Ids of the runs that no other run beats on both style and content distance."""
+    scored = [(r.info.run_id, r.data.metrics[STYLE], r.data.metrics[CONTENT]) for r in runs
+              if STYLE in r.data.metrics and CONTENT in r.data.metrics]
+    return {run_id for run_id, s, c in scored
+            if not any(s2 <= s and c2 <= c and (s2, c2) != (s, c) for _, s2, c2 in scored)}
+
+
+def best_first(rows: list[Row]) -> list[Row]:
+    """Rows by objective (lowest first), then the front, then the rest in job order."""
+    def key(row: Row) -> tuple:
+        objective = row.run.data.metrics.get(layout.OBJECTIVE_METRIC, math.inf)
+        return (objective if math.isfinite(objective) else math.inf, not row.on_front)
+    return sorted(rows, key=key)
+
+
+def scatter_plot(rows: list[Row], path: Path) -> Path | None:
+    """Style distance against content distance, one thumbnail per run, the front joined; None
+    when no run has both."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+
+    points = [(row, row.run.data.metrics[CONTENT], row.run.data.metrics[STYLE]) for row in rows
+              if STYLE in row.run.data.metrics and CONTENT in row.run.data.metrics]
+    if not points:
+        return None
+    figure, axes = pyplot.subplots(figsize=(8, 6), dpi=100)
+    axes.scatter([x for _, x, _ in points], [y for _, _, y in points], s=8, color="gray")
+    front = sorted((x, y) for row, x, y in points if row.on_front)
+    axes.plot([x for x, _ in front], [y for _, y in front], color="tab:red", linewidth=1, label="Pareto front")
+    for row, x, y in points:
+        if row.image is not None:
+            thumbnail = row.image.copy()
+            thumbnail.thumbnail((64, 64))
+            axes.add_artist(AnnotationBbox(OffsetImage(thumbnail), (x, y), frameon=row.on_front, pad=0.1))
+        label = " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in row.swept.items()) or row.run.info.run_id[:8]
+        axes.annotate(label, (x, y), textcoords="offset points", xytext=(0, -40), ha="center", fontsize=7)
+    axes.set_xlabel("content distance (eval/content_distance; 0 = the content's features)")
+    axes.set_ylabel("style distance (eval/style_distance; 0 = the style's statistics)")
+    axes.margins(0.15)
+    axes.legend(loc="upper right")
+    figure.tight_layout()
+    figure.savefig(path)
+    pyplot.close(figure)
+    return path
 
 
 def contact_sheet(rows: list[Row]) -> Image.Image:
     """Outputs in a grid, each labelled with its swept values and final losses."""
     font = ImageFont.load_default(size=12)
-    labels = [[f"{k}={v}" for k, v in row.swept.items()] + [f"{status(row.run).lower()} {row.run.info.run_id[:8]}"]
-              + [f"{k}={v:.4g}" for k, v in loss_terms(row.run).items()] for row in rows]
+    labels = [[f"{k}={v}" for k, v in row.swept.items()]
+              + [f"{status(row.run).lower()} {row.run.info.run_id[:8]}" + (" front" if row.on_front else "")]
+              + [f"{k.removeprefix('eval/')}={row.run.data.metrics[k]:.4g}" for k in SCORES[:3] if k in row.run.data.metrics]
+              + [f"{k}={v:.4g}" for k, v in loss_terms(row.run).items() if k == "total"] for row in rows]
     label_height = LABEL_LINE * max(len(lines) for lines in labels) + 6
     columns = math.ceil(math.sqrt(len(rows)))
     sheet = Image.new("RGB", (columns * CELL, math.ceil(len(rows) / columns) * (CELL + label_height)), "white")
@@ -112,12 +172,15 @@ def contact_sheet(rows: list[Row]) -> Image.Image:
 
 
 def table(rows: list[Row]) -> str:
-    """A plain-text table: run, status, swept values, final loss terms."""
+    """A plain-text table: run, status, Pareto front (``*``), swept values, objective and quality
+    metrics, final loss terms."""
     swept_keys = list(rows[0].swept)
+    score_keys = [k for k in SCORES if any(k in row.run.data.metrics for row in rows)]
     term_keys = sorted({k for row in rows for k in loss_terms(row.run)}, key=lambda k: (k != "total", k))
-    header = ["run", "status", *swept_keys, *term_keys]
-    body = [[row.run.info.run_id[:8], status(row.run), *row.swept.values(),
-             *(f"{row.run.data.metrics[k]:.6g}" if k in row.run.data.metrics else "-" for k in term_keys)] for row in rows]
+    header = ["run", "status", "front", *swept_keys, *score_keys, *term_keys]
+    body = [[row.run.info.run_id[:8], status(row.run), "*" if row.on_front else "-", *row.swept.values(),
+             *(f"{row.run.data.metrics[k]:.6g}" if k in row.run.data.metrics else "-" for k in score_keys + term_keys)]
+            for row in rows]
     widths = [max(len(str(cells[i])) for cells in [header, *body]) for i in range(len(header))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip() for cells in [header, *body])
 
@@ -137,18 +200,29 @@ def default_out_dir(uri: str, target: str) -> Path:
 
 
 def compare(target: str, uri: str, out_dir: Path) -> tuple[Path, str]:
-    """Write ``contact_sheet.png`` and ``table.txt`` for ``target`` into ``out_dir``; log them to
-    the parent run (when ``target`` is one). Returns the sheet's path and the table."""
+    """Write ``table.txt``, ``contact_sheet.png`` and ``scatter.png`` for ``target`` into
+    ``out_dir``, best first; for a parent run, log them to it under ``compare/`` and tag it with
+    the best child (``stx.sweep.best_run``, lowest ``objective``) or the Pareto set
+    (``stx.sweep.pareto_runs``). Returns the sheet's path and the table."""
     client = MlflowClient(uri)
     runs, parent = find_runs(client, target)
+    front = pareto_front(runs)
     with tempfile.TemporaryDirectory() as downloads:
-        rows = [Row(run, swept, load_output(client, run, Path(downloads))) for run, swept in zip(runs, swept_values(runs))]
+        rows = [Row(run, swept, load_output(client, run, Path(downloads)), run.info.run_id in front)
+                for run, swept in zip(runs, swept_values(runs))]
+    rows = best_first(rows)
     text = table(rows)
     out_dir.mkdir(parents=True, exist_ok=True)
-    sheet_path = out_dir / "contact_sheet.png"
-    contact_sheet(rows).save(sheet_path)
-    (out_dir / "table.txt").write_text(text + "\n")
+    written = [out_dir / "table.txt", out_dir / "contact_sheet.png"]
+    written[0].write_text(text + "\n")
+    contact_sheet(rows).save(written[1])
+    plot = scatter_plot(rows, out_dir / "scatter.png")
     if parent is not None:
-        client.log_artifact(parent.info.run_id, str(sheet_path), "compare")
-        client.log_artifact(parent.info.run_id, str(out_dir / "table.txt"), "compare")
-    return sheet_path, text
+        for path in [*written, *([plot] if plot else [])]:
+            client.log_artifact(parent.info.run_id, str(path), "compare")
+        best = rows[0].run
+        if layout.OBJECTIVE_METRIC in best.data.metrics:
+            client.set_tag(parent.info.run_id, layout.TAG_BEST_RUN, best.info.run_id)
+        if front:
+            client.set_tag(parent.info.run_id, layout.TAG_PARETO_RUNS, ",".join(sorted(front)))
+    return written[1], text

@@ -25,6 +25,8 @@ from omegaconf.errors import OmegaConfBaseException
 from stx import encoders, layout, losses, memory, plugins
 from stx.errors import ConfigError
 from stx.image import image_shape, long_edge_shape, read_image
+from stx.judge import EVAL_SIZE, Judge
+from stx.objectives import Objective
 from stx.optim import PyramidLevel, Schedule
 
 ALLOWED_TARGETS = {
@@ -45,7 +47,7 @@ class Job:
     ``style_paths`` are the absolute paths they were read from.
     """
 
-    objective: losses.PerceptualObjective
+    loss: losses.PerceptualObjective
     content: torch.Tensor
     styles: list[torch.Tensor]
     style_weights: list[float]
@@ -53,6 +55,10 @@ class Job:
     device: torch.device
     content_path: Path
     style_paths: list[Path]
+    judge: Judge
+    """Scores images against the inputs (references set), for the ``eval/…`` metrics."""
+    objective: Objective
+    """What the job returns to the sweeper, from the final ``eval/…`` metrics."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -164,6 +170,7 @@ def build_job(cfg: DictConfig) -> Job:
         raise ConfigError(f"the config cannot be resolved: {exc}") from exc
     layout.check_output(cfg.output)
     device = resolve_device(cfg.device)
+    objective = Objective(metrics=dict(cfg.objective.metrics), pareto=cfg.objective.pareto)
 
     content_path = Path(to_absolute_path(cfg.images.content))
     style_paths = [Path(to_absolute_path(path)) for path in cfg.images.styles]
@@ -175,15 +182,18 @@ def build_job(cfg: DictConfig) -> Job:
     if encoder is not None and not isinstance(encoder, encoders.MultiLayerEncoder):
         raise ConfigError(f"encoder._target_={cfg.encoder._target_!r} returned a {type(encoder).__name__}, "
                           f"not a stx.encoders.MultiLayerEncoder.")
-    objective = losses.PerceptualObjective(encoder, loss_set).to(device)
+    loss = losses.PerceptualObjective(encoder, loss_set).to(device)
 
     schedule = build_schedule(cfg)
     schedule.autocast(device)
 
-    decoding = memory.check_inputs(objective, schedule, content_path, style_paths)
+    decoding = memory.check_inputs(loss, schedule, content_path, style_paths)
     height, width = long_edge_shape(*image_shape(content_path), schedule.size)
-    estimate = memory.estimate_bytes(objective, height, width, schedule.state_images, len(style_paths), decoding)
+    estimate = memory.estimate_bytes(loss, height, width, schedule.state_images, len(style_paths), decoding)
     memory.check_fits(estimate, device, schedule.size)
     content = read_image(content_path, schedule.size).to(device)
     styles = [read_image(path, schedule.style_edge(schedule.size)).to(device) for path in style_paths]
-    return Job(objective, content, styles, weights, schedule, device, content_path, style_paths)
+    evaluation = Judge.from_config(cfg, device)
+    references = [read_image(path, EVAL_SIZE).to(device) for path in (content_path, *style_paths)]
+    evaluation.set_references(references[0], references[1:], weights)
+    return Job(loss, content, styles, weights, schedule, device, content_path, style_paths, evaluation, objective)

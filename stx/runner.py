@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -32,9 +33,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class JobResult:
+    """A finished job: its MLflow run, output file, final total loss, final quality metrics
+    (``{metric: value}``, see :mod:`stx.judge`) and what it returns to the sweeper."""
+
     run_id: str
     output: Path
     total: float
+    evaluation: dict[str, float]
+    objective: float | list[float]
 
 
 RESUME_KEEPS = ("resume", "tracking", "tracking.uri", "runs_dir")
@@ -44,19 +50,31 @@ RESUME_CHANGES = ("schedule.steps", "schedule.checkpoint_every", "tracking.metri
 ``stx.resume.changed``. Any other override is refused: the run would no longer be one job."""
 
 
-def hydra_task(cfg: DictConfig) -> float:
-    """The Hydra task: run the job in Hydra's run dir; return the final total loss."""
+def hydra_task(cfg: DictConfig) -> float | list[float]:
+    """The Hydra task: run the job in Hydra's run dir; return its objective (``cfg.objective``)."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     log_file = run_dir / f"{hydra_cfg.job.name}.log"
     if cfg.resume:
-        return resume(cfg, run_dir, log_file, OmegaConf.to_container(hydra_cfg.overrides.task)).total
+        return resume(cfg, run_dir, log_file, OmegaConf.to_container(hydra_cfg.overrides.task)).objective
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     tags = hydra_tags(hydra_cfg)
     if multirun:
         tags[layout.TAG_JOB_NUM] = str(hydra_cfg.job.num)
+        tags[layout.TAG_RUN_NAME] = swept_name(tags[layout.TAG_OVERRIDES], os.environ.get(layout.SWEPT_KEYS_ENV, ""))
     parent = os.environ.get(layout.PARENT_RUN_ENV) if multirun else None
-    return run_tracked(cfg, run_dir, tags, parent_run_id=parent, log_file=log_file).total
+    started_at = psutil.Process().create_time()
+    return run_tracked(cfg, run_dir, tags, parent_run_id=parent, log_file=log_file, started_at=started_at).objective
+
+
+def swept_name(overrides: str, swept_keys: str) -> str:
+    """A sweep job's run name: its values of the swept keys, by their last component
+    (``score_weight=1e5 seed=2``); all its overrides when the swept keys are unknown."""
+    keys = [key for key in swept_keys.split(",") if key]
+    values = dict(item.split("=", 1) for item in overrides.split() if "=" in item)
+    short = [key.rsplit(".", 1)[-1] for key in keys]
+    names = short if len(set(short)) == len(short) else keys
+    return " ".join(f"{name}={values[key]}" for name, key in zip(names, keys) if key in values) or overrides
 
 
 def resume(cfg: DictConfig, run_dir: Path, log_file: Path | None = None, overrides: Sequence[str] = ()) -> JobResult:
@@ -149,6 +167,7 @@ def run_tracked(
     log_file: Path | None = None,
     resume_run_id: str | None = None,
     start: Checkpoint | None = None,
+    started_at: float | None = None,
 ) -> JobResult:
     """Run the job described by ``cfg``, writing into ``run_dir`` and one MLflow run.
 
@@ -158,8 +177,11 @@ def run_tracked(
     store fails, the job stops at once, writes its latest image (metrics are in ``metrics.csv``)
     and raises a :class:`TrackingError` listing what is on disk. ``log_file`` is logged in every
     case the store allows. With ``resume_run_id`` and ``start``, that run is reopened and
-    continued from the checkpoint, without logging again the steps it had logged.
+    continued from the checkpoint, without logging again the steps it had logged. At the end
+    the output is scored (``eval/…``), the job's cost logged (``perf/…``, start-up counted from
+    ``started_at``, unix time, default now) and its objective computed (``objective``).
     """
+    started_at = time.time() if started_at is None else started_at
     job = build_job(cfg)
     tracker = RunTracker(cfg.tracking, run_dir)
     tags = {**tags, **source_tags(), **device_tags(job.device), layout.TAG_RUN_DIR: str(run_dir),
@@ -172,9 +194,10 @@ def run_tracked(
                 tracker.log_config(cfg, run_dir)
                 tracker.log_inputs(job.content_path, job.style_paths)
             log.info("MLflow run %s in %s; %d steps on %s", run_id, tracker.uri, job.schedule.steps, job.device)
-            with JobMonitor(tracker, run_dir, job.schedule.steps, start.step if start else 0) as monitor:
+            with JobMonitor(tracker, run_dir, job.schedule.steps, evaluate=job.judge, started_at=started_at,
+                            first_step=start.step if start else 0) as monitor:
                 try:
-                    image = optimise_image(job.objective, content=job.content, styles=job.styles,
+                    image = optimise_image(job.loss, content=job.content, styles=job.styles,
                                            style_weights=job.style_weights, schedule=job.schedule,
                                            callback=monitor, start=start)
                 except NonFiniteLossError as error:
@@ -185,6 +208,11 @@ def run_tracked(
                         _save(tracker, monitor.latest.image, run_dir / (layout.INTERRUPTED + cfg.output), monitor.latest.step)
                     raise
             output = _save(tracker, image, run_dir / cfg.output, job.schedule.steps)
+            evaluation = monitor.log_evaluation(image, job.schedule.steps)
+            tracker.log_metrics(monitor.performance(job.device), job.schedule.steps)
+            objective = job.objective(evaluation)
+            if not job.objective.pareto:
+                tracker.log_metrics({layout.OBJECTIVE_METRIC: objective}, job.schedule.steps)
     except TrackingError as error:
         if tracker.run_id is None:
             raise
@@ -198,11 +226,12 @@ def run_tracked(
         interrupts.restore(previous_handlers)
     total = monitor.latest.values["total"] if monitor.latest is not None else float("nan")
     print(
-        f"stx: done in {time.perf_counter() - started:.1f} s, final loss {total:.6g}; output {output}; "
+        f"stx: done in {time.perf_counter() - started:.1f} s, final loss {total:.6g}, style distance "
+        f"{evaluation['style_distance']:.4g}, content distance {evaluation['content_distance']:.4g}; output {output}; "
         f"MLflow run {run_id} (experiment '{cfg.tracking.experiment}', {tracker.uri})",
         flush=True,
     )
-    return JobResult(run_id, output, total)
+    return JobResult(run_id, output, total, evaluation, objective)
 
 
 def _save(tracker: RunTracker, image: torch.Tensor, path: Path, step: int) -> Path:

@@ -75,6 +75,7 @@ class TrackingSchema:
     experiment: str = MISSING
     metrics_every: int = MISSING
     image_every: int = MISSING
+    system_metrics: bool = MISSING
 
 
 @dataclass

@@ -163,6 +163,7 @@ class RunTracker:
         self.uri = tracking_uri(tracking)
         self.metrics_every = max(1, int(tracking.metrics_every))
         self.image_every = int(tracking.image_every)
+        self.system_metrics = bool(tracking.system_metrics)
         self.metrics_file = run_dir / layout.METRICS_FILE
         self.failure: TrackingError | None = None
         self.client = self._store("opening it", MlflowClient, self.uri)
@@ -202,6 +203,12 @@ class RunTracker:
         another reason is logged, and that reason is raised."""
         tags = {**tags, **process_tags()}
         self.run_id = self._start(tags, parent_run_id) if run_id is None else self._reopen(run_id, tags)
+        sampler = None
+        if self.system_metrics:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            sampler = SystemMetricsMonitor(self.run_id, resume_logging=run_id is not None, tracking_uri=self.uri)
+            sampler.start()
         try:
             yield self.run_id
         except BaseException as exc:
@@ -212,13 +219,17 @@ class RunTracker:
             except TrackingError as failure:
                 log.error("%s", failure)
             raise
+        finally:
+            if sampler is not None:
+                sampler.finish()
         self._close(RunStatus.FINISHED, None, log_file)
 
     def _start(self, tags: dict[str, str], parent_run_id: str | None) -> str:
         if parent_run_id is not None:
             tags[layout.TAG_PARENT] = parent_run_id
         run = self._store("starting the run", self.client.create_run, self.experiment_id,
-                          run_name=tags.get(layout.TAG_OVERRIDES) or None, tags=resolve_tags(tags))
+                          run_name=tags.get(layout.TAG_RUN_NAME) or tags.get(layout.TAG_OVERRIDES) or None,
+                          tags=resolve_tags(tags))
         return run.info.run_id
 
     def _reopen(self, run_id: str, tags: dict[str, str]) -> str:
@@ -267,11 +278,16 @@ class RunTracker:
         if self.image_every > 0 and info.step % self.image_every == 0 and info.step > max(self.logged_through.values(), default=-1):
             self.log_image(info.image, info.step)
         if info.step % self.metrics_every == 0:
-            timestamp = int(time.time() * 1000)
-            self.pending.extend(Metric(key, value, timestamp, info.step) for key, value in info.values.items()
-                                if info.step > self.logged_through.get(key, -1))
+            self.log_metrics(info.values, info.step)
         if time.monotonic() - self.last_flush >= FLUSH_EVERY_S:
             self.flush()
+
+    def log_metrics(self, values: Mapping[str, float], step: int) -> None:
+        """Buffer ``{key: value}`` at ``step`` (written at the next flush); steps a reopened run had
+        logged are skipped."""
+        timestamp = int(time.time() * 1000)
+        self.pending.extend(Metric(key, value, timestamp, step) for key, value in values.items()
+                            if step > self.logged_through.get(key, -1))
 
     def flush(self) -> None:
         """Append the buffered metrics to ``metrics.csv``, then write them and a fresh heartbeat

@@ -22,16 +22,16 @@ def test_defaults_compose_to_gatys_on_vgg19(make_cfg, tmp_path):
 @pytest.mark.parametrize("choice", options("encoder"))
 def test_encoder_options(make_cfg, choice):
     job = build_job(make_cfg(f"encoder={choice}", *FAST))
-    assert job.objective.encoder.available[-1] == "pool5"
-    assert ("relu5_4" in job.objective.encoder.available) == (choice == "vgg19")
+    assert job.loss.encoder.available[-1] == "pool5"
+    assert ("relu5_4" in job.loss.encoder.available) == (choice == "vgg19")
 
 
 @pytest.mark.parametrize("choice", options("loss"))
 def test_loss_options(make_cfg, choice):
     job = build_job(make_cfg(f"loss={choice}", *FAST, "schedule.size=48"))  # MRF's 3×3 patches at relu4_1 need 24 px
-    assert all(isinstance(term, losses.Loss) for term in job.objective.losses.values())
+    assert all(isinstance(term, losses.Loss) for term in job.loss.losses.values())
     expected = {"gatys": {"content", "style"}, "gatys_tv": {"content", "style", "tv"}, "mrf": {"content", "style", "tv"}}
-    assert set(job.objective.losses) == expected[choice]
+    assert set(job.loss.losses) == expected[choice]
 
 
 @pytest.mark.parametrize("choice", options("schedule"))
@@ -115,9 +115,9 @@ def test_memory_estimate_counts_vgg_activations(make_cfg):
     from stx import memory
 
     job = build_job(make_cfg(*FAST))
-    shapes = memory.layer_shapes(job.objective.encoder, 64, 96)
-    assert shapes[0] == (64, 64, 96) and shapes[job.objective.encoder.names.index("pool1")] == (64, 32, 48)
+    shapes = memory.layer_shapes(job.loss.encoder, 64, 96)
+    assert shapes[0] == (64, 64, 96) and shapes[job.loss.encoder.names.index("pool1")] == (64, 32, 48)
     assert shapes[-1] == (512, 4, 6)  # relu5_1, after four poolings
-    estimate = memory.estimate_bytes(job.objective, 64, 96, optimizer_state_images=2, styles=1)
+    estimate = memory.estimate_bytes(job.loss, 64, 96, optimizer_state_images=2, styles=1)
     assert estimate["encoder activations"] == round(1.25 * 4 * sum(c * h * w for c, h, w in shapes))
     assert estimate["image and optimiser"] == 4 * 3 * 64 * 96 * 4

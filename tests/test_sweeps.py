@@ -28,25 +28,40 @@ def runs_by_role(uri):
 
 
 def test_sweep_then_compare_then_reproduce(tmp_path):
-    result = run_stx(tmp_path, "-m", *FAST, "loss.style.score_weight=1e3,1e4")
+    result = run_stx(tmp_path, "-m", *FAST, "schedule.steps=5", "loss.style.score_weight=1e1,1e3,1e5")
     assert result.returncode == 0, result.stderr
     client, (parent,), children = runs_by_role(local_uri(tmp_path))
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["stx.sweep.command"].startswith("stx -m encoder.weights=random")
     sweep_dir = Path(parent.data.tags["stx.sweep.dir"])
     assert (sweep_dir / "multirun.yaml").is_file() and "multirun.yaml" in artifact_paths(client, parent.info.run_id)
-    assert sorted(c.data.params["loss.style.score_weight"] for c in children) == ["1000.0", "10000.0"]
+    assert sorted(c.data.params["loss.style.score_weight"] for c in children) == ["10.0", "1000.0", "100000.0"]
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     assert all(c.info.status == "FINISHED" for c in children)
+    assert sorted(c.info.run_name for c in children) == ["score_weight=10.0", "score_weight=1000.0", "score_weight=100000.0"]
+    assert parent.data.params == {"encoder.weights": "random", "schedule.size": "32", "schedule.steps": "5"}  # fixed overrides
+
+    # the objective is the judge's style + content distance, not the weighted loss, so the
+    # sweep's best is not simply its smallest score weight (whose loss is smallest by far)
+    for child in children:
+        metrics = child.data.metrics
+        assert metrics["objective"] == pytest.approx(metrics["eval/style_distance"] + metrics["eval/content_distance"])
+    by_weight = {c.data.params["loss.style.score_weight"]: c for c in children}
+    assert min(children, key=lambda c: c.data.metrics["total"]) is by_weight["10.0"]
+    best = min(children, key=lambda c: c.data.metrics["objective"])
+    assert best is not by_weight["10.0"]
+    assert parent.data.tags["stx.sweep.best_run"] == best.info.run_id
+    assert {"compare/table.txt", "compare/contact_sheet.png", "compare/scatter.png"} <= set(artifact_paths(client, parent.info.run_id))
 
     compared = run_stx(tmp_path, "compare", parent.info.run_id, "--tracking-uri", local_uri(tmp_path))
     assert compared.returncode == 0, compared.stderr
-    header, *rows = compared.stdout.splitlines()[:3]
-    assert header.split()[:4] == ["run", "status", "loss.style.score_weight", "total"]
-    assert [row.split()[2] for row in rows] == ["1000.0", "10000.0"]
-    assert {"compare/contact_sheet.png", "compare/table.txt"} <= set(artifact_paths(client, parent.info.run_id))
+    header, *rows = compared.stdout.splitlines()[:4]
+    assert header.split()[:6] == ["run", "status", "front", "loss.style.score_weight", "objective", "eval/style_distance"]
+    objectives = [float(row.split()[4]) for row in rows]
+    assert objectives == sorted(objectives) and rows[0].split()[0] == best.info.run_id[:8]  # best first
+    assert rows[0].split()[2] == "*"  # the best by the sum is on the style/content front
 
-    original = next(c for c in children if c.data.params["loss.style.score_weight"] == "10000.0")
+    original = next(c for c in children if c.data.params["loss.style.score_weight"] == "100000.0")
     reproduced = run_stx(tmp_path, "reproduce", original.info.run_id)
     assert reproduced.returncode == 0, reproduced.stderr
     assert "max pixel difference to the original output: 0/255" in reproduced.stdout
@@ -133,7 +148,7 @@ def test_optuna_sweep_returns_finite_objectives(tmp_path):
     assert parent.info.status == "FINISHED" and len(children) == 2
     results = yaml.safe_load((Path(parent.data.tags["stx.sweep.dir"]) / "optimization_results.yaml").read_text())
     assert math.isfinite(results["best_value"])
-    assert results["best_value"] == pytest.approx(min(c.data.metrics["total"] for c in children))
+    assert results["best_value"] == pytest.approx(min(c.data.metrics["objective"] for c in children))
 
 
 def test_submitit_launcher_carries_the_parent_into_jobs(tmp_path):

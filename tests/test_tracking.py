@@ -45,7 +45,7 @@ def client(tmp_path, empty_store):
 def tracking(client, **changes):
     folder = Path(client.tracking_uri.removeprefix("sqlite:///")).parent
     return OmegaConf.create({"uri": client.tracking_uri, "artifact_location": str(folder / "artifacts"),
-                             "experiment": "stx", "metrics_every": 1, "image_every": 0, **changes})
+                             "experiment": "stx", "metrics_every": 1, "image_every": 0, "system_metrics": False, **changes})
 
 
 def step(n):
