@@ -3,6 +3,7 @@
 * ``stx key=value …`` runs one job, ``stx -m key=a,b …`` a sweep (a Hydra app; ``stx --help``).
 * ``stx compare <parent-run-id | experiment>``: contact sheet and table of a sweep's runs.
 * ``stx reproduce <run-id>``: re-run a logged run and report the max pixel difference.
+* ``stx promote <run-id> key=value …``: re-run a run with changes (a larger size) from its output.
 * ``stx init [dir]``: scaffold a project folder of your own (images, configs, presets).
 """
 
@@ -28,7 +29,7 @@ from stx.errors import StxError
 from stx.schema import CONF_PACKAGE, runs_dir
 
 log = logging.getLogger("stx")
-COMMANDS = ("compare", "reproduce", "init")
+COMMANDS = ("compare", "reproduce", "promote", "init")
 
 
 class _Task:
@@ -127,6 +128,10 @@ def tool_main(argv: list[str]) -> None:
                                 "compare/<target> beside a local store, else in the runs folder)")
     reproduce_parser = commands.add_parser("reproduce", parents=[common], help="re-run a logged run and compare its output")
     reproduce_parser.add_argument("run_id")
+    promote_parser = commands.add_parser("promote", parents=[common],
+                                         help="re-run a run larger (key=value changes), starting from its output")
+    promote_parser.add_argument("run_id")
+    promote_parser.add_argument("overrides", nargs="*", help="e.g. schedule.size=1024 schedule.steps=300")
     init_parser = commands.add_parser("init", help="scaffold a project folder: your images, configs and presets")
     init_parser.add_argument("folder", nargs="?", type=Path, default=Path("."), help="(default: the current folder)")
     args = parser.parse_args(argv)
@@ -137,6 +142,12 @@ def tool_main(argv: list[str]) -> None:
             created = scaffold(args.folder)
             print("stx: created " + ", ".join(str(path) for path in created))
             print(f"stx: run it with: cd {args.folder} && stx -cd conf -cn project")
+            return
+        if args.command == "promote":
+            from stx.reproduce import promote
+
+            result = promote(args.run_id, args.tracking_uri, args.overrides)
+            print(f"stx: promoted {args.run_id} to MLflow run {result.run_id}; output {result.output}")
             return
         if args.command == "compare":
             from stx.compare import compare, default_out_dir

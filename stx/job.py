@@ -59,6 +59,8 @@ class Job:
     """Scores images against the inputs (references set), for the ``eval/…`` metrics."""
     objective: Objective
     """What the job returns to the sweeper, from the final ``eval/…`` metrics."""
+    initial: torch.Tensor | None = None
+    """The image to start from instead of ``schedule.init`` (``schedule.init_image``), if any."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -196,4 +198,8 @@ def build_job(cfg: DictConfig) -> Job:
     evaluation = Judge.from_config(cfg, device)
     references = [read_image(path, EVAL_SIZE).to(device) for path in (content_path, *style_paths)]
     evaluation.set_references(references[0], references[1:], weights)
-    return Job(loss, content, styles, weights, schedule, device, content_path, style_paths, evaluation, objective)
+    initial = None
+    if cfg.schedule.init_image is not None:
+        initial = read_image(to_absolute_path(cfg.schedule.init_image), schedule.size).to(device)
+    return Job(loss, content, styles, weights, schedule, device, content_path, style_paths, evaluation, objective,
+               initial)

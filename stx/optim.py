@@ -217,9 +217,12 @@ def optimise_image(
     schedule: Schedule,
     callback: OptimizationCallback | None = None,
     start: Checkpoint | None = None,
+    initial: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Optimise an image to minimise ``objective``; return it (``1×3×H×W``, [0, 1]).
 
+    The first level starts from ``schedule.init``, or from ``initial`` (a ``1×3×H×W`` image in
+    [0, 1] on the content's device, resized to the level) when given.
     ``content`` and ``styles`` are full-resolution ``1×3×H×W`` images on the target device;
     at each level the content is resized to the level's size and each style to
     :meth:`Schedule.style_edge` of it; ``style_weights`` blend the styles. Raises
@@ -245,6 +248,10 @@ def optimise_image(
             device = content.device
             resume = dataclasses.replace(start, parameter=start.parameter.to(device), best=start.best.to(device))
             done = start.step - step
+        elif image is None and initial is not None:
+            image = torch.nn.functional.interpolate(
+                initial, size=level_content.shape[-2:], mode="bicubic", antialias=True
+            ).clamp_(0, 1)
         elif image is None:
             image = INITS[schedule.init](level_content, level_styles[0], schedule.seed)
         else:

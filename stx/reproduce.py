@@ -1,4 +1,5 @@
-"""``stx reproduce``: re-run a logged run from what MLflow holds and compare the outputs."""
+"""``stx reproduce``: re-run a logged run from what MLflow holds and compare the outputs;
+``stx promote``: re-run it with changes (a larger size), starting from its output."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ from pathlib import Path
 import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
 
 from stx import layout
 from stx.errors import StxError
+from stx.image import MIN_SIZE
 from stx.runner import JobResult, run_tracked
 from stx.schema import runs_dir
 from stx.tracking import source_tags
@@ -50,3 +54,39 @@ def reproduce(run_id: str, uri: str) -> tuple[JobResult, int]:
         difference = max_pixel_difference(original_output, result.output)
     client.log_metric(result.run_id, "reproduce/max_pixel_diff", difference)
     return result, difference
+
+
+def promote(run_id: str, uri: str, overrides: list[str]) -> JobResult:
+    """Re-run ``run_id``'s exact config with ``overrides`` (``key=value``, e.g. a larger
+    ``schedule.size``), starting from its output image, as a new run tagged ``promoted_from``:
+    sweep small, pick the best, render it large."""
+    client = MlflowClient(uri)
+    try:
+        original = client.get_run(run_id)
+    except MlflowException as exc:
+        raise StxError(f"run {run_id!r} is not in {uri}: give a run id from the MLflow UI or stx compare.") from exc
+    run_dir = Path(runs_dir()) / "promote" / run_id / datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
+    cfg = layout.load_run_config(client, run_id, run_dir, runs_dir(), uri)
+    before = cfg.schedule.size, cfg.schedule.steps
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    except (OmegaConfBaseException, ValueError) as exc:
+        raise StxError(f"stx promote {run_id} {' '.join(overrides)}: the overrides do not fit the run's config ({str(exc).splitlines()[0]}); "
+                       f"give key=value pairs of existing keys, e.g. schedule.size=1024.") from exc
+    start = layout.download_artifact(client, run_id, layout.output_names(original)[0], run_dir / "promoted_from",
+                                     hint="only a run that finished has an output to start from")
+    cfg.schedule.init_image = str(start)
+    _follow_size_and_steps(cfg.schedule, *before)
+    tags = {k: v for k, v in original.data.tags.items() if k.startswith(COPIED_TAGS) and k != layout.TAG_JOB_NUM}
+    tags.update({layout.TAG_PROMOTED_FROM: run_id, layout.TAG_OVERRIDES: " ".join(overrides)})
+    return run_tracked(cfg, run_dir, tags)
+
+
+def _follow_size_and_steps(schedule: DictConfig, size: int, steps: int) -> None:
+    """The logged config is resolved, so its pyramid levels no longer follow ``schedule.size``
+    and ``schedule.steps``: scale each level's size by the new size's ratio, and give the new
+    step count to the levels that had the old one."""
+    for level in schedule.levels:
+        level.size = max(MIN_SIZE, round(level.size * schedule.size / size))
+        if level.steps == steps:
+            level.steps = schedule.steps

@@ -199,7 +199,7 @@ def run_tracked(
                 try:
                     image = optimise_image(job.loss, content=job.content, styles=job.styles,
                                            style_weights=job.style_weights, schedule=job.schedule,
-                                           callback=monitor, start=start)
+                                           callback=monitor, start=start, initial=job.initial)
                 except NonFiniteLossError as error:
                     _save(tracker, error.image, run_dir / (layout.LAST_FINITE + cfg.output), error.step - 1)
                     raise

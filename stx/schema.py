@@ -55,6 +55,7 @@ class ScheduleSchema:
     steps: int = MISSING
     levels: List[LevelSchema] = MISSING
     init: str = MISSING
+    init_image: Optional[str] = MISSING
     bounds: str = MISSING
     max_rise: float = MISSING
     style_scale: float = MISSING

@@ -192,3 +192,21 @@ def test_unreachable_server_fails_fast_with_the_uri(tmp_path):
     assert result.returncode == 2
     assert f"the MLflow server at http://127.0.0.1:{port} does not answer" in result.stderr
     assert time.monotonic() - started < 60
+
+
+def test_promote_reruns_a_run_larger_from_its_output(tmp_path):
+    small = run_stx(tmp_path, *FAST, "schedule.steps=4")
+    assert small.returncode == 0, small.stderr
+    client = MlflowClient(local_uri(tmp_path))
+    (original,) = client.search_runs([client.get_experiment_by_name("stx").experiment_id])
+    promoted = run_stx(tmp_path, "promote", original.info.run_id, "schedule.size=48", "schedule.steps=3")
+    assert promoted.returncode == 0, promoted.stderr
+    (large,) = client.search_runs([original.info.experiment_id], filter_string=f"tags.promoted_from = '{original.info.run_id}'")
+    assert large.info.status == "FINISHED" and large.data.params["schedule.size"] == "48"
+    assert large.data.params["loss.style.score_weight"] == original.data.params["loss.style.score_weight"]
+    assert large.data.params["schedule.init_image"].endswith("promoted_from/output.png")
+    assert max(Image.open(Path(large.data.tags["stx.run_dir"]) / "output.png").size) == 48
+    assert [m.step for m in client.get_metric_history(large.info.run_id, "total")] == [1, 2, 3]
+
+    refused = run_stx(tmp_path, "promote", original.info.run_id, "schedule.sise=64")
+    assert refused.returncode == 2 and "schedule.sise" in refused.stderr and "Traceback" not in refused.stderr
