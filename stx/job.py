@@ -137,7 +137,16 @@ def style_weights(images: DictConfig) -> list[float]:
     count = len(images.styles)
     if count == 0:
         raise ConfigError("images.styles is empty: give at least one style image path.")
-    weights = [1.0] * count if images.style_weights is None else [float(w) for w in images.style_weights]
+    given = images.style_weights
+    try:
+        weights = [1.0] * count if given is None else [float(w) for w in list(given)]
+        if not isinstance(given, (ListConfig, type(None))):
+            raise TypeError
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"images.style_weights={OmegaConf.to_container(given) if isinstance(given, DictConfig) else given!r} is not "
+            f"valid: give a list of numbers, one per style image, or null for equal weights."
+        ) from exc
     if len(weights) != count:
         raise ConfigError(
             f"images.style_weights has {len(weights)} value(s) for {count} style image(s); give one "
