@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import re
-import shlex
 import tempfile
 import urllib.parse
 from dataclasses import dataclass
@@ -62,8 +61,7 @@ def find_runs(client: MlflowClient, target: str) -> tuple[list[Run], Run | None]
 
 def overrides(run: Run) -> dict[str, str]:
     """The run's command-line overrides as ``{key: value}``."""
-    pairs = (item.split("=", 1) for item in shlex.split(run.data.tags.get(layout.TAG_OVERRIDES, "")) if "=" in item)
-    return {key: value for key, value in pairs}
+    return layout.parse_overrides(run.data.tags.get(layout.TAG_OVERRIDES, ""))
 
 
 def swept_values(runs: list[Run]) -> list[dict[str, str]]:

@@ -8,6 +8,7 @@ Used by the runner (writing), the sweep callback, ``stx compare``, ``stx reprodu
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -101,6 +102,12 @@ def check_output(name: str) -> None:
     else:
         return
     raise ConfigError(f"output={name!r} is not valid: {problem}; e.g. output=result.png.")
+
+
+def parse_overrides(text: str) -> dict[str, str]:
+    """The ``hydra.overrides`` tag's text as ``{key: value}``."""
+    pairs = (item.split("=", 1) for item in shlex.split(text) if "=" in item)
+    return {key: value for key, value in pairs}
 
 
 def output_names(run: Run) -> list[str]:

@@ -71,7 +71,7 @@ def swept_name(overrides: str, swept_keys: str) -> str:
     """A sweep job's run name: its values of the swept keys, by their last component
     (``score_weight=1e5 seed=2``); all its overrides when the swept keys are unknown."""
     keys = [key for key in swept_keys.split(",") if key]
-    values = dict(item.split("=", 1) for item in overrides.split() if "=" in item)
+    values = layout.parse_overrides(overrides)
     short = [key.rsplit(".", 1)[-1] for key in keys]
     names = short if len(set(short)) == len(short) else keys
     return " ".join(f"{name}={values[key]}" for name, key in zip(names, keys) if key in values) or overrides
