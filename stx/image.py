@@ -220,6 +220,18 @@ def resize(image: torch.Tensor, size: int) -> torch.Tensor:
     return resize_to(image, long_edge_shape(image.shape[-2], image.shape[-1], size))
 
 
+def read_mask(path: str | Path, shape: tuple[int, int]) -> torch.Tensor:
+    """Read a mask image as a ``1×1×H×W`` float tensor in [0, 1] at ``shape = (H, W)``: the mean
+    of its RGB channels (white: inside, black: outside, grey: partly). Errors as :func:`read_image`."""
+    return resize_to(read_image(path, max(shape)), shape).mean(dim=1, keepdim=True)
+
+
+def resize_mask(mask: torch.Tensor, shape: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """Resize a ``B×1×H×W`` mask to ``shape`` by area averaging (a pooling layer's footprint)."""
+    shape = tuple(shape)
+    return mask if shape == tuple(mask.shape[-2:]) else F.interpolate(mask, size=shape, mode="area")
+
+
 def resize_to(image: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """Resize a ``B×C×H×W`` image in [0, 1] to ``shape = (H, W)`` (bicubic, antialiased)."""
     if shape == tuple(image.shape[-2:]):

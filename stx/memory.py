@@ -3,13 +3,16 @@ level (:func:`check_inputs`), or whose largest level would not fit the device, i
 
 The estimate (bytes, float32) counts what dominates an image optimisation step at the largest
 level: the encoder's activations kept for the backward pass and its gradients (1.25 × the sum of
-every layer's output up to the deepest layer used; calibrated on the CPU, where a 1024 px Adam
-run's peak memory grew by 1.00 × that sum over a 32 px run), the MRF losses' patch matrices and
-patch-similarity matrices, the image, its gradient and the optimiser's state (L-BFGS keeps
-``2 × history_size`` image-sized vectors). On the CPU it also counts decoding the largest input
-file (before the optimisation; summed with it, which errs on the safe side); on a CUDA device that
-happens in host memory and is not counted. There is no tiling: a size that does not fit must be
-lowered, or run on a device with more memory.
+every leaf module's output up to the deepest layer used, softmax copies included, from
+:meth:`stx.encoders.MultiLayerEncoder.activation_elements`; calibrated on VGG on the CPU, where a
+1024 px Adam run's peak memory grew by 1.00 × that sum over a 32 px run), the MRF losses' patch matrices and
+patch-similarity matrices, what other loss terms keep per evaluation (``Loss.working_floats``:
+guided losses' masked features, W2's centred features, normalised gradients), the image, its
+gradient and the optimiser's state (L-BFGS keeps ``2 × history_size`` image-sized vectors). On
+the CPU it also counts decoding the largest input file (before the optimisation; summed with it,
+which errs on the safe side); on a CUDA device that happens in host memory and is not counted.
+A size that does not fit can be tiled (``schedule.tile``, :mod:`stx.tiling`), lowered, or run on a
+device with more memory.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch import nn
 
+from stx.encoders import MultiLayerEncoder
 from stx.errors import ConfigError
 from stx.image import image_shape, long_edge_shape, reduction_factor
 from stx.losses import MRFStyleLoss, PerceptualObjective
@@ -40,16 +43,9 @@ RGB file peaks at 20 = 4 + 16)."""
 DECODING = "decoding the largest input"
 
 
-def layer_shapes(encoder: nn.Module, height: int, width: int) -> list[tuple[int, int, int]]:
-    """``(C, H, W)`` of each layer's output of a VGG-style stack for an ``H×W`` input."""
-    shapes, channels = [], 3
-    for module in encoder.features:
-        if isinstance(module, nn.Conv2d):
-            channels = module.out_channels
-        elif isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
-            height, width = height // 2, width // 2
-        shapes.append((channels, height, width))
-    return shapes
+def layer_shapes(encoder: MultiLayerEncoder, height: int, width: int) -> list[tuple[int, int, int]]:
+    """``(C, H, W)`` of each layer's output of an encoder's stack for an ``H×W`` input."""
+    return list(encoder.layer_shapes(height, width).values())
 
 
 def decode_bytes(height: int, width: int, size: int) -> int:
@@ -61,8 +57,8 @@ def decode_bytes(height: int, width: int, size: int) -> int:
 
 def check_encodable(objective: PerceptualObjective, what: str, height: int, width: int) -> None:
     """Raise :class:`ConfigError` when an ``H×W`` image (``what``: which one, where) leaves a layer
-    the objective reads too small: any layer under 1 px, an MRF layer under its patch size. Each
-    pooling halves both edges, rounding down, so ``need`` px after ``k`` poolings take ``need × 2^k``."""
+    the objective reads too small: any layer under 1 px, an MRF layer under its patch size (the
+    encoder's shapes for this input, :meth:`~stx.encoders.MultiLayerEncoder.fits`)."""
     if objective.encoder is None:
         return
     names = objective.encoder.names
@@ -70,15 +66,15 @@ def check_encodable(objective: PerceptualObjective, what: str, height: int, widt
     for loss in objective.losses.values():
         if isinstance(loss, MRFStyleLoss):
             needs.update({layer: max(needs.get(layer, 1), loss.patch_size) for layer in loss.layers})
-    pooled = [isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)) for module in objective.encoder.features]
-    demands = {layer: (need, sum(pooled[: names.index(layer) + 1])) for layer, need in needs.items()}
-    layer, (need, pools) = max(demands.items(), key=lambda item: item[1][0] * 2 ** item[1][1])
-    if min(height, width) < need * 2**pools:
+    short = [layer for layer, need in needs.items() if not objective.encoder.fits(layer, need, height, width)]
+    if short:
+        edges = {layer: objective.encoder.min_edge(layer, needs[layer]) for layer in short}
+        layer = max(edges, key=edges.get)
         raise ConfigError(
             f"{what} is only {width}×{height} px, too small for the loss set: layer {layer} comes "
-            f"after {pools} poolings and needs {need} px on both edges there, i.e. at least "
-            f"{need * 2**pools} px in the image; use a larger schedule.size (smallest pyramid "
-            f"level), a less elongated image (crop it), or shallower layers."
+            f"after {objective.encoder.downsamplings(layer)} and needs {needs[layer]} px on both "
+            f"edges there, i.e. at least {edges[layer]} px in the image; use a larger schedule.size "
+            f"(smallest pyramid level), a less elongated image (crop it), or shallower layers."
         )
 
 
@@ -110,8 +106,9 @@ def estimate_bytes(
     ``decoding`` (bytes, :func:`check_inputs`) as a component of its own."""
     estimate = {"image and optimiser": (2 + optimizer_state_images) * 3 * height * width * FLOAT}
     if objective.encoder is not None:
-        shapes = dict(zip(objective.encoder.names, layer_shapes(objective.encoder, height, width)))
-        estimate["encoder activations"] = round(ACTIVATION_FACTOR * sum(c * h * w for c, h, w in shapes.values()) * FLOAT)
+        shapes = objective.encoder.layer_shapes(height, width)
+        elements = objective.encoder.activation_elements(height, width)
+        estimate["encoder activations"] = round(ACTIVATION_FACTOR * elements * FLOAT)
         mrf = 0
         for loss in objective.losses.values():
             if isinstance(loss, MRFStyleLoss):
@@ -123,6 +120,9 @@ def estimate_bytes(
                     mrf += (3 * patches * dims + styles * targets * (2 * dims + patches)) * FLOAT
         if mrf:
             estimate["MRF patches and similarities"] = mrf
+        statistics = sum(loss.working_floats(shapes) for loss in objective.losses.values())
+        if statistics:
+            estimate["loss statistics"] = statistics * FLOAT
     if decoding:
         estimate[DECODING] = decoding
     return estimate
@@ -148,7 +148,7 @@ def check_fits(estimate: dict[str, int], device: torch.device, size: int) -> Non
         parts = ", ".join(f"{name} {value / 2**30:.2f} GiB" for name, value in counted.items())
         raise ConfigError(
             f"schedule size {size} px needs about {needed / 2**30:.1f} GiB on {device} ({parts}), but only "
-            f"{free / 2**30:.1f} GiB is free; lower schedule.size (or the pyramid's largest level), use "
+            f"{free / 2**30:.1f} GiB is free; set schedule.tile=auto (exact, tile by tile), lower schedule.size (or the pyramid's largest level), use "
             f"fewer or coarser MRF layers (larger stride), downscale very large input files, or use a "
             f"device with more memory."
         )

@@ -21,16 +21,22 @@ def test_defaults_compose_to_gatys_on_vgg19(make_cfg, tmp_path):
 
 @pytest.mark.parametrize("choice", options("encoder"))
 def test_encoder_options(make_cfg, choice):
-    job = build_job(make_cfg(f"encoder={choice}", *FAST))
-    assert job.loss.encoder.available[-1] == "pool5"
+    vgg = choice.startswith("vgg")
+    job = build_job(make_cfg(f"encoder={choice}", *FAST, *([] if vgg else [f"loss=gatys_{choice}", "schedule.size=48"])))
+    last = {"resnet50": "layer4_2", "efficientnet_b0": "head_conv"}.get(choice, "pool5")
+    assert job.loss.encoder.available[-1] == last
     assert ("relu5_4" in job.loss.encoder.available) == (choice == "vgg19")
 
 
 @pytest.mark.parametrize("choice", options("loss"))
 def test_loss_options(make_cfg, choice):
-    job = build_job(make_cfg(f"loss={choice}", *FAST, "schedule.size=48"))  # MRF's 3×3 patches at relu4_1 need 24 px
+    encoder = [f"encoder={choice.removeprefix('gatys_')}"] if choice.startswith("gatys_") and choice != "gatys_tv" else []
+    job = build_job(make_cfg(f"loss={choice}", *FAST, "schedule.size=48", *encoder))  # MRF's 3×3 patches at relu4_1 need 24 px
     assert all(isinstance(term, losses.Loss) for term in job.loss.losses.values())
-    expected = {"gatys": {"content", "style"}, "gatys_tv": {"content", "style", "tv"}, "mrf": {"content", "style", "tv"}}
+    expected = {"gatys": {"content", "style"}, "gatys_tv": {"content", "style", "tv"}, "mrf": {"content", "style", "tv"},
+                **dict.fromkeys(("gatys_alexnet", "gatys_resnet50", "gatys_efficientnet_b0"), {"content", "style"}),
+                "johnson": {"content", "style", "tv"},
+                **dict.fromkeys(("meanstd", "wasserstein", "guided"), {"content", "style"})}
     assert set(job.loss.losses) == expected[choice]
 
 

@@ -1,4 +1,7 @@
+import math
+
 import pytest
+import scipy.linalg
 import torch
 from torch.autograd import gradcheck
 
@@ -149,3 +152,93 @@ def test_bad_weights_are_refused(bad):
         losses.GramStyleLoss({"relu1_1": bad})
     with pytest.raises(ConfigError, match="score_weight"):
         losses.ContentLoss({"relu4_2": 1.0}, score_weight=bad)
+
+
+def test_mean_std_loss_hand_computed():
+    features = torch.tensor([[1.0, 3.0], [0.0, 4.0]]).view(1, 2, 1, 2)  # μ = (2, 2), var = (1, 4)
+    target = torch.tensor([[0.0, 0.0], [2.0, 2.0]]).view(1, 2, 1, 2)  # μ = (0, 2), var = (0, 0)
+    loss = losses.MeanStdStyleLoss({"x": 1.0})
+    loss.set_targets(identity_encoder, [target], [1.0])
+    eps = losses.MEANSTD_EPS
+    std, std_t = [math.sqrt(1 + eps), math.sqrt(4 + eps)], [math.sqrt(eps)] * 2
+    expected = ((2 - 0) ** 2 + 0) / 2 + sum((s - t) ** 2 for s, t in zip(std, std_t)) / 2
+    assert loss({"x": features}, None)["x"].item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_wasserstein_loss_hand_computed():
+    # Uncorrelated channels: W2² = ‖μ - μ_t‖² + Σ_c (σ_c - σ_t,c)², divided by C = 2.
+    features = torch.tensor([[1.0, -1, 1, -1], [3, 3, -1, -1]]).view(1, 2, 2, 2)  # μ = (0, 1), σ = (1, 2)
+    target = torch.tensor([[4.0, -2, 4, -2], [1, 1, -1, -1]]).view(1, 2, 2, 2)  # μ = (1, 0), σ = (3, 1)
+    loss = losses.WassersteinStyleLoss({"x": 1.0})
+    loss.set_targets(identity_encoder, [target], [1.0])
+    assert loss({"x": features}, None)["x"].item() == pytest.approx((1 + 1 + 4 + 1) / 2, rel=1e-5)
+
+
+def test_wasserstein_loss_matches_matrix_square_root_formula(rng):
+    features, target = (torch.rand(1, 6, 4, 5, generator=rng, dtype=torch.float64) for _ in range(2))
+    loss = losses.WassersteinStyleLoss({"x": 1.0})
+    loss.set_targets(identity_encoder, [target], [1.0])
+    (mean, cov), (mean_t, cov_t) = losses.channel_covariance(features), losses.channel_covariance(target)
+    root_t = torch.from_numpy(scipy.linalg.sqrtm(cov_t[0].numpy()).real)
+    cross = torch.from_numpy(scipy.linalg.sqrtm((root_t @ cov[0] @ root_t).numpy()).real)
+    expected = ((mean - mean_t).square().sum() + torch.trace(cov[0] + cov_t[0] - 2 * cross)) / 6
+    assert loss({"x": features}, None)["x"].item() == pytest.approx(expected.item(), rel=1e-8)
+    assert loss({"x": target}, None)["x"].item() == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 5, 5), (1, 8, 2, 2)], ids=["full-rank", "fewer-positions-than-channels"])
+@pytest.mark.parametrize("make", [losses.MeanStdStyleLoss, losses.WassersteinStyleLoss], ids=["meanstd", "w2"])
+def test_statistics_losses_gradients_match_finite_differences(make, shape, rng):
+    # With 4 positions and 8 channels the covariances are singular: W2's gradient must stay exact.
+    loss = _targets_for(make({"x": 1.0}), rng, shape)
+    features = torch.rand(shape, generator=rng, dtype=torch.float64, requires_grad=True)
+    assert gradcheck(lambda f: loss({"x": f}, None)["x"], (features,), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [losses.MeanStdStyleLoss, losses.WassersteinStyleLoss], ids=["meanstd", "w2"])
+def test_statistics_losses_blend_styles_as_their_pooled_features(make, rng):
+    a, b = (torch.rand(1, 4, 3, 5, generator=rng, dtype=torch.float64) for _ in range(2))
+    blended, pooled = make({"x": 1.0}), make({"x": 1.0})
+    blended.set_targets(identity_encoder, [a, b], [2.0, 2.0])
+    pooled.set_targets(identity_encoder, [torch.cat([a, b], dim=-1)], [1.0])
+    probe = {"x": torch.rand(1, 4, 6, 6, generator=rng, dtype=torch.float64)}
+    assert blended(probe, None)["x"].item() == pytest.approx(pooled(probe, None)["x"].item(), rel=1e-10)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda **kw: losses.ContentLoss({"x": 0.3}, score_weight=7.0, **kw),
+     lambda **kw: losses.GramStyleLoss({"x": 0.3}, score_weight=7.0, **kw)],
+    ids=["content", "gram"],
+)
+def test_normalized_gradients_have_unit_l1_norm_before_the_weights(make, rng):
+    plain, normalized = make(), make(normalize_gradients=True)
+    target = torch.rand(1, 4, 5, 6, generator=rng, dtype=torch.float64)
+    for loss in (plain, normalized):
+        loss.set_targets(identity_encoder, [target], [1.0])
+    features = torch.rand(1, 4, 5, 6, generator=rng, dtype=torch.float64, requires_grad=True)
+    values = [loss({"x": features}, None) for loss in (plain, normalized)]
+    assert values[1]["x"].item() == values[0]["x"].item()  # the value is unchanged
+    (grad_plain,), (grad_normalized,) = (torch.autograd.grad(loss.weighted(v), features) for loss, v in zip((plain, normalized), values))
+    assert grad_normalized.abs().sum().item() == pytest.approx(0.3 * 7.0, rel=1e-6)  # layer weight × score weight
+    torch.testing.assert_close(grad_normalized, grad_plain / grad_plain.abs().sum() * 0.3 * 7.0)
+
+
+def test_normalize_gradients_must_be_a_bool():
+    with pytest.raises(ConfigError, match="normalize_gradients='yes' is not valid: use true or false"):
+        losses.ContentLoss({"relu4_2": 1.0}, normalize_gradients="yes")
+
+
+def test_memory_estimate_counts_statistics_losses(vgg19_random):
+    from stx import memory
+
+    layers = {"relu1_1": 1.0, "relu3_1": 1.0}
+    shapes = dict(zip(vgg19_random.names, memory.layer_shapes(vgg19_random, 64, 64)))
+    estimates = {}
+    for name, loss in [("gram", losses.GramStyleLoss(layers)), ("w2", losses.WassersteinStyleLoss(layers)),
+                       ("normalized", losses.GramStyleLoss(layers, normalize_gradients=True))]:
+        estimates[name] = memory.estimate_bytes(losses.PerceptualObjective(vgg19_random, {"style": loss}), 64, 64, 2, 1)
+    assert "loss statistics" not in estimates["gram"]
+    features = sum(math.prod(shapes[layer]) for layer in layers)  # 64·64·64 + 256·16·16
+    assert estimates["normalized"]["loss statistics"] == 4 * features
+    assert estimates["w2"]["loss statistics"] == 4 * (3 * features + 4 * (64**2 + 256**2))
