@@ -22,7 +22,7 @@ from hydra.utils import get_object, instantiate, to_absolute_path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from stx import encoders, layout, losses, memory, plugins
+from stx import color, encoders, guidance, layout, losses, memory, plugins, tiling
 from stx.errors import ConfigError
 from stx.image import image_shape, long_edge_shape, read_image
 from stx.judge import EVAL_SIZE, Judge
@@ -33,6 +33,9 @@ ALLOWED_TARGETS = {
     "loss": ("stx.losses", losses.Loss, True),
     "encoder": ("stx.encoders", None, True),
     "schedule.optimizer": ("torch.optim", torch.optim.Optimizer, False),
+    "model": ("stx.transformer", torch.nn.Module, False),
+    "trainer.lr_schedule": ("torch.optim.lr_scheduler", torch.optim.lr_scheduler.LRScheduler, False),
+    "color": ("stx.color", color.ColorControl, True),
 }
 """Per kind of config node: the module its ``_target_`` must come from, the class it must
 derive from, and whether trusted plugin modules (:mod:`stx.plugins`) may provide it too."""
@@ -47,7 +50,7 @@ class Job:
     ``style_paths`` are the absolute paths they were read from.
     """
 
-    loss: losses.PerceptualObjective
+    loss: losses.PerceptualObjective | tiling.TiledObjective
     content: torch.Tensor
     styles: list[torch.Tensor]
     style_weights: list[float]
@@ -59,6 +62,9 @@ class Job:
     """Scores images against the inputs (references set), for the ``eval/…`` metrics."""
     objective: Objective
     """What the job returns to the sweeper, from the final ``eval/…`` metrics."""
+    color: color.ColorControl
+    """Has prepared ``content`` and ``styles`` (what the objective sees); its ``finish`` turns
+    the optimised image into the result (applied to every logged image)."""
     initial: torch.Tensor | None = None
     """The image to start from instead of ``schedule.init`` (``schedule.init_image``), if any."""
 
@@ -200,15 +206,18 @@ def build_job(cfg: DictConfig) -> Job:
 
     decoding = memory.check_inputs(loss, schedule, content_path, style_paths)
     height, width = long_edge_shape(*image_shape(content_path), schedule.size)
-    estimate = memory.estimate_bytes(loss, height, width, schedule.state_images, len(style_paths), decoding)
-    memory.check_fits(estimate, device, schedule.size)
+    loss = tiling.plan_tiling(cfg.schedule.tile, loss, height, width, schedule.state_images, len(style_paths),
+                              decoding, device, schedule.size)
+    guidance.load_guides(loss, schedule, content_path, device)
     content = read_image(content_path, schedule.size).to(device)
     styles = [read_image(path, schedule.style_edge(schedule.size)).to(device) for path in style_paths]
+    control = build(cfg.color, "color", "color")
+    content, styles = control.prepare(content, styles)
     evaluation = Judge.from_config(cfg, device)
     references = [read_image(path, EVAL_SIZE).to(device) for path in (content_path, *style_paths)]
     evaluation.set_references(references[0], references[1:], weights)
     initial = None
     if cfg.schedule.init_image is not None:
-        initial = read_image(to_absolute_path(cfg.schedule.init_image), schedule.size).to(device)
+        initial = control.start(read_image(to_absolute_path(cfg.schedule.init_image), schedule.size).to(device))
     return Job(loss, content, styles, weights, schedule, device, content_path, style_paths, evaluation, objective,
-               initial)
+               control, initial)

@@ -50,6 +50,10 @@ PARENT_RUN_ENV = "STX_PARENT_RUN_ID"
 """Set by the sweep callback in each job's process: the sweep's parent MLflow run."""
 
 TAG_ERROR = "stx.error"
+TAG_KIND = "stx.kind"
+"""``train`` on the runs of ``stx train`` (feed-forward model training)."""
+EXPORT_DIR = "export"
+"""Artifact folder of a training run's exported model files (TorchScript, ONNX)."""
 TAG_RUN_DIR = "stx.run_dir"
 TAG_OUTPUT = "stx.output"
 TAG_CHECKPOINT_STEP = "stx.checkpoint_step"
@@ -60,6 +64,8 @@ TAG_HOST = "stx.host"
 TAG_PID = "stx.pid"
 TAG_PID_START = "stx.pid_start"
 TAG_HEARTBEAT = "stx.heartbeat"
+TAG_SLURM_JOB = "stx.slurm_job_id"
+"""The SLURM job the run's process ran in, as ``squeue`` and ``scancel`` name it (``<array job>_<task>`` for an array task)."""
 TAG_SWEEP = "stx.sweep"
 TAG_SWEEP_COMMAND = "stx.sweep.command"
 TAG_SWEEP_DIR = "stx.sweep.dir"
@@ -145,14 +151,28 @@ def download_artifact(
         raise StxError(f"run {run_id} has no artifact {path!r} ({exc}); {hint}.") from exc
 
 
+LEGACY_VALUES = {
+    "color": {"_target_": "stx.color.ColorControl"},
+    "schedule.tile": "off",
+    "encoder.softmax": None,
+}
+"""Config keys added after runs were logged without them: the value that does what stx did
+before the key existed, filled in when such a run is reproduced, resumed or promoted."""
+
+
 def load_run_config(client: MlflowClient, run_id: str, folder: Path, runs_dir: str, uri: str) -> DictConfig:
-    """The run's resolved config, checked against stx's schema, reading its logged input
-    images (downloaded into ``folder/inputs``) and writing to ``runs_dir`` and ``uri``."""
+    """The run's resolved config, checked against stx's schema (keys it predates filled in from
+    :data:`LEGACY_VALUES`), reading its logged input images (downloaded into ``folder/inputs``)
+    and writing to ``runs_dir`` and ``uri``."""
     loaded = OmegaConf.load(download_artifact(client, run_id, CONFIG, folder))
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(StxSchema), loaded)
     except OmegaConfBaseException as exc:
         raise StxError(f"the config logged with run {run_id} does not fit stx's schema: {exc}") from exc
+    for key, value in LEGACY_VALUES.items():
+        parent, _, name = key.rpartition(".")
+        if OmegaConf.is_missing(OmegaConf.select(cfg, parent) if parent else cfg, name):
+            OmegaConf.update(cfg, key, value)
     download_artifact(client, run_id, INPUTS, folder)
     (content,) = (folder / content_dir()).iterdir()
     styles = [next((folder / style_dir(index)).iterdir()) for index in range(len(cfg.images.styles))]

@@ -4,6 +4,7 @@ written to the run dir and the MLflow run, and what the run costs (``perf/…``)
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import sys
 import time
@@ -32,7 +33,9 @@ class JobMonitor(OptimizationCallback):
     """Reports each step of a job of ``steps`` steps (starting after ``first_step``) to
     ``tracker`` and a progress bar, and scores the image with ``evaluate`` (``{metric: value}``,
     logged as ``eval/<metric>``) every ``tracker.image_every`` steps; use as a context manager
-    around the optimisation. ``started_at`` (unix time) is when the job's process started."""
+    around the optimisation. ``present`` turns the optimised image into the job's result (colour
+    control) before it is logged, scored or kept; ``started_at`` (unix time) is when the job's
+    process started."""
 
     def __init__(
         self,
@@ -41,6 +44,7 @@ class JobMonitor(OptimizationCallback):
         steps: int,
         *,
         evaluate: Callable[[torch.Tensor], Mapping[str, float]],
+        present: Callable[[torch.Tensor], torch.Tensor] = lambda image: image,
         started_at: float,
         first_step: int = 0,
     ) -> None:
@@ -48,6 +52,7 @@ class JobMonitor(OptimizationCallback):
         self.run_dir = run_dir
         self.steps = steps
         self.evaluate = evaluate
+        self.present = present
         self.started_at = started_at
         self.latest: StepInfo | None = None
         self.steps_run = 0
@@ -68,6 +73,7 @@ class JobMonitor(OptimizationCallback):
         self.progress.close()
 
     def on_step(self, info: StepInfo) -> None:
+        info = dataclasses.replace(info, image=self.present(info.image))
         if self.first_step_at is None:
             self.first_step_at = time.time()
         self.latest = info

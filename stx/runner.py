@@ -194,19 +194,20 @@ def run_tracked(
                 tracker.log_config(cfg, run_dir)
                 tracker.log_inputs(job.content_path, job.style_paths)
             log.info("MLflow run %s in %s; %d steps on %s", run_id, tracker.uri, job.schedule.steps, job.device)
-            with JobMonitor(tracker, run_dir, job.schedule.steps, evaluate=job.judge, started_at=started_at,
-                            first_step=start.step if start else 0) as monitor:
+            with JobMonitor(tracker, run_dir, job.schedule.steps, evaluate=job.judge, present=job.color.finish,
+                            started_at=started_at, first_step=start.step if start else 0) as monitor:
                 try:
                     image = optimise_image(job.loss, content=job.content, styles=job.styles,
                                            style_weights=job.style_weights, schedule=job.schedule,
                                            callback=monitor, start=start, initial=job.initial)
                 except NonFiniteLossError as error:
-                    _save(tracker, error.image, run_dir / (layout.LAST_FINITE + cfg.output), error.step - 1)
+                    _save(tracker, job.color.finish(error.image), run_dir / (layout.LAST_FINITE + cfg.output), error.step - 1)
                     raise
                 except (KeyboardInterrupt, TrackingError):
                     if monitor.latest is not None:
                         _save(tracker, monitor.latest.image, run_dir / (layout.INTERRUPTED + cfg.output), monitor.latest.step)
                     raise
+            image = job.color.finish(image)
             output = _save(tracker, image, run_dir / cfg.output, job.schedule.steps)
             evaluation = monitor.log_evaluation(image, job.schedule.steps)
             tracker.log_metrics(monitor.performance(job.device), job.schedule.steps)

@@ -40,6 +40,7 @@ class EncoderSchema:
     weights: str = MISSING
     pooling: str = MISSING
     seed: int = MISSING
+    softmax: Optional[float] = MISSING
 
 
 @dataclass
@@ -60,6 +61,7 @@ class ScheduleSchema:
     max_rise: float = MISSING
     style_scale: float = MISSING
     checkpoint_every: int = MISSING
+    tile: str = MISSING
 
 
 @dataclass
@@ -89,6 +91,7 @@ class ObjectiveSchema:
 class StxSchema:
     encoder: EncoderSchema = field(default_factory=EncoderSchema)
     loss: Dict[str, Any] = MISSING
+    color: Dict[str, Any] = MISSING
     schedule: ScheduleSchema = field(default_factory=ScheduleSchema)
     images: ImagesSchema = field(default_factory=ImagesSchema)
     tracking: TrackingSchema = field(default_factory=TrackingSchema)
@@ -102,3 +105,49 @@ class StxSchema:
 
 
 ConfigStore.instance().store(name="stx_schema", node=StxSchema)
+
+
+@dataclass
+class DataSchema:
+    content_dir: str = MISSING
+    crop: int = MISSING
+    holdout: int = MISSING
+    eval_size: int = MISSING
+    workers: int = MISSING
+
+
+@dataclass
+class TrainerSchema:
+    optimizer: Dict[str, Any] = MISSING
+    lr_schedule: Optional[Dict[str, Any]] = MISSING
+    batch_size: int = MISSING
+    steps: int = MISSING
+    style_size: int = MISSING
+    checkpoint_every: int = MISSING
+    export: List[str] = MISSING
+
+
+@dataclass
+class TrainTrackingSchema(TrackingSchema):
+    register_as: Optional[str] = MISSING
+
+
+@dataclass
+class TrainSchema:
+    """``stx train`` (conf/train.yaml): a feed-forward model trained on a folder of content images."""
+
+    encoder: EncoderSchema = field(default_factory=EncoderSchema)
+    loss: Dict[str, Any] = MISSING
+    model: Dict[str, Any] = MISSING
+    data: DataSchema = field(default_factory=DataSchema)
+    trainer: TrainerSchema = field(default_factory=TrainerSchema)
+    images: ImagesSchema = field(default_factory=ImagesSchema)
+    tracking: TrainTrackingSchema = field(default_factory=TrainTrackingSchema)
+    objective: ObjectiveSchema = field(default_factory=ObjectiveSchema)
+    device: str = MISSING
+    seed: int = MISSING
+    runs_dir: str = MISSING
+    resume: Optional[str] = MISSING
+
+
+ConfigStore.instance().store(name="stx_train_schema", node=TrainSchema)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import STX, artifact_paths, client_for, only_run, run_stx
+from conftest import STX, artifact_paths, client_for, only_run, options, run_stx
 from PIL import Image
 
 from stx.runner import run_tracked
@@ -76,11 +76,12 @@ def test_unwritable_runs_folder_is_one_clear_error(tmp_path, multirun):
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("loss=gatyss", "loss=gatyss is not an option of loss. Did you mean gatys or gatys_tv? Options: gatys, gatys_tv, mrf."),
+        ("loss=gatyss", "loss=gatyss is not an option of loss. Did you mean gatys or gatys_tv or gatys_resnet50? Options: "
+                        f"{', '.join(options('loss'))}."),
         ("loss.sytle=1", "loss.sytle is not a config key. Did you mean loss.style? Keys under loss: content, style. "
                          "To add a new key there instead, write +loss.sytle=…"),
         ("schedule.stpes=2", "schedule.stpes is not a config key. Did you mean schedule.steps? Keys under schedule: "
-                             "bounds, checkpoint_every, init, init_image, levels, max_rise, optimizer, size, steps, style_scale."),
+                             "bounds, checkpoint_every, init, init_image, levels, max_rise, optimizer, size, steps, style_scale, tile."),
     ],
 )
 def test_typo_in_a_key_or_an_option_is_one_paragraph_naming_the_valid_ones(tmp_path, override, message):

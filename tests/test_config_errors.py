@@ -1,7 +1,7 @@
 """Command-line config mistakes (typo'd keys, unknown options, bad values) in stx's one-paragraph form."""
 
 import pytest
-from conftest import FAST
+from conftest import FAST, options
 from hydra.errors import HydraException
 
 from stx.cli import config_error_message
@@ -15,15 +15,16 @@ from stx.job import build_job
         ("loss.sytle=1", "loss.sytle is not a config key. Did you mean loss.style? Keys under loss: content, style. "
                          "To add a new key there instead, write +loss.sytle=…"),
         ("schedule.stpes=2", "schedule.stpes is not a config key. Did you mean schedule.steps? Keys under schedule: "
-                             "bounds, checkpoint_every, init, init_image, levels, max_rise, optimizer, size, steps, style_scale."),
+                             "bounds, checkpoint_every, init, init_image, levels, max_rise, optimizer, size, steps, style_scale, tile."),
         ("loss.style.layerz.relu1_1=1", "loss.style.layerz is not a config key. Did you mean loss.style.layers? "
-                                        "Keys under loss.style: _target_, layers, score_weight. "
+                                        "Keys under loss.style: _target_, layers, normalize_gradients, score_weight. "
                                         "To add a new key there instead, write +loss.style.layerz=…"),
-        ("sed=1", "sed is not a config key. Did you mean seed? Keys at the top level: device, encoder, hydra, images, "
+        ("sed=1", "sed is not a config key. Did you mean seed? Keys at the top level: color, device, encoder, hydra, images, "
                   "loss, objective, output, precision, resume, runs_dir, schedule, seed, tracking."),
         ("loss.style.score_weight.x=1", "loss.style.score_weight.x is not a config key: loss.style.score_weight is a "
                                         "value, with no keys under it."),
-        ("loss=gatyss", "loss=gatyss is not an option of loss. Did you mean gatys or gatys_tv? Options: gatys, gatys_tv, mrf."),
+        ("loss=gatyss", "loss=gatyss is not an option of loss. Did you mean gatys or gatys_tv or gatys_resnet50? Options: "
+                        f"{', '.join(options('loss'))}."),
         ("schedule=_bse", "schedule=_bse is not an option of schedule. Options: adam, lbfgs, pyramid."),  # _base is shared
         ("hydra/launcher=jobib", "hydra/launcher=jobib is not an option of hydra/launcher. Did you mean joblib? Options: "
                                  "basic, joblib, stx_slurm, submitit_local, submitit_slurm."),
