@@ -5,6 +5,9 @@
 * ``stx reproduce <run-id>``: re-run a logged run and report the max pixel difference.
 * ``stx promote <run-id> key=value …``: re-run a run with changes (a larger size) from its output.
 * ``stx init [dir]``: scaffold a project folder of your own (images, configs, presets).
+* ``stx train key=value …``: train a feed-forward stylisation model (a Hydra app over ``conf/train.yaml``).
+* ``stx stylize <model> <images or folders>``: stylise images with a trained model.
+* ``stx serve --model <model> …``: an HTTP service stylising uploaded images.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -29,7 +32,7 @@ from stx.errors import StxError
 from stx.schema import CONF_PACKAGE, runs_dir
 
 log = logging.getLogger("stx")
-COMMANDS = ("compare", "reproduce", "promote", "init")
+COMMANDS = ("compare", "reproduce", "promote", "init", "stylize", "serve")
 
 
 class _Task:
@@ -40,9 +43,21 @@ class _Task:
 def hydra_main(cfg: DictConfig) -> float:
     from stx.runner import hydra_task  # torch & mlflow load after Hydra has parsed the command line
 
+    return run_task(hydra_task, cfg)
+
+
+@hydra.main(config_path=f"pkg://{CONF_PACKAGE}", config_name="train", version_base="1.3")
+def train_main(cfg: DictConfig) -> float:
+    from stx.train import hydra_task
+
+    return run_task(hydra_task, cfg)
+
+
+def run_task(task: Callable[[DictConfig], float], cfg: DictConfig) -> float:
+    """Run a Hydra app's ``task`` with stx's reports of mistakes and interrupts."""
     _Task.started = True
     try:
-        return hydra_task(cfg)
+        return task(cfg)
     except (StxError, OmegaConfBaseException) as error:  # the latter: a value that cannot be resolved
         log.error("%s", error)
         print(f"stx: error: {error}", file=sys.stderr, flush=True)
@@ -53,8 +68,9 @@ def hydra_main(cfg: DictConfig) -> float:
         from stx.layout import INTERRUPTED
 
         interrupts.ignore()
+        kept = f"its latest image kept as {INTERRUPTED}{cfg.output}" if "output" in cfg else "a checkpoint kept"
         print(f"stx: {interrupt or 'interrupted'}; the job's MLflow run, if it had started, is marked KILLED and "
-              f"its latest image kept as {INTERRUPTED}{cfg.output}.", file=sys.stderr, flush=True)
+              f"{kept}.", file=sys.stderr, flush=True)
         sys.exit(interrupts.exit_code(interrupt))
 
 
@@ -134,8 +150,39 @@ def tool_main(argv: list[str]) -> None:
     promote_parser.add_argument("overrides", nargs="*", help="e.g. schedule.size=1024 schedule.steps=300")
     init_parser = commands.add_parser("init", help="scaffold a project folder: your images, configs and presets")
     init_parser.add_argument("folder", nargs="?", type=Path, default=Path("."), help="(default: the current folder)")
+    stylize_parser = commands.add_parser("stylize", parents=[common], help="stylise images with a trained model")
+    stylize_parser.add_argument("model", help="a TorchScript or ONNX file, an MLflow model folder, a training run id, "
+                                "runs:/<id>/model, models:/<name>/<version>, or a registered name[/version]")
+    stylize_parser.add_argument("images", nargs="+", help="image files and folders (searched recursively)")
+    stylize_parser.add_argument("--out", type=Path, default=Path("stylized"), help="output folder (default: stylized)")
+    stylize_parser.add_argument("--size", type=int, help="resize each image to this long edge, px (default: as is)")
+    stylize_parser.add_argument("--batch-size", type=int, default=4, help="images per batch (same size only; default 4)")
+    stylize_parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    serve_parser = commands.add_parser("serve", parents=[common], help="HTTP service stylising uploaded images")
+    serve_parser.add_argument("--model", action="append", default=[], metavar="[NAME=]MODEL",
+                              help="a model to serve (as for stylize), at POST /stylize/NAME; repeatable")
+    serve_parser.add_argument("--optimize", action="store_true",
+                              help="also serve POST /optimize: image optimisation with the main config")
+    serve_parser.add_argument("overrides", nargs="*", help="main-config overrides for --optimize, e.g. loss=gatys_tv")
+    serve_parser.add_argument("--host", default="127.0.0.1")
+    serve_parser.add_argument("--port", type=int, default=8000)
+    serve_parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    serve_parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body (default 20)")
+    serve_parser.add_argument("--max-pixels", type=int, default=16_000_000, help="most pixels per image (default 16M)")
+    serve_parser.add_argument("--max-size", type=int, default=1024, help="largest size= a request may ask, px")
+    serve_parser.add_argument("--max-steps", type=int, default=300, help="most steps= an /optimize request may ask")
     args = parser.parse_args(argv)
     try:
+        if args.command == "stylize":
+            from stx.stylize import command
+
+            command(args)
+            return
+        if args.command == "serve":
+            from stx.serve import command
+
+            command(args)
+            return
         if args.command == "init":
             from stx.project import scaffold
 
@@ -166,11 +213,11 @@ def tool_main(argv: list[str]) -> None:
         fail(str(error))
 
 
-def app_main() -> None:
-    """The Hydra app, with Hydra's and OmegaConf's reports of command-line mistakes in stx's form."""
+def app_main(app: Callable[[], object] = hydra_main) -> None:
+    """A Hydra app, with Hydra's and OmegaConf's reports of command-line mistakes in stx's form."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # raise them here rather than print them
     try:
-        hydra_main()
+        app()
     except (HydraException, OmegaConfBaseException) as error:
         fail(config_error_message(error))
     except Exception as error:
@@ -185,6 +232,9 @@ def main() -> None:
     try:
         if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
             tool_main(sys.argv[1:])
+        elif len(sys.argv) > 1 and sys.argv[1] == "train":
+            sys.argv = [sys.argv[0], *sys.argv[2:]]  # Hydra reads sys.argv
+            app_main(train_main)
         else:
             app_main()
     except KeyboardInterrupt as interrupt:  # outside a job (the job reports its own)

@@ -272,6 +272,10 @@ class RunTracker:
         for index, style in enumerate(styles):
             self._store("logging the inputs", self.client.log_artifact, self.run_id, str(style), layout.style_dir(index))
 
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        """Log the file ``path`` as an artifact (under ``folder``)."""
+        self._store("logging an artifact", self.client.log_artifact, self.run_id, str(path), folder)
+
     def log_step(self, info: StepInfo) -> None:
         """The image every ``image_every`` steps; loss terms every ``metrics_every`` steps, buffered
         and flushed every :data:`FLUSH_EVERY_S`. Steps a reopened run had logged are skipped."""
