@@ -11,7 +11,10 @@ submitit) pickles callbacks into the job's process, where :meth:`on_job_start` h
 parent run id to the job through ``$STX_PARENT_RUN_ID`` and :meth:`on_job_end` records a
 failed job on the parent. The parent is closed FINISHED, or FAILED when any job failed or
 when the sweep stops early — Hydra skips ``on_multirun_end`` when a job raises, so an
-``atexit`` hook closes it then.
+``atexit`` hook closes it then. The parent carries the launching process's host and pid (no
+heartbeat), so if the store fails and the parent cannot be closed, the next job on the store
+closes it as FAILED once that process is gone (:mod:`stx.liveness`); the sweep then says so
+and exits 1.
 """
 
 from __future__ import annotations
@@ -29,11 +32,13 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from mlflow.entities import Param, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from stx import layout
 from stx.errors import StxError
+from stx.liveness import process_tags
 from stx.tracking import ensure_experiment, source_tags, tracking_uri
 
 
@@ -92,6 +97,8 @@ class MlflowSweepCallback(Callback):
             layout.TAG_SWEEP_COMMAND: command,
             layout.TAG_SWEEP_DIR: self.sweep_dir,
             layout.TAG_OVERRIDES: " ".join(OmegaConf.to_container(config.hydra.overrides.task, resolve=False)),
+            # judged dead only on this host, by its process: a heartbeat would go stale during long jobs
+            **{key: value for key, value in process_tags().items() if key != layout.TAG_HEARTBEAT},
         }
         run = client.create_run(experiment_id, run_name=f"sweep: {command}"[:250], tags=tags)
         self.parent_run_id = run.info.run_id
@@ -100,7 +107,7 @@ class MlflowSweepCallback(Callback):
         self.swept_keys += [str(key) for key in (config.hydra.sweeper.get("params") or {})]
         fixed = {o.key_or_group: o.get_value_element_as_str() for o in overrides if not o.is_sweep_override()}
         client.log_batch(self.parent_run_id, params=[Param(key, value) for key, value in fixed.items()])
-        atexit.register(self.close)
+        atexit.register(self.finish)
         print(f"stx: sweep parent MLflow run {self.parent_run_id} ({self.uri})", flush=True)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -117,13 +124,29 @@ class MlflowSweepCallback(Callback):
         elif not _finite(job_return._return_value):
             reason = f"returned {job_return._return_value!r}"
         if reason:
-            MlflowClient(self.uri).set_tag(self.parent_run_id, f"{layout.TAG_FAILED_JOB}{config.hydra.job.num}", reason[:5000])
+            try:
+                MlflowClient(self.uri).set_tag(self.parent_run_id, f"{layout.TAG_FAILED_JOB}{config.hydra.job.num}", reason[:5000])
+            except (MlflowException, OSError) as exc:
+                print(f"stx: warning: job {config.hydra.job.num}'s failure could not be recorded on the sweep's parent "
+                      f"MLflow run {self.parent_run_id}: {_store_failure(self.uri, exc)}", file=sys.stderr, flush=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        status = self.close(completed=True)
+        status = self.finish(completed=True)
         if status != "FINISHED":
-            print(f"stx: sweep ended {status}: see the jobs' errors above and MLflow run {self.parent_run_id}", file=sys.stderr)
+            if status is not None:
+                print(f"stx: sweep ended {status}: see the jobs' errors above and MLflow run {self.parent_run_id}", file=sys.stderr)
             sys.exit(1)
+
+    def finish(self, completed: bool = False) -> str | None:
+        """:meth:`close`, or None with one error on stderr when the store fails (Hydra would only
+        warn about an exception in a callback, and the sweep would exit 0)."""
+        try:
+            return self.close(completed)
+        except (MlflowException, OSError) as exc:
+            print(f"stx: error: the sweep's parent MLflow run {self.parent_run_id} could not be closed: "
+                  f"{_store_failure(self.uri, exc)}. It stays RUNNING until the next stx job on this store finds "
+                  f"this process (pid {os.getpid()}) gone and closes it as FAILED.", file=sys.stderr, flush=True)
+            return None
 
     def close(self, completed: bool = False) -> str | None:
         """End the parent and return its status: FINISHED only if the sweep completed and every
@@ -162,6 +185,11 @@ class MlflowSweepCallback(Callback):
             compare(self.parent_run_id, self.uri, Path(self.sweep_dir) / "compare")
         except Exception as exc:  # noqa: BLE001 - the sweep's own status must still be recorded
             print(f"stx: warning: the sweep summary could not be made ({type(exc).__name__}: {exc})", file=sys.stderr)
+
+
+def _store_failure(uri: str | None, exc: Exception) -> str:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"the tracking store {uri} failed ({reason})"
 
 
 def _finite(value: object) -> bool:

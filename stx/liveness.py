@@ -5,8 +5,8 @@ has it, the process's start time (``stx.pid_start``: clock ticks after boot, whi
 reused pid apart), and refreshes ``stx.heartbeat`` (unix time, s) at every metric flush. A
 RUNNING run is dead when, on the same host, its process no longer exists (or the pid now
 belongs to a process started at another time); on another host, when its heartbeat is older
-than :data:`DEAD_AFTER_S`. Runs without these tags (made by older stx, sweep parents) are
-never judged.
+than :data:`DEAD_AFTER_S`. A sweep's parent run has host and pid but no heartbeat, so it is
+judged only on its own host. Runs without these tags (made by older stx) are never judged.
 """
 
 from __future__ import annotations
@@ -41,11 +41,15 @@ def process_start(pid: int) -> str | None:
 
 
 def process_tags() -> dict[str, str]:
-    """This process's identity and a first heartbeat, as run tags."""
+    """This process's identity (with its SLURM job, inside one) and a first heartbeat, as run tags."""
     tags = {layout.TAG_HOST: socket.gethostname(), layout.TAG_PID: str(os.getpid()), **heartbeat()}
     start = process_start(os.getpid())
     if start is not None:
         tags[layout.TAG_PID_START] = start
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    job = f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
+    if job:
+        tags[layout.TAG_SLURM_JOB] = job
     return tags
 
 

@@ -80,34 +80,44 @@ def make_cfg(tmp_path, monkeypatch):
     GlobalHydra.instance().clear()
 
 
-@contextmanager
-def mlflow_server_at(folder):
-    """A real ``mlflow server`` (sqlite behind it, in ``folder``) on a free 127.0.0.1 port:
-    yields its process (the leader of its own process group) and URI; stopped afterwards."""
+def free_port():
+    """A TCP port on 127.0.0.1 that is free now."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def mlflow_server_at(folder, backend=None, port=None):
+    """A real ``mlflow server`` on 127.0.0.1 (``port``, default a free one) with its artifacts in
+    ``folder`` and ``backend`` behind it (default sqlite in ``folder``): yields its process (the
+    leader of its own process group) and URI; stopped afterwards."""
+    port = port or free_port()
     mlflow = str(Path(sys.executable).with_name("mlflow"))
     server = subprocess.Popen(
         [mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
-         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "artifacts")],
+         "--backend-store-uri", backend or f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "artifacts")],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 180  # a loaded 2-core machine takes over 90 s
         while True:
             try:
                 urllib.request.urlopen(f"{uri}/health", timeout=2).close()
                 break
             except OSError:
                 if time.monotonic() > deadline or server.poll() is not None:
-                    pytest.fail("mlflow server did not start within 90 s")
+                    pytest.fail("mlflow server did not start within 180 s")
                 time.sleep(0.5)
         yield server, uri
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # seen with PostgreSQL behind it: stop it hard
+                os.killpg(server.pid, signal.SIGKILL)
         server.wait(timeout=30)
 
 
