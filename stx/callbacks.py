@@ -36,7 +36,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from stx import layout
+from stx import interrupts, layout
 from stx.errors import StxError
 from stx.liveness import process_tags
 from stx.tracking import ensure_experiment, source_tags, tracking_uri
@@ -150,7 +150,8 @@ class MlflowSweepCallback(Callback):
 
     def close(self, completed: bool = False) -> str | None:
         """End the parent and return its status: FINISHED only if the sweep completed and every
-        child finished; KILLED if a child was interrupted; FAILED otherwise."""
+        child finished; KILLED if the sweep itself was interrupted (Ctrl-C or SIGTERM here);
+        FAILED otherwise, e.g. when a child was stopped on its own (``scancel``) or failed."""
         if self._closed or not self.parent_run_id:
             return None
         self._closed = True
@@ -164,7 +165,7 @@ class MlflowSweepCallback(Callback):
         )
         failed = any(key.startswith(layout.TAG_FAILED_JOB) for key in parent.data.tags)
         statuses = {child.info.status for child in children}
-        if "KILLED" in statuses:
+        if interrupts.received is not None:
             status = RunStatus.KILLED
         elif completed and not failed and statuses <= {"FINISHED"}:
             status = RunStatus.FINISHED

@@ -50,7 +50,13 @@ def ignore() -> None:
     _install(signal.SIG_IGN)
 
 
+received: int | None = None
+"""The stop signal this process received, if any (a sweep's parent run is KILLED only then)."""
+
+
 def _interrupt(signum: int, frame: Any) -> None:
+    global received
+    received = signum
     hold_off()
     raise Interrupted(signum)
 

@@ -126,6 +126,28 @@ def test_terminated_sweep_closes_its_parent(tmp_path):
     assert parent.info.status == "KILLED"
 
 
+def test_a_job_stopped_on_its_own_fails_its_sweep(tmp_path):
+    """As ``scancel`` does on SLURM: SIGTERM to one job's process, not to the sweep's. The job's
+    run ends KILLED; the sweep was not interrupted, so its parent ends FAILED."""
+    process = start_stx(tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *STEPS, "seed=0,1")
+    for line in process.stdout:  # the store is set up once the parent run exists
+        if "stx: sweep parent MLflow run" in line:
+            break
+    threading.Thread(target=process.stdout.read, daemon=True).start()
+
+    def started_child():
+        run = running_run(tmp_path)
+        return run if run is not None and "mlflow.parentRunId" in run.data.tags and "total" in run.data.metrics else None
+
+    child = wait_for(started_child, timeout=300)
+    assert int(child.data.tags["stx.pid"]) != process.pid
+    os.kill(int(child.data.tags["stx.pid"]), signal.SIGTERM)
+    assert process.wait(timeout=180) != 0
+    client = client_for(tmp_path)
+    assert client.get_run(child.info.run_id).info.status == "KILLED"
+    assert client.get_run(child.data.tags["mlflow.parentRunId"]).info.status == "FAILED"
+
+
 def test_killed_job_is_closed_by_the_next_one_and_resumes_with_every_step_logged_once(tmp_path):
     process = start_stx(tmp_path, *STEPS, "schedule.steps=150", "schedule.checkpoint_every=5")
     wait_for_run_line(process)
