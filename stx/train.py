@@ -172,6 +172,7 @@ def train(
     """Train the model ``cfg`` describes inside one MLflow run (or continue ``resume_run_id``
     from its checkpoint); return the objective of the final held-out metrics."""
     job = build_training(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
     tracker = RunTracker(cfg.tracking, run_dir)
     tags = {**tags, **source_tags(), **device_tags(job.device), layout.TAG_RUN_DIR: str(run_dir),
             layout.TAG_KIND: "train"}
