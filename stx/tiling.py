@@ -242,6 +242,7 @@ class TiledObjective(nn.Module):
         leaves = {key: value.detach().requires_grad_(True) for key, value in totals.items()}
         values: dict[str, torch.Tensor] = {}
         total = image.new_zeros(())
+        wants_gradient = torch.is_grad_enabled() and image.requires_grad
         with torch.enable_grad():
             encoded_total = image.new_zeros(())
             for name, loss in self.losses.items():
@@ -257,7 +258,6 @@ class TiledObjective(nn.Module):
                     total = total + weighted
                 values.update({f"{name}/{layer}": value.detach() for layer, value in per_layer.items()})
                 values[name] = weighted.detach()
-            wants_gradient = torch.is_grad_enabled() and image.requires_grad
             slopes = torch.autograd.grad(encoded_total, list(leaves.values())) if wants_gradient else ()
         if not wants_gradient:
             return total.detach() + encoded_total.detach(), values
@@ -303,26 +303,27 @@ def plan_tiling(setting: str, objective: PerceptualObjective, height: int, width
     (:func:`stx.memory.check_fits`): ``auto`` tiles only when the untiled job does not fit, with
     the largest of :data:`TILE_CANDIDATES` that does."""
     setting = str(setting).strip().lower()
-    untiled = memory.estimate_bytes(objective, height, width, state_images, styles, decoding)
-    if setting == "off" or objective.encoder is None:
-        memory.check_fits(untiled, device, size)
-        return objective
-    if setting == "auto":
+    if setting in ("off", "auto") or objective.encoder is None:
+        untiled = memory.estimate_bytes(objective, height, width, state_images, styles, decoding)
         try:
             memory.check_fits(untiled, device, size)
             return objective
         except ConfigError as untiled_error:
+            if setting != "auto" or objective.encoder is None:
+                raise
             try:
                 reach = check_tileable(objective)
             except ConfigError as reason:
                 raise ConfigError(f"{untiled_error} Tiling (schedule.tile=auto) cannot help here: {reason}") from reason
-        candidates = [t for t in TILE_CANDIDATES if t % reach.align == 0 and t < max(height, width)]
-        for tile in candidates:
-            estimate = tiled_estimate(objective, height, width, tile, state_images, styles, decoding)
-            if sum(estimate.values()) <= memory.HEADROOM * memory.available_bytes(device):
+            error = untiled_error
+        for tile in (t for t in TILE_CANDIDATES if t % reach.align == 0 and t < max(height, width)):
+            try:
+                memory.check_fits(tiled_estimate(objective, height, width, tile, state_images, styles, decoding),
+                                  device, size)
                 return TiledObjective(objective, tile)
-        memory.check_fits(tiled_estimate(objective, height, width, candidates[-1], state_images, styles, decoding),
-                          device, size)
+            except ConfigError as too_large:
+                error = too_large
+        raise error
     if not setting.isdigit():
         raise ConfigError(f"schedule.tile={setting!r} is not valid; use off, auto, or a tile edge in px (e.g. 512).")
     tiled = TiledObjective(objective, int(setting))
