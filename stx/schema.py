@@ -88,20 +88,26 @@ class ObjectiveSchema:
 
 
 @dataclass
-class StxSchema:
+class TaskSchema:
+    """What image optimisation (``stx``) and training (``stx train``) configs share."""
+
     encoder: EncoderSchema = field(default_factory=EncoderSchema)
     loss: Dict[str, Any] = MISSING
-    color: Dict[str, Any] = MISSING
-    schedule: ScheduleSchema = field(default_factory=ScheduleSchema)
     images: ImagesSchema = field(default_factory=ImagesSchema)
     tracking: TrackingSchema = field(default_factory=TrackingSchema)
     objective: ObjectiveSchema = field(default_factory=ObjectiveSchema)
     device: str = MISSING
-    precision: str = MISSING
     seed: int = MISSING
-    output: str = MISSING
     runs_dir: str = MISSING
     resume: Optional[str] = MISSING
+
+
+@dataclass
+class StxSchema(TaskSchema):
+    color: Dict[str, Any] = MISSING
+    schedule: ScheduleSchema = field(default_factory=ScheduleSchema)
+    precision: str = MISSING
+    output: str = MISSING
 
 
 ConfigStore.instance().store(name="stx_schema", node=StxSchema)
@@ -133,21 +139,13 @@ class TrainTrackingSchema(TrackingSchema):
 
 
 @dataclass
-class TrainSchema:
+class TrainSchema(TaskSchema):
     """``stx train`` (conf/train.yaml): a feed-forward model trained on a folder of content images."""
 
-    encoder: EncoderSchema = field(default_factory=EncoderSchema)
-    loss: Dict[str, Any] = MISSING
+    tracking: TrainTrackingSchema = field(default_factory=TrainTrackingSchema)
     model: Dict[str, Any] = MISSING
     data: DataSchema = field(default_factory=DataSchema)
     trainer: TrainerSchema = field(default_factory=TrainerSchema)
-    images: ImagesSchema = field(default_factory=ImagesSchema)
-    tracking: TrainTrackingSchema = field(default_factory=TrainTrackingSchema)
-    objective: ObjectiveSchema = field(default_factory=ObjectiveSchema)
-    device: str = MISSING
-    seed: int = MISSING
-    runs_dir: str = MISSING
-    resume: Optional[str] = MISSING
 
 
 ConfigStore.instance().store(name="stx_train_schema", node=TrainSchema)
