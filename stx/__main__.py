@@ -1,5 +1,5 @@
 """``python -m stx …`` is the ``stx`` command."""
 
-from stx.cli import main
+from stx.cli import run
 
-main()
+run()
