@@ -323,11 +323,14 @@ def _skeleton(arch: str) -> nn.Module:
 
 
 def _load_imagenet(arch: str) -> nn.Module:
+    """The trunk with torchvision's IMAGENET1K_V1 weights, from the torch hub cache (downloaded
+    when missing); the state dict is loaded into the trunk alone, so the head is never built."""
     weights = models.get_model_weights(arch).IMAGENET1K_V1
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     try:
-        return ARCHITECTURES[arch].trunk(_download_timeout(lambda: models.get_model(arch, weights=weights)))
-    except Exception as exc:  # urllib, socket and hash errors all mean "could not get the file"
+        state = _download_timeout(lambda: weights.get_state_dict(progress=True, check_hash=True))
+        return _trunk_from_state(arch, state)
+    except Exception as exc:  # urllib, socket, hash and loading errors all mean "could not get the file"
         raise WeightsError(
             f"could not load the ImageNet weights for {arch} ({type(exc).__name__}: {exc}). "
             f"torchvision looks for them at {cached} and downloads them from {weights.url} when "
@@ -346,22 +349,28 @@ def _load_file(arch: str, path: Path) -> nn.Module:
     prefix = ARCHITECTURES[arch].prefix
     part = f" or its '{prefix.rstrip('.')}' part" if prefix else ""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if prefix and any(key.startswith(prefix) for key in state):
-            state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-        trunk = _skeleton(arch).to_empty(device="cpu")
-        parts = {name for name, _ in trunk.named_children()}  # leaves out the head (ResNet's fc)
-        state = {k: v for k, v in state.items() if k.split(".")[0] in parts}
-        problems = _mismatches(trunk.state_dict(), state)
-        if not problems:
-            trunk.load_state_dict(state)
+        return _trunk_from_state(arch, torch.load(path, map_location="cpu", weights_only=True))
     except Exception as exc:
-        problems = f"{type(exc).__name__}: {exc}"
-    if problems:
+        problems = str(exc) if isinstance(exc, WeightsError) else f"{type(exc).__name__}: {exc}"
         raise WeightsError(
             f"encoder weights file {str(path)!r} could not be loaded as a {arch} state dict "
             f"({problems}); give a torchvision {arch} .pth file (whole model{part})."
-        )
+        ) from exc
+
+
+def _trunk_from_state(arch: str, state: dict[str, torch.Tensor]) -> nn.Module:
+    """The trunk of ``arch`` holding ``state``, a state dict of the whole torchvision model (its
+    head is ignored) or, where the trunk is a part (``features.``), of that part alone."""
+    prefix = ARCHITECTURES[arch].prefix
+    if prefix and any(key.startswith(prefix) for key in state):
+        state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    trunk = _skeleton(arch).to_empty(device="cpu")
+    parts = {name for name, _ in trunk.named_children()}  # leaves out the head (ResNet's fc)
+    state = {k: v for k, v in state.items() if k.split(".")[0] in parts}
+    problems = _mismatches(trunk.state_dict(), state)
+    if problems:
+        raise WeightsError(problems)
+    trunk.load_state_dict(state)
     return trunk
 
 
@@ -384,6 +393,25 @@ def _random_features(arch: str, seed: int) -> nn.Module:
         trunk = _skeleton(arch).to_empty(device="cpu")
         init_weights(trunk)
         return trunk
+
+
+_LOADED: dict[tuple[str, str, int | None], dict[str, torch.Tensor]] = {}
+"""Weights already read or drawn in this process, by (arch, ``imagenet`` or ``random``, seed): the
+judge's VGG19 and the later jobs of ``stx serve`` copy them instead of reading or drawing them again."""
+
+
+def _trunk(arch: str, weights: str, seed: int) -> nn.Module:
+    """The trunk of ``arch`` with ``weights`` (see :func:`build_encoder`); a file is read each time."""
+    if weights not in ("imagenet", "random"):
+        return _load_file(arch, Path(weights).expanduser())
+    key = (arch, weights, seed if weights == "random" else None)
+    if key in _LOADED:
+        trunk = _skeleton(arch).to_empty(device="cpu")
+        trunk.load_state_dict(_LOADED[key])
+        return trunk
+    trunk = _load_imagenet(arch) if weights == "imagenet" else _random_features(arch, seed)
+    _LOADED[key] = {name: tensor.detach().clone() for name, tensor in trunk.state_dict().items()}
+    return trunk
 
 
 def _average(module: nn.Module) -> nn.Module:
@@ -416,13 +444,7 @@ def build_encoder(
         f"with encoder={arch} use loss=gatys_{arch}, or a loss option of your own naming {arch} layers."
     )
     check_layers(frozenset(layers), [name for name, _ in spec.stages(_skeleton(arch))], hint)
-    if weights == "imagenet":
-        trunk = _load_imagenet(arch)
-    elif weights == "random":
-        trunk = _random_features(arch, seed)
-    else:
-        trunk = _load_file(arch, Path(weights).expanduser())
-    stages = spec.stages(trunk)
+    stages = spec.stages(_trunk(arch, weights, seed))
     if pooling == "avg":
         stages = [(name, _average(module)) for name, module in stages]
     names = [name for name, _ in stages]

@@ -78,12 +78,41 @@ def test_offline_imagenet_says_where_to_put_the_file(monkeypatch, tmp_path, arch
     def offline(*args, **kwargs):
         raise OSError("network is unreachable")
 
+    monkeypatch.setattr(encoders, "_LOADED", {})  # nothing read earlier in this process
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     monkeypatch.setattr(models._api, "load_state_dict_from_url", offline)  # torchvision's own reference
     cached = tmp_path / "hub" / "checkpoints" / file
     with pytest.raises(WeightsError, match=rf"network is unreachable.*looks for them at {cached}.*"
                                            rf"encoder\.weights=/path/to/{file}, or use encoder\.weights=random"):
         getattr(encoders, arch)([layer], weights="imagenet", pooling="max", seed=0)
+
+
+def test_imagenet_weights_are_read_once_from_the_hub_cache(monkeypatch, tmp_path, rng):
+    """torchvision's hub-cache file (a whole-model state dict) is read into the trunk, its head
+    ignored; a second encoder (the judge's) copies the weights read then instead of reading again."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(encoders, "_LOADED", {})
+    features = encoders._random_features("vgg19", seed=5)
+    state = {f"features.{key}": value for key, value in features.state_dict().items()}
+    cached = tmp_path / "hub" / "checkpoints" / "vgg19-dcbb9e9d.pth"
+    cached.parent.mkdir(parents=True)
+    torch.save({**state, "classifier.0.weight": torch.zeros(3, 2)}, cached)
+    image = torch.rand(1, 3, 40, 48, generator=rng)
+    expected = encoders.MultiLayerEncoder(features, encoders.vgg_layer_names(features), ["relu3_1"])(image)
+    first = encoders.vgg19(["relu3_1"], weights="imagenet", pooling="max", seed=0)
+    cached.unlink()
+    second = encoders.vgg19(["relu2_1", "relu3_1"], weights="imagenet", pooling="avg", seed=1)
+    torch.testing.assert_close(first(image)["relu3_1"], expected["relu3_1"], rtol=0, atol=0)
+    assert torch.equal(second.features[0].weight, first.features[0].weight)
+    assert second.features[0].weight.data_ptr() != first.features[0].weight.data_ptr()  # a copy
+
+
+def test_random_weights_drawn_again_equal_the_first_draw():
+    first = encoders.vgg19(["relu2_1"], weights="random", pooling="max", seed=7)
+    again = encoders.vgg19(["relu2_1"], weights="random", pooling="max", seed=7)
+    drawn = encoders._random_features("vgg19", seed=7)
+    for module in (first.features[0], again.features[0]):
+        assert torch.equal(module.weight, drawn[0].weight)
 
 
 def test_avg_pooling_swap():
