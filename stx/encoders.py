@@ -406,9 +406,7 @@ def _trunk(arch: str, weights: str, seed: int) -> nn.Module:
         return _load_file(arch, Path(weights).expanduser())
     key = (arch, weights, seed if weights == "random" else None)
     if key in _LOADED:
-        trunk = _skeleton(arch).to_empty(device="cpu")
-        trunk.load_state_dict(_LOADED[key])
-        return trunk
+        return _trunk_from_state(arch, _LOADED[key])
     trunk = _load_imagenet(arch) if weights == "imagenet" else _random_features(arch, seed)
     _LOADED[key] = {name: tensor.detach().clone() for name, tensor in trunk.state_dict().items()}
     return trunk
