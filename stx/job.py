@@ -30,14 +30,14 @@ from stx.objectives import Objective
 from stx.optim import PyramidLevel, Schedule
 
 ALLOWED_TARGETS = {
-    "loss": ("stx.losses", losses.Loss, True),
-    "encoder": ("stx.encoders", None, True),
-    "schedule.optimizer": ("torch.optim", torch.optim.Optimizer, False),
-    "model": ("stx.transformer", torch.nn.Module, False),
-    "trainer.lr_schedule": ("torch.optim.lr_scheduler", torch.optim.lr_scheduler.LRScheduler, False),
-    "color": ("stx.color", color.ColorControl, True),
+    "loss": (("stx.losses",), losses.Loss, True),
+    "encoder": (("stx.encoders",), None, True),
+    "schedule.optimizer": (("stx.lbfgs", "torch.optim"), torch.optim.Optimizer, False),
+    "model": (("stx.transformer",), torch.nn.Module, False),
+    "trainer.lr_schedule": (("torch.optim.lr_scheduler",), torch.optim.lr_scheduler.LRScheduler, False),
+    "color": (("stx.color",), color.ColorControl, True),
 }
-"""Per kind of config node: the module its ``_target_`` must come from, the class it must
+"""Per kind of config node: the modules its ``_target_`` may come from, the class it must
 derive from, and whether trusted plugin modules (:mod:`stx.plugins`) may provide it too."""
 
 
@@ -92,12 +92,12 @@ def resolve_device(name: str) -> torch.device:
 def check_target(node: Any, where: str, kind: str) -> Any:
     """The object ``node._target_`` names, once its dotted name has passed the allow-list of
     ``kind`` (a key of :data:`ALLOWED_TARGETS`); nothing is imported before that."""
-    home, base, pluggable = ALLOWED_TARGETS[kind]
+    homes, base, pluggable = ALLOWED_TARGETS[kind]
     name = node.get("_target_") if isinstance(node, DictConfig) else None
     if not name:
         raise ConfigError(f"{where} needs a _target_ naming what to build (e.g. stx.losses.GramStyleLoss).")
     allowed = f"a {base.__module__}.{base.__qualname__}" if base is not None else "an encoder"
-    modules = (home, *plugins.trusted_modules()) if pluggable else (home,)
+    modules = (*homes, *plugins.trusted_modules()) if pluggable else homes
     module = next((m for m in modules if isinstance(name, str) and name.startswith(m + ".")), None)
     if module is None:
         hint = f"; {plugins.how_to_trust(name.rpartition('.')[0] or name)}" if pluggable and isinstance(name, str) else ""
@@ -174,6 +174,7 @@ def build_schedule(cfg: DictConfig) -> Schedule:
         max_rise=schedule.max_rise,
         style_scale=schedule.style_scale,
         checkpoint_every=schedule.checkpoint_every,
+        cuda_graph=schedule.cuda_graph,
         precision=cfg.precision,
         seed=cfg.seed,
     )

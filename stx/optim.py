@@ -10,11 +10,15 @@ holds the pyramid's levels (coarse to fine, each with its own size and number of
 how to optimise them; :func:`optimise_image` hands each level to :func:`optimise_level`. The
 result of one level, upsampled, starts the next, and loss targets are recomputed once per level.
 Progress, logging and checkpoint writing stay outside the loop, in an :class:`OptimizationCallback`.
+On a CUDA device, steps of :class:`~stx.lbfgs.LBFGS` after the first two are replayed from a CUDA
+graph (:class:`CapturedStep`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 from collections.abc import Callable, Sequence
 import dataclasses
 import math
@@ -25,7 +29,10 @@ from torch.optim import Optimizer
 
 from stx.errors import ConfigError, NonFiniteLossError
 from stx.image import MIN_SIZE, check_size, resize
+from stx.lbfgs import LBFGS
 from stx.losses import PerceptualObjective
+
+log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 OptimizerFactory = Callable[[list[torch.Tensor]], Optimizer]
@@ -79,6 +86,9 @@ def to_image(parameter: torch.Tensor, bounds: str) -> torch.Tensor:
 
 def restart(optimizer: Optimizer) -> None:
     """Forget the optimiser's history, in place (``step()`` holds a reference to its state)."""
+    if isinstance(optimizer, LBFGS):
+        optimizer.reset()
+        return
     for state in optimizer.state.values():
         state.clear()
     if isinstance(optimizer, torch.optim.LBFGS):
@@ -88,12 +98,14 @@ def restart(optimizer: Optimizer) -> None:
 @dataclass(frozen=True, kw_only=True)
 class Schedule:
     """How an image is optimised: the pyramid ``levels``, the optimiser (a factory taking the
-    parameter list, e.g. ``functools.partial(torch.optim.LBFGS, lr=1, max_iter=1)``), the
+    parameter list, e.g. ``functools.partial(stx.lbfgs.LBFGS, lr=1)``), the
     starting image (``init``: a key of :data:`INITS`), how pixels stay in [0, 1] (``bounds``: one
     of :data:`BOUNDS`), the largest factor by which a step may raise the loss over the lowest so
     far before it is undone (``max_rise``; 0: off), the style images' long edge as a multiple of
     each level's (``style_scale``), checkpoints every ``checkpoint_every`` steps (0: never), the
-    autocast ``precision`` (a key of :data:`PRECISIONS`) and the random ``seed``."""
+    autocast ``precision`` (a key of :data:`PRECISIONS`), the random ``seed``, and whether a step
+    of :class:`~stx.lbfgs.LBFGS` on a CUDA device is replayed from a CUDA graph (``cuda_graph``,
+    see :class:`CapturedStep`)."""
 
     levels: tuple[PyramidLevel, ...]
     make_optimizer: OptimizerFactory
@@ -104,6 +116,7 @@ class Schedule:
     checkpoint_every: int
     precision: str
     seed: int
+    cuda_graph: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "levels", tuple(self.levels))
@@ -127,11 +140,16 @@ class Schedule:
             probe = self.make_optimizer([torch.zeros(1, requires_grad=True)])
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"schedule.optimizer is not valid: {exc}") from exc
-        # L-BFGS keeps 2 × history_size image-sized vectors (+ direction, previous gradient and
-        # flat gradient); other optimisers at most two (e.g. Adam's moments); the level keeps the
-        # best parameter and, under sigmoid bounds, the image computed from the parameter.
-        lbfgs = isinstance(probe, torch.optim.LBFGS)
-        optimizer_images = 2 * probe.defaults["history_size"] + 3 if lbfgs else 2
+        # L-BFGS keeps 2 × history_size image-sized vectors, the direction and the previous
+        # gradient, and works with a copy of the gradient (torch's) or five vectors (stx's: s, y
+        # and the three it multiplies the history by); other optimisers keep at most two (e.g.
+        # Adam's moments); the level keeps the best parameter and, under sigmoid bounds, the
+        # image computed from the parameter.
+        history = probe.defaults.get("history_size")
+        if isinstance(probe, LBFGS):
+            optimizer_images = 2 * history + 7
+        else:
+            optimizer_images = 2 * history + 3 if history else 2
         object.__setattr__(self, "state_images", optimizer_images + 2)
 
     state_images: int = field(init=False, default=0)
@@ -150,8 +168,9 @@ class Schedule:
         """Long edge (px) of the style images at a level of ``size`` px."""
         return max(MIN_SIZE, round(size * self.style_scale))
 
-    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        """Autocast context for the precision on ``device``; reduced precision needs CUDA."""
+    def autocast(self, device: torch.device, cache: bool = True) -> contextlib.AbstractContextManager:
+        """Autocast context for the precision on ``device``; reduced precision needs CUDA.
+        ``cache=False`` while a CUDA graph is captured (cast weights must not outlive it)."""
         dtype = PRECISIONS[self.precision]
         if dtype is None:
             return contextlib.nullcontext()
@@ -160,7 +179,7 @@ class Schedule:
                 f"precision={self.precision} uses CUDA autocast, but the device is {device}; use "
                 f"precision=fp32 on the CPU."
             )
-        return torch.autocast("cuda", dtype=dtype)
+        return torch.autocast("cuda", dtype=dtype, cache_enabled=cache)
 
 
 @dataclass
@@ -273,6 +292,41 @@ def optimise_image(
     return image
 
 
+class CapturedStep:
+    """One step of :class:`~stx.lbfgs.LBFGS` after its first (evaluation, backward, update),
+    recorded once as a CUDA graph and replayed, so a step costs the GPU's time instead of the
+    ~1000 kernel launches it is made of.
+
+    ``replay()`` returns the loss terms and ``"total"`` (tensors, see
+    :class:`~stx.losses.PerceptualObjective`) measured at the parameter the step started from,
+    which it leaves in ``evaluated``. Everything the graph reads or writes — the parameter, its
+    gradient, the optimiser's state, the objective's targets — stays where it was when it was
+    recorded: build a new one after anything replaces them (a new pyramid level, a loaded state).
+    """
+
+    def __init__(self, evaluate: Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+                 parameter: torch.Tensor, optimizer: LBFGS) -> None:
+        self.evaluated = torch.empty_like(parameter)
+        self.grad = parameter.grad = torch.zeros_like(parameter)
+        self.measured: dict[str, torch.Tensor] = {}
+
+        def closure() -> torch.Tensor:
+            self.grad.zero_()
+            total, values = evaluate()
+            total.backward()
+            self.measured = {name: value.detach() for name, value in {**values, "total": total}.items()}
+            return total
+
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.evaluated.copy_(parameter)
+            optimizer.step(closure)
+
+    def replay(self) -> dict[str, torch.Tensor]:
+        self.graph.replay()
+        return self.measured
+
+
 def optimise_level(
     objective: PerceptualObjective,
     image: torch.Tensor | None,
@@ -290,7 +344,7 @@ def optimise_level(
 
     Returns the image with the lowest loss seen (detached, in [0, 1]). Steps are numbered from
     ``first_step + 1``; ``level`` is reported with them. See :func:`optimise_image` for errors
-    and checkpoints, :class:`Schedule` for ``bounds`` and ``max_rise``.
+    and checkpoints, :class:`Schedule` for ``bounds``, ``max_rise`` and ``cuda_graph``.
     """
     amp = amp or contextlib.nullcontext()
     callback = callback or OptimizationCallback()
@@ -304,27 +358,34 @@ def optimise_level(
     best_loss = resume.best_loss if resume is not None else math.inf
     measured: dict[str, torch.Tensor] = {}
     step = first_step
+    graphable = (schedule.cuda_graph and parameter.is_cuda and isinstance(optimizer, LBFGS)
+                 and type(objective) is PerceptualObjective)
+    captured: CapturedStep | None = None
+    warmed_up = False
 
-    def evaluate() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def evaluate(context: contextlib.AbstractContextManager = amp) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if bounds == "clamp":
             with torch.no_grad():
                 parameter.clamp_(0.0, 1.0)
-        with amp:
+        with context:
             return objective(to_image(parameter, bounds))
 
-    def closure() -> torch.Tensor:
-        nonlocal best_loss
-        optimizer.zero_grad(set_to_none=True)
-        total, values = evaluate()
-        if not torch.isfinite(total):
+    def check_finite(total: float, values: dict[str, torch.Tensor]) -> None:
+        if not math.isfinite(total):
             bad = [name for name, value in values.items() if not torch.isfinite(value)]
             raise NonFiniteLossError(
-                f"the loss became {total.item()} at step {step + 1} (non-finite terms: "
+                f"the loss became {total} at step {step + 1} (non-finite terms: "
                 f"{', '.join(bad) or 'total'}); the run stopped and kept the image with the lowest "
                 f"finite loss. Lower the learning rate or the score weights.",
                 step + 1,
                 to_image(best, bounds).clamp(0.0, 1.0),
             )
+
+    def closure() -> torch.Tensor:
+        nonlocal best_loss
+        optimizer.zero_grad(set_to_none=True)
+        total, values = evaluate()
+        check_finite(total.item(), values)
         if schedule.max_rise and total.item() > schedule.max_rise * best_loss:
             with torch.no_grad():
                 parameter.copy_(best)
@@ -334,12 +395,48 @@ def optimise_level(
         if total.item() < best_loss:
             best_loss = total.item()
             best.copy_(parameter.detach())
-        measured.clear()
-        measured.update(values, total=total)
+        measured.clear()  # detached: a graph kept alive would pin the parameter's AccumulateGrad to this stream
+        measured.update({name: value.detach() for name, value in values.items()}, total=total.detach())
         return total
 
+    def replayed_step() -> None:
+        """A step from the CUDA graph; the rise guard and the best image are kept after it."""
+        nonlocal best_loss
+        values = captured.replay()
+        total = values["total"].item()
+        check_finite(total, values)
+        if schedule.max_rise and total > schedule.max_rise * best_loss:
+            with torch.no_grad():
+                parameter.copy_(best)
+            restart(optimizer)
+            optimizer.step(closure)  # from the best image, with a new history, as without a graph
+            return
+        if total < best_loss:
+            best_loss = total
+            best.copy_(captured.evaluated)
+        measured.clear()
+        measured.update(values)
+
     for _ in range(steps):
-        optimizer.step(closure)
+        if graphable and optimizer.started and warmed_up and captured is None:
+            uncached = functools.partial(evaluate, schedule.autocast(parameter.device, cache=False))
+            try:
+                captured = CapturedStep(uncached, parameter, optimizer)
+            except RuntimeError as exc:  # something in the objective cannot be recorded: go on without
+                log.warning("stx: warning: the step could not be recorded as a CUDA graph (%s); going on without one "
+                            "(schedule.cuda_graph=false skips the attempt)", str(exc).splitlines()[0])
+                graphable = False
+        if captured is not None and optimizer.started:
+            replayed_step()
+        elif graphable and optimizer.started and not warmed_up:  # CUDA's warm-up: a step on a side stream
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                optimizer.step(closure)
+            torch.cuda.current_stream().wait_stream(side)
+            warmed_up = True
+        else:
+            optimizer.step(closure)
         step += 1
         if bounds == "clamp":
             with torch.no_grad():  # the next evaluation clamps too; this keeps what others see in range

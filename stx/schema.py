@@ -62,6 +62,7 @@ class ScheduleSchema:
     style_scale: float = MISSING
     checkpoint_every: int = MISSING
     tile: str = MISSING
+    cuda_graph: bool = MISSING
 
 
 @dataclass

@@ -81,7 +81,7 @@ def test_unwritable_runs_folder_is_one_clear_error(tmp_path, multirun):
         ("loss.sytle=1", "loss.sytle is not a config key. Did you mean loss.style? Keys under loss: content, style. "
                          "To add a new key there instead, write +loss.sytle=…"),
         ("schedule.stpes=2", "schedule.stpes is not a config key. Did you mean schedule.steps? Keys under schedule: "
-                             "bounds, checkpoint_every, init, init_image, levels, max_rise, optimizer, size, steps, style_scale, tile."),
+                             "bounds, checkpoint_every, cuda_graph, init, init_image, levels, max_rise, optimizer, size, steps, style_scale, tile."),
     ],
 )
 def test_typo_in_a_key_or_an_option_is_one_paragraph_naming_the_valid_ones(tmp_path, override, message):

@@ -86,7 +86,7 @@ def test_typos_fail_at_composition(make_cfg, override, message):
         (["+loss.content.layers.relu9_1=1.0"], r"unknown encoder layer\(s\) 'relu9_1'; valid layers are: conv1_1"),
         (["schedule.size=4"], r"pyramid level size 4 is impossible"),
         (["schedule.steps=-3"], r"steps=-3 is not valid"),
-        (["schedule.optimizer.lr=-0.5"], r"schedule.optimizer is not valid: Invalid learning rate"),
+        (["schedule.optimizer.lr=-0.5"], r"schedule.optimizer is not valid: lr=-0.5 is not valid: use a number > 0"),
         (["schedule.init=noise"], r"schedule.init='noise' is not valid"),
         (["device=cuda:3"], r"device='cuda:3' was asked for, but this machine has 0 CUDA"),
         (["device=tpu"], r"device='tpu' is not"),

@@ -15,7 +15,7 @@ from stx.job import build_job
         ("loss.sytle=1", "loss.sytle is not a config key. Did you mean loss.style? Keys under loss: content, style. "
                          "To add a new key there instead, write +loss.sytle=…"),
         ("schedule.stpes=2", "schedule.stpes is not a config key. Did you mean schedule.steps? Keys under schedule: "
-                             "bounds, checkpoint_every, init, init_image, levels, max_rise, optimizer, size, steps, style_scale, tile."),
+                             "bounds, checkpoint_every, cuda_graph, init, init_image, levels, max_rise, optimizer, size, steps, style_scale, tile."),
         ("loss.style.layerz.relu1_1=1", "loss.style.layerz is not a config key. Did you mean loss.style.layers? "
                                         "Keys under loss.style: _target_, layers, normalize_gradients, score_weight. "
                                         "To add a new key there instead, write +loss.style.layerz=…"),

@@ -4,11 +4,13 @@ import functools
 import pytest
 import torch
 
+import stx.lbfgs
 from stx import losses
 from stx.errors import ConfigError, NonFiniteLossError
 from stx.optim import OptimizationCallback, PyramidLevel, Schedule, optimise_image
 
-LBFGS = functools.partial(torch.optim.LBFGS, lr=1.0, max_iter=1)
+LBFGS = functools.partial(stx.lbfgs.LBFGS, lr=1.0)
+TORCH_LBFGS = functools.partial(torch.optim.LBFGS, lr=1.0, max_iter=1)
 ADAM = functools.partial(torch.optim.Adam, lr=0.02)
 
 
@@ -114,10 +116,15 @@ def test_bad_schedule_values(kwargs, message):
 
 def test_schedule_counts_optimizer_state_for_the_memory_estimate():
     assert schedule(optimizer=functools.partial(torch.optim.LBFGS, history_size=7)).state_images == 2 * 7 + 3 + 2
+    assert schedule(optimizer=functools.partial(stx.lbfgs.LBFGS, history_size=7)).state_images == 2 * 7 + 7 + 2
     assert schedule(optimizer=ADAM).state_images == 2 + 2
 
 
-@pytest.mark.parametrize("optimizer,bounds", [(LBFGS, "sigmoid"), (LBFGS, "clamp"), (ADAM, "clamp")], ids=["lbfgs-sigmoid", "lbfgs-clamp", "adam"])
+@pytest.mark.parametrize(
+    "optimizer,bounds",
+    [(LBFGS, "sigmoid"), (LBFGS, "clamp"), (TORCH_LBFGS, "sigmoid"), (ADAM, "clamp")],
+    ids=["lbfgs-sigmoid", "lbfgs-clamp", "torch-lbfgs-sigmoid", "adam"],
+)
 def test_resume_from_any_checkpoint_matches_uninterrupted_run(vgg19_random, optimizer, bounds):
     objective = losses.PerceptualObjective(
         vgg19_random, {"content": losses.ContentLoss({"relu4_2": 1.0}), "style": losses.GramStyleLoss({"relu1_1": 1.0, "relu2_1": 1.0}, 1e3)}
@@ -152,16 +159,43 @@ def gatys_on_samples(size):
     return objective, read_image(ASSETS_DIR / "content.png", size), read_image(ASSETS_DIR / "style.png", size)
 
 
+def test_lbfgs_run_does_not_depend_on_the_score_weights_scale():
+    # the shipped L-BFGS takes the same steps for c × the loss; torch.optim.LBFGS leaves the image
+    # where it started once the loss is small enough (here 1e-4 × the defaults: every curvature
+    # pair fails its absolute test)
+    objective, content, style = gatys_on_samples(48)
+
+    def totals(scale, optimizer):
+        for loss in objective.losses.values():
+            loss.score_weight *= scale
+        try:
+            plan = schedule((PyramidLevel(48, 20),), optimizer, bounds="sigmoid")
+            recorder = Recorder()
+            optimise_image(objective, content=content, styles=[style], style_weights=[1.0], schedule=plan, callback=recorder)
+        finally:
+            for loss in objective.losses.values():
+                loss.score_weight /= scale
+        return torch.tensor([info.values["total"] / scale for info in recorder.steps])
+
+    unscaled, scaled = totals(1.0, LBFGS), totals(1e-4, LBFGS)
+    assert unscaled[-1] < 0.1 * unscaled[0]
+    # the same steps up to float32 rounding, which grows with the steps
+    torch.testing.assert_close(scaled[:8], unscaled[:8], rtol=1e-2, atol=0)
+    assert abs(scaled[-1] - unscaled[-1]) < 0.05 * unscaled[-1], (scaled, unscaled)
+    frozen = totals(1e-4, TORCH_LBFGS)
+    assert frozen[-1] > 0.99 * frozen[0]
+
+
 def test_lbfgs_never_keeps_a_step_that_multiplies_the_loss_and_returns_the_best_image():
     objective, content, style = gatys_on_samples(48)
 
-    def optimise(**settings):
+    def optimise(optimizer=LBFGS, **settings):
         recorder = Recorder()
         out = optimise_image(objective, content=content, styles=[style], style_weights=[1.0],
-                             schedule=schedule((PyramidLevel(48, 40),), **settings), callback=recorder)
+                             schedule=schedule((PyramidLevel(48, 40),), optimizer, **settings), callback=recorder)
         return out, [info.values["total"] for info in recorder.steps], recorder
 
-    _, unguarded, _ = optimise(bounds="clamp", max_rise=0.0)  # the tutorial's loop
+    _, unguarded, _ = optimise(TORCH_LBFGS, bounds="clamp", max_rise=0.0)  # the tutorial's loop
     assert max(b / min(unguarded[: i + 1]) for i, b in enumerate(unguarded[1:])) > 2  # it does spike here
     out, guarded, recorder = optimise(bounds="sigmoid", max_rise=2.0)
     assert all(b <= 2.0 * min(guarded[: i + 1]) for i, b in enumerate(guarded[1:]))
