@@ -3,13 +3,14 @@ and pystiche 1.0.1, each over whole runs with one optimiser.
 
 Every contender optimises the same objective (content relu4_2, Gram relu1_1…relu5_1 × 1e3,
 random VGG19 weights: timings do not depend on weight values) from the sample content image at
-``--size`` px with L-BFGS (lr=1, max_iter=1, history 100: one evaluation per step), keeping ONE
+``--size`` px with L-BFGS (lr=1, history 100, one evaluation per step), keeping ONE
 optimiser for a whole run of ``--evals`` evaluations, so the cost of a full history is paid.
 
 * floor    — one forward + backward of torchvision's VGG19 cut at relu5_1 w.r.t. the input
              (``benchmarks/floor.py``), no optimiser.
 * stx      — stx's default job (``encoder.weights=random``, everything else as shipped:
-             ``schedule=lbfgs``, sigmoid bounds, rise guard) through ``stx.optim.optimise_level``.
+             ``schedule=lbfgs``, stx's L-BFGS, sigmoid bounds, rise guard) through
+             ``stx.optim.optimise_level``; ``stx+torch`` the same with ``torch.optim.LBFGS``.
 * tutorial — the PyTorch tutorial's approach (``benchmarks/tutorial.py``).
 * pystiche — pystiche 1.0.1's ``image_optimization`` in its own process in the peer venv
              (``benchmarks/pystiche_peer.py``; make the venv with ``benchmarks/peer_venv.sh``),
@@ -58,9 +59,12 @@ def timed(run: Callable[[int], object], device: torch.device) -> Callable[[int],
     return seconds
 
 
-def stx_runner(size: int, device: torch.device) -> Callable[[int], torch.Tensor]:
-    """``run(evals)``: stx's default job, targets set once, one optimiser per run."""
-    job = build_job(api.compose_config(["encoder.weights=random", f"schedule.size={size}", f"device={device}"]))
+TORCH_LBFGS = ["schedule.optimizer._target_=torch.optim.LBFGS", "+schedule.optimizer.max_iter=1"]
+
+
+def stx_runner(size: int, device: torch.device, overrides: tuple[str, ...] = ()) -> Callable[[int], torch.Tensor]:
+    """``run(evals)``: stx's default job (with ``overrides``), targets set once, one optimiser per run."""
+    job = build_job(api.compose_config(["encoder.weights=random", f"schedule.size={size}", f"device={device}", *overrides]))
     job.loss.set_targets(job.content, job.styles, job.style_weights)
     return lambda evals: optimise_level(job.loss, job.content, schedule=job.schedule, level=0, steps=evals)
 
@@ -84,6 +88,7 @@ def main() -> None:
     contenders = {
         "floor": timed(floor_runner(content), device),
         "stx": timed(stx_runner(args.size, device), device),
+        "stx+torch": timed(stx_runner(args.size, device, TORCH_LBFGS), device),
         "tutorial": timed(tutorial_runner(content, style), device),
     }
     torch_of = dict.fromkeys(contenders, torch.__version__)
