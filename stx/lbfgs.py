@@ -155,8 +155,9 @@ class LBFGS(Optimizer):
         history, sy, yy, kept, head, gamma = (state[k] for k in ("history", "sy", "yy", "kept", "head", "gamma"))
         s = state["direction"] * state["length"]
         y = g - state["previous_grad"]
-        old = history @ torch.stack([g, y, s], dim=1)  # 2m × 3: every stored row · g, y, s
-        (s_g, s_y, s_s), (y_g, y_y, _) = (torch.stack([s, y]) @ torch.stack([g, y, s], dim=1)).unbind(0)
+        vectors = torch.stack([g, y, s], dim=1)
+        old = history @ vectors  # 2m × 3: every stored row · g, y, s
+        (s_g, s_y, s_s), (y_g, y_y, _) = (torch.stack([s, y]) @ vectors).unbind(0)
         converged = g.abs().max() <= group["tolerance_grad"]
         accept = (s_y > CURVATURE_EPS * (s_s * y_y).sqrt()) & ~converged
         slot = torch.arange(m, device=g.device) == head  # one-hot: where the new pair goes

@@ -381,19 +381,26 @@ def optimise_level(
                 to_image(best, bounds).clamp(0.0, 1.0),
             )
 
+    def back_to_best() -> None:
+        """Undo a step that raised the loss above ``max_rise`` × the best: the best parameter,
+        a new history."""
+        with torch.no_grad():
+            parameter.copy_(best)
+        restart(optimizer)
+
     def closure() -> torch.Tensor:
         nonlocal best_loss
         optimizer.zero_grad(set_to_none=True)
         total, values = evaluate()
-        check_finite(total.item(), values)
-        if schedule.max_rise and total.item() > schedule.max_rise * best_loss:
-            with torch.no_grad():
-                parameter.copy_(best)
-            restart(optimizer)
+        value = total.item()
+        check_finite(value, values)
+        if schedule.max_rise and value > schedule.max_rise * best_loss:
+            back_to_best()
             total, values = evaluate()
+            value = total.item()
         total.backward()
-        if total.item() < best_loss:
-            best_loss = total.item()
+        if value < best_loss:
+            best_loss = value
             best.copy_(parameter.detach())
         measured.clear()  # detached: a graph kept alive would pin the parameter's AccumulateGrad to this stream
         measured.update({name: value.detach() for name, value in values.items()}, total=total.detach())
@@ -406,9 +413,7 @@ def optimise_level(
         total = values["total"].item()
         check_finite(total, values)
         if schedule.max_rise and total > schedule.max_rise * best_loss:
-            with torch.no_grad():
-                parameter.copy_(best)
-            restart(optimizer)
+            back_to_best()
             optimizer.step(closure)  # from the best image, with a new history, as without a graph
             return
         if total < best_loss:
