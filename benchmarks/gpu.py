@@ -31,6 +31,7 @@ from collections.abc import Callable
 import torch
 
 from floor import floor_runner
+from lbfgs_eval import TORCH_LBFGS, rotations, seconds
 from stx import api
 from stx.job import build_job
 from stx.optim import optimise_image
@@ -38,20 +39,7 @@ from stx.optim import optimise_image
 HISTORY = 100
 Variant = tuple[str, bool, bool, bool, str]
 """precision, channels_last, torch.compile, schedule.cuda_graph, optimizer _target_"""
-TORCH_LBFGS = "torch.optim.LBFGS"
-
-
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def seconds(run: Callable[[], object]) -> float:
-    synchronize()
-    start = time.perf_counter()
-    run()
-    synchronize()
-    return time.perf_counter() - start
+TORCH_TARGET = "torch.optim.LBFGS"
 
 
 def build(size: int, steps: int, device: str, variant: Variant):
@@ -70,7 +58,7 @@ def build(size: int, steps: int, device: str, variant: Variant):
 
 def optimizer_overrides(target: str) -> list[str]:
     """Config overrides selecting the L-BFGS ``target`` with one evaluation per step."""
-    return [f"schedule.optimizer._target_={target}"] + (["+schedule.optimizer.max_iter=1"] if target == TORCH_LBFGS else [])
+    return TORCH_LBFGS if target == TORCH_TARGET else [f"schedule.optimizer._target_={target}"]
 
 
 def per_eval(job, evals: int) -> float:
@@ -87,7 +75,7 @@ def per_eval(job, evals: int) -> float:
             total.backward()
 
     run()  # warm-up (and compilation)
-    return min(seconds(run) for _ in range(3)) / evals
+    return min(seconds(run, job.device) for _ in range(3)) / evals
 
 
 def per_optimizer_step(make: Callable[[list[torch.Tensor]], torch.optim.Optimizer], like: torch.Tensor, steps: int) -> float:
@@ -110,12 +98,12 @@ def per_optimizer_step(make: Callable[[list[torch.Tensor]], torch.optim.Optimize
             optimizer.step(closure)
 
     run(HISTORY + 20)
-    return seconds(lambda: run(steps)) / steps
+    return seconds(lambda: run(steps), like.device) / steps
 
 
 def job_seconds(job) -> float:
     return seconds(lambda: optimise_image(job.loss, content=job.content, styles=job.styles,
-                                          style_weights=job.style_weights, schedule=job.schedule))
+                                          style_weights=job.style_weights, schedule=job.schedule), job.device)
 
 
 def main() -> None:
@@ -125,7 +113,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="timed runs of each job (order rotated)")
     parser.add_argument("--compile", action="store_true", help="also the torch.compile variants")
     parser.add_argument("--device", default="cuda", help="cuda (cpu only to try the script out)")
-    parser.add_argument("--optimizers", nargs="*", default=["stx.lbfgs.LBFGS", TORCH_LBFGS],
+    parser.add_argument("--optimizers", nargs="*", default=["stx.lbfgs.LBFGS", TORCH_TARGET],
                         help="L-BFGS implementations (_target_s) to compare; the first one runs the jobs")
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
@@ -151,7 +139,7 @@ def main() -> None:
     content = next(iter(jobs.values())).content
     floor = floor_runner(content)
     floor(3)
-    floor_s = min(seconds(lambda: floor(20)) for _ in range(3)) / 20
+    floor_s = min(seconds(lambda: floor(20), content.device) for _ in range(3)) / 20
     print(f"\n1. evaluation at {tuple(content.shape[-2:])} (floor: {floor_s * 1e3:.2f} ms)", flush=True)
     print(f"{'variant':<20} {'ms/eval':>8} {'÷ floor':>8} {'first call s':>12}")
     for name, job in jobs.items():
@@ -168,15 +156,15 @@ def main() -> None:
     for target in args.optimizers:
         module, _, cls = target.rpartition(".")
         make = getattr(__import__(module, fromlist=[cls]), cls)
-        extra = {"max_iter": 1} if target == TORCH_LBFGS else {}
+        extra = {"max_iter": 1} if target == TORCH_TARGET else {}
         value = per_optimizer_step(lambda params: make(params, lr=1.0, history_size=HISTORY, **extra), content, 100)
         print(f"{target:<28} {value * 1e3:>8.3f} ms/step", flush=True)
 
     print(f"\n3. whole job: {args.steps} steps (median of {args.rounds}, order rotated; kernels warmed up by 1.)", flush=True)
     names = [name for name, job in jobs.items() if job is not None]
     timings: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(args.rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+    for order in rotations(names, args.rounds):
+        for name in order:
             timings[name].append(job_seconds(jobs[name]))
     print(f"{'variant':<20} {'s/job':>7} {'min':>7} {'max':>7} {'ms/step':>8} {'build s':>8}")
     for name, values in timings.items():

@@ -44,22 +44,24 @@ from tutorial import tutorial_runner
 WARM_UP_EVALS = 3
 
 
+def seconds(run: Callable[[], object], device: torch.device) -> float:
+    """Seconds ``run()`` took, the device's queued work included."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def timed(run: Callable[[int], object], device: torch.device) -> Callable[[int], float]:
     """``run`` as a function returning the seconds ``run(evals)`` took."""
-
-    def seconds(evals: int) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        run(evals)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    return seconds
+    return lambda evals: seconds(lambda: run(evals), device)
 
 
 TORCH_LBFGS = ["schedule.optimizer._target_=torch.optim.LBFGS", "+schedule.optimizer.max_iter=1"]
+"""Overrides that run stx's job with torch.optim.LBFGS, one evaluation per step."""
 
 
 def stx_runner(size: int, device: torch.device, overrides: tuple[str, ...] = ()) -> Callable[[int], torch.Tensor]:
