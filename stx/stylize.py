@@ -30,32 +30,41 @@ RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def load_model(ref: str, tracking_uri: str, device: torch.device) -> Model:
-    """The model ``ref`` names (see the module docstring), on ``device``, in eval mode."""
+    """The model ``ref`` names (see the module docstring), on ``device``, in eval mode.
+
+    Nothing read here can run code: an MLflow model's file is loaded as a TorchScript archive
+    (what ``stx train`` logs) and never unpickled (``mlflow.pytorch.load_model`` would
+    ``torch.load`` it, so a pickle placed in a shared store would run on every reader).
+    """
     path = Path(ref).expanduser()
     if path.is_file():
         if path.suffix.lower() == ".onnx":
             return export.OnnxModel(path, device)
-        try:
-            return export.load_torchscript(path, device)
-        except RuntimeError as exc:
-            raise StxError(f"model file {str(path)!r} is not a TorchScript model ({exc}); give a file written by "
-                           f"stx train (export/{export.TORCHSCRIPT_FILE} or {export.ONNX_FILE}).") from exc
+        return _load_torchscript(path, device, f"model file {str(path)!r}")
     if path.is_dir() and (path / "MLmodel").is_file():
-        uri = str(path)
-    elif ref.startswith(("runs:/", "models:/")):
-        uri = ref
-    elif RUN_ID.fullmatch(ref):
-        uri = f"runs:/{ref}/{export.MODEL_NAME}"
+        uri, folder = str(path), path
     else:
-        name, _, version = ref.partition("/")
-        uri = f"models:/{name}/{version or 'latest'}"
-    import mlflow.pytorch
+        if ref.startswith(("runs:/", "models:/")):
+            uri = ref
+        elif RUN_ID.fullmatch(ref):
+            uri = f"runs:/{ref}/{export.MODEL_NAME}"
+        else:
+            name, _, version = ref.partition("/")
+            uri = f"models:/{name}/{version or 'latest'}"
+        folder = _download_model(ref, uri, tracking_uri)
+    return _load_torchscript(_model_file(folder, ref), device, f"the model {ref!r} ({uri})")
+
+
+def _download_model(ref: str, uri: str, tracking_uri: str) -> Path:
+    """The local folder of the MLflow model at ``uri`` (downloaded from the store when remote)."""
+    import mlflow
+    import mlflow.artifacts
 
     mlflow.set_tracking_uri(tracking_uri)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = mlflow.pytorch.load_model(uri, map_location=device)
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except Exception as exc:  # mlflow raises MlflowException, OSError or its own registry errors
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StxError(
@@ -63,7 +72,37 @@ def load_model(ref: str, tracking_uri: str, device: torch.device) -> Model:
             f"file, an MLflow model folder, a run id of stx train, runs:/<id>/model, models:/<name>/<version> or a "
             f"registered model name."
         ) from exc
-    return model.to(device).eval()
+
+
+def _model_file(folder: Path, ref: str) -> Path:
+    """The serialised model inside an MLflow model folder (its pytorch flavour's ``model_data``)."""
+    import yaml
+
+    try:
+        meta = yaml.safe_load((folder / "MLmodel").read_text())
+        data = meta["flavors"]["pytorch"]["model_data"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
+        raise StxError(
+            f"the model {ref!r} has no readable pytorch flavour in {folder / 'MLmodel'} ({type(exc).__name__}: "
+            f"{exc}); give a model logged by stx train."
+        ) from exc
+    file = (folder / str(data) / "model.pth").resolve()
+    if not file.is_relative_to(folder.resolve()):
+        raise StxError(f"the model {ref!r} names model data outside its folder ({data!r}); refusing to read it.")
+    return file
+
+
+def _load_torchscript(path: Path, device: torch.device, what: str) -> Model:
+    """A TorchScript archive, refusing anything else (pickles included) without unpickling it."""
+    try:
+        return export.load_torchscript(path, device)
+    except (RuntimeError, ValueError, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StxError(
+            f"{what} is not a TorchScript model ({reason}); stx loads only TorchScript and ONNX files, never "
+            f"pickles, which can run code. Give a model written by stx train (export/{export.TORCHSCRIPT_FILE}, "
+            f"{export.ONNX_FILE}, or its logged MLflow model)."
+        ) from exc
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,9 @@
 """stx train: content folder, training that lowers the loss, tracking, resume, exports and stylize."""
 
+import os
+import pickle
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -169,6 +173,35 @@ def test_stylize_loads_each_kind_of_reference_and_writes_every_image(trained, co
     assert Image.open(written[0]).size == (40, 36 * 40 // 48)  # long edge 40, aspect kept
     with pytest.raises(StxError, match="cannot load the model 'nosuch'"):
         load_model("nosuch", uri, torch.device("cpu"))
+
+
+class Payload:
+    """A pickle that runs a command when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("form", ["pickle", "torch.save"])
+def test_a_pickle_in_a_shared_store_is_refused_and_never_run(trained, tmp_path, form):
+    _, client, run = trained
+    uri = client._tracking_client.tracking_uri
+    folder = Path(client.download_artifacts(run.info.run_id, "model", str(tmp_path)))
+    marker = tmp_path / "ran"
+    model_file = folder / "data" / "model.pth"
+    if form == "pickle":
+        model_file.write_bytes(pickle.dumps(Payload(marker)))
+    else:
+        torch.save(Payload(marker), model_file)
+    tampered = client.create_run(run.info.experiment_id).info.run_id
+    client.log_artifacts(tampered, str(folder), "model")
+    for ref in (tampered, f"runs:/{tampered}/model", str(folder), str(model_file)):
+        with pytest.raises(StxError, match="is not a TorchScript model.*never pickles"):
+            load_model(ref, uri, torch.device("cpu"))
+    assert not marker.exists()
 
 
 def test_resume_continues_to_the_same_weights_as_an_uninterrupted_run(tmp_path, content_dir):
