@@ -1,19 +1,27 @@
 """L-BFGS with one objective evaluation per step, built for GPUs, whose steps do not depend on
-the loss's scale.
+the loss's scale and which converges on trained features.
 
-Its steps are those of ``torch.optim.LBFGS(lr=lr, max_iter=1, history_size=m)`` without a line
-search (a first step along ``−g``, then ``lr`` along ``−H·g`` with ``H₀ = γI``, ``γ = sᵀy / yᵀy``
-of the newest kept pair) with three changes that make them the same for ``c·f`` as for ``f``
-(the same run whatever the score weights, as a sweep over them needs):
+Each ``step(closure)`` evaluates the loss once, at a trial point ``x₀ + t·d`` along a direction
+``d`` from a base point ``x₀``, and then either accepts it or takes it back:
 
-- the first step is as long as the loss's linear model needs to fall by 0.1% of |loss| (a
-  shortened Polyak step, ``0.001·lr·|f| / ‖g‖²``; torch: ``min(1, 1/‖g‖₁)·lr``, so a small
-  loss takes a step too small to register in float32 pixels);
-- a pair is kept when ``sᵀy > 1e-10·‖s‖‖y‖`` (torch: ``sᵀy > 1e-10``, which rejects every pair
-  of a small enough loss: with ``score_weight`` × 0.01 the image never moves);
-- the run never stops on its own (torch stops moving once ``max |g| ≤ 1e-7`` or
-  ``gᵀd > −1e-9``, absolute thresholds that large images reach: per-pixel gradients shrink with
-  the pixel count): a direction that is not downhill forgets the pairs and takes a first step.
+- accepted when the loss fell enough (Armijo: ``f ≤ f₀ + 1e-4·t·g₀ᵀd``): the pair
+  ``(s, y) = (t·d, g − g₀)`` joins the history if its curvature is positive
+  (``sᵀy > 1e-10·‖s‖‖y‖``, a scale-free form of torch's ``sᵀy > 1e-10``), the trial becomes the
+  base point and the next trial is ``lr`` along ``−H·g`` (``H₀ = γI``, ``γ = sᵀy / yᵀy`` of the
+  newest kept pair), as in ``torch.optim.LBFGS(max_iter=1)``;
+- rejected otherwise: the next trial is shorter along the same direction from the same base
+  point, at the minimiser of the quadratic through ``f₀``, ``g₀ᵀd`` and ``f`` kept within
+  [0.1, 0.5] × ``t`` (a backtracking line search spread over evaluations; the history is kept).
+
+The first trial, and any after ``−H·g`` turns uphill (the history is then forgotten), goes along
+``−g`` to where the loss's linear model reaches 0 (Polyak's step, ``lr·|f| / ‖g‖²``), which the
+search shortens when the loss is far from 0. Every rule is the same for ``c·f`` as for ``f`` (the
+same run whatever the score weights, as a sweep over them needs), and the run never stops on its
+own (torch stops moving once ``max |g| ≤ 1e-7``, an absolute threshold that large images reach).
+
+Why a search: a Gram loss is quartic in the pixels and a trained encoder's layers span orders of
+magnitude, so the step that one short step's curvature pair suggests overshoots many times over;
+undoing it and forgetting the pairs (stx's rule before) cycled forever on trained weights.
 
 ``H·g`` comes from the compact representation of the inverse Hessian (Byrd, Nocedal & Schnabel
 1994, eq. 3.1) instead of the two-loop recursion:
@@ -25,7 +33,7 @@ of ``SᵀY`` and ``D`` its diagonal. The pairs live in one ``2m × n`` ring buff
 the history twice (one product for ``Sᵀg``, ``Yᵀg`` and the new pair's inner products, one for
 ``H·g``) where the two-loop recursion reads it four times, in about 60 kernels instead of ~6m.
 After the first step a step never waits for the device: which pairs count, where the next one
-goes and whether the step is taken are tensors, not Python branches (``torch.optim.LBFGS`` copies
+goes, whether a trial is accepted and how far to go next are tensors, not Python branches (``torch.optim.LBFGS`` copies
 a value to the host twice per pair), so a whole step can be captured in a CUDA graph
 (:mod:`stx.optim` does). The ``m × m`` algebra runs in float64.
 """
@@ -37,14 +45,18 @@ from collections.abc import Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
-FIRST_STEP_FALL = 1e-3
-"""A first step is as long as the loss's linear model needs to fall by this fraction of |loss|."""
+FIRST_STEP_FALL = 1.0
+"""A first trial is as long as the loss's linear model needs to fall by this fraction of |loss|."""
+ARMIJO = 1e-4
+"""A trial point is accepted when ``f ≤ f_base + ARMIJO·t·gᵀd`` (sufficient decrease), else the
+step is taken back and retried shorter along the same direction."""
 CURVATURE_EPS = 1e-10
 """A pair is kept only when ``sᵀy > CURVATURE_EPS·‖s‖‖y‖`` (its curvature is positive)."""
 
 
 class LBFGS(Optimizer):
-    """L-BFGS taking one step of length ``lr`` per ``step(closure)`` (one evaluation).
+    """L-BFGS with one evaluation per ``step(closure)`` (see the module's docstring); the state's
+    ``backtracks`` counts the trials taken back.
 
     ``history_size``: curvature pairs kept (each costs two parameter-sized vectors);
     ``tolerance_grad``: no step is taken while the largest gradient entry is at most this (0:
@@ -119,7 +131,10 @@ class LBFGS(Optimizer):
                 gamma=g.new_ones(()),
                 direction=torch.zeros_like(g),
                 length=g.new_zeros(()),
-                previous_grad=torch.zeros_like(g),
+                previous_grad=torch.zeros_like(g),  # at the base point: the last accepted one
+                base_loss=g.new_zeros(()),  # f at the base point
+                slope=g.new_zeros(()),  # gᵀd at the base point (< 0)
+                backtracks=torch.zeros((), dtype=torch.long, device=g.device),  # evaluations rejected so far
             )
         return state
 
@@ -138,6 +153,8 @@ class LBFGS(Optimizer):
             state["direction"].copy_(-g)
             state["length"].copy_(self._first_length(loss, g))
             state["previous_grad"].copy_(g)
+            state["base_loss"].copy_(loss.detach())
+            state["slope"].copy_(-g.dot(g))
             self._move(state["direction"], state["length"])
         else:
             self._later_step(state, g, group, loss)
@@ -145,21 +162,27 @@ class LBFGS(Optimizer):
         return loss
 
     def _first_length(self, loss: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """Length of a first step along ``−g``: ``lr`` × the one over which the loss's linear
-        model falls by :data:`FIRST_STEP_FALL` × |loss| (Polyak's step towards 0, shortened)."""
+        """Length of a first trial along ``−g``: ``lr`` × the one over which the loss's linear
+        model falls by :data:`FIRST_STEP_FALL` × |loss| (Polyak's step towards 0)."""
         return self.defaults["lr"] * FIRST_STEP_FALL * loss.detach().abs().to(g.dtype) / g.dot(g)
 
     def _later_step(self, state: dict, g: torch.Tensor, group: dict, loss: torch.Tensor) -> None:
-        """Record the newest pair if its curvature is positive, step along ``−H·g``."""
+        """Judge the trial point just evaluated: accepted (Armijo), record its pair if its
+        curvature is positive and step along ``−H·g``; rejected, backtrack along the same
+        direction from the base point."""
         m = group["history_size"]
         history, sy, yy, kept, head, gamma = (state[k] for k in ("history", "sy", "yy", "kept", "head", "gamma"))
-        s = state["direction"] * state["length"]
+        f = loss.detach().to(g.dtype)
+        base_loss, slope, length = state["base_loss"], state["slope"], state["length"]
+        # Armijo: the trial fell by at least ARMIJO × what the base point's slope promised.
+        sufficient = f <= base_loss + ARMIJO * length * slope
+        s = state["direction"] * length
         y = g - state["previous_grad"]
         vectors = torch.stack([g, y, s], dim=1)
         old = history @ vectors  # 2m × 3: every stored row · g, y, s
         (s_g, s_y, s_s), (y_g, y_y, _) = (torch.stack([s, y]) @ vectors).unbind(0)
-        converged = g.abs().max() <= group["tolerance_grad"]
-        accept = (s_y > CURVATURE_EPS * (s_s * y_y).sqrt()) & ~converged
+        converged = (g.abs().max() <= group["tolerance_grad"]) & sufficient
+        accept = (s_y > CURVATURE_EPS * (s_s * y_y).sqrt()) & sufficient & ~converged
         slot = torch.arange(m, device=g.device) == head  # one-hot: where the new pair goes
         new = slot & accept
         rows = torch.stack([head, head + m])
@@ -191,13 +214,24 @@ class LBFGS(Optimizer):
 
         # Rounding can leave H·g pointing uphill: forget the pairs, take a first step along −g.
         descent = g.dot(direction) <= -group["tolerance_change"]
-        kept.logical_and_(descent)
-        gamma.copy_(torch.where(descent, gamma, 1.0))
+        keep_history = descent | ~sufficient  # a rejected trial keeps it
+        kept.logical_and_(keep_history)
+        gamma.copy_(torch.where(keep_history, gamma, 1.0))
         direction = torch.where(descent, direction, -g)
-        first_length = self._first_length(loss, g)
-        length = torch.where(descent, group["lr"], first_length)
-        self._move(direction, torch.where(converged, 0.0, length))
-        # converged: as if this evaluation had not happened
-        state["direction"].copy_(torch.where(converged, state["direction"], direction))
-        state["length"].copy_(torch.where(converged, state["length"], length))
-        state["previous_grad"].copy_(torch.where(converged, state["previous_grad"], g))
+        new_length = torch.where(descent, torch.full_like(length, group["lr"]), self._first_length(loss, g))
+        # Rejected: the minimiser of the quadratic through f(base), its slope and f(trial), kept
+        # within [0.1, 0.5] × the rejected length (Nocedal & Wright, §3.5).
+        curvature = f - base_loss - slope * length
+        shorter = (-slope * length.square() / (2 * curvature)).nan_to_num(0.0)
+        shorter = torch.minimum(torch.maximum(shorter, 0.1 * length), 0.5 * length)
+        moved = torch.where(sufficient, new_length, 0.0)
+        self._move(torch.where(sufficient, direction, state["direction"]),
+                   torch.where(converged, 0.0, torch.where(sufficient, moved, shorter - length)))
+        # converged: as if this evaluation had not happened; rejected: the base point stays
+        step_on = sufficient & ~converged
+        state["direction"].copy_(torch.where(step_on, direction, state["direction"]))
+        state["length"].copy_(torch.where(step_on, new_length, torch.where(converged, length, shorter)))
+        state["previous_grad"].copy_(torch.where(step_on, g, state["previous_grad"]))
+        state["slope"].copy_(torch.where(step_on, g.dot(direction), slope))
+        state["base_loss"].copy_(torch.where(step_on, f, base_loss))
+        state["backtracks"].add_((~sufficient).long())

@@ -30,38 +30,47 @@ def trajectory(make, steps: int, objective=rosenbrock, start=None):
 
 
 def two_loop_lbfgs(objective, start, steps, lr, history):
-    """Textbook L-BFGS (two-loop recursion, float64) with stx.lbfgs's rules: losses, final point,
-    pairs kept and pairs rejected."""
-    x, pairs, previous, losses, rejected, gamma = start.clone(), [], None, [], 0, 1.0
+    """Textbook L-BFGS (two-loop recursion, float64, backtracking along a rejected direction)
+    with stx.lbfgs's rules: losses, final point, pairs kept, pairs rejected and backtracks."""
+    x, pairs, losses, rejected, backtracks, gamma, base = start.clone(), [], [], 0, 0, 1.0, None
     for _ in range(steps):
         point = x.clone().requires_grad_(True)
         loss = objective(point)
         (g,) = torch.autograd.grad(loss, point)
-        losses.append(loss.item())
-        first = lr * 1e-3 * abs(loss.item()) / g.dot(g)
-        if previous is None:
-            d, t = -g, first
+        f = loss.item()
+        losses.append(f)
+        polyak = lr * abs(f) / g.dot(g)  # the step along −g to where the linear model reaches 0
+        if base is None:
+            base = (x, f, g, -g, polyak)
+            x = x + polyak * -g
+            continue
+        x0, f0, g0, d, t = base
+        slope = g0.dot(d)
+        if f > f0 + 1e-4 * t * slope:  # not a sufficient decrease: back, shorter along d
+            backtracks += 1
+            shorter = min(max(-slope * t * t / (2 * (f - f0 - slope * t)), 0.1 * t), 0.5 * t)
+            base = (x0, f0, g0, d, shorter)
+            x = x0 + shorter * d
+            continue
+        s, y = t * d, g - g0
+        if s.dot(y) > 1e-10 * s.norm() * y.norm():
+            pairs = (pairs + [(s, y)])[-history:]
+            gamma = s.dot(y) / y.dot(y)
         else:
-            d, t, g_before = previous
-            s, y = t * d, g - g_before
-            if s.dot(y) > 1e-10 * s.norm() * y.norm():
-                pairs = (pairs + [(s, y)])[-history:]
-                gamma = s.dot(y) / y.dot(y)
-            else:
-                rejected += 1
-            q, alphas = g.clone(), []
-            for s_i, y_i in reversed(pairs):
-                alphas.append(s_i.dot(q) / s_i.dot(y_i))
-                q -= alphas[-1] * y_i
-            r = gamma * q
-            for (s_i, y_i), alpha in zip(pairs, reversed(alphas)):
-                r += s_i * (alpha - y_i.dot(r) / s_i.dot(y_i))
-            d, t = -r, lr
-            if g.dot(d) > 0:  # not downhill: forget the pairs, take a first step
-                pairs, gamma, d, t = [], 1.0, -g, first
+            rejected += 1
+        q, alphas = g.clone(), []
+        for s_i, y_i in reversed(pairs):
+            alphas.append(s_i.dot(q) / s_i.dot(y_i))
+            q -= alphas[-1] * y_i
+        r = gamma * q
+        for (s_i, y_i), alpha in zip(pairs, reversed(alphas)):
+            r += s_i * (alpha - y_i.dot(r) / s_i.dot(y_i))
+        d, t = -r, lr
+        if g.dot(d) > 0:  # not downhill: forget the pairs, take a first step
+            pairs, gamma, d, t = [], 1.0, -g, polyak
+        base = (x, f, g, d, t)
         x = x + t * d
-        previous = (d, t, g)
-    return torch.tensor(losses, dtype=torch.float64), x, len(pairs), rejected
+    return torch.tensor(losses, dtype=torch.float64), x, len(pairs), rejected, backtracks
 
 
 START = torch.linspace(-1.5, 1.2, 40, dtype=torch.float64)
@@ -72,22 +81,40 @@ def test_same_steps_as_the_two_loop_recursion(history):
     # history 3 wraps the ring of pairs many times; Rosenbrock's negative curvature makes some
     # pairs fail the curvature test, so both must skip the same ones
     ours, x_ours, optimizer = trajectory(lambda p: LBFGS(p, lr=0.5, history_size=history), 80)
-    reference, x_reference, kept, rejected = two_loop_lbfgs(rosenbrock, START, 80, 0.5, history)
+    reference, x_reference, kept, rejected, backtracks = two_loop_lbfgs(rosenbrock, START, 80, 0.5, history)
     torch.testing.assert_close(ours, reference, rtol=1e-7, atol=0)
     torch.testing.assert_close(x_ours, x_reference, rtol=1e-5, atol=1e-6)  # rounding grows over 80 steps
     assert next(iter(optimizer.state.values()))["kept"].sum() == kept
     assert ours[-1] < 0.05 * ours[0]
 
 
-def test_skips_a_pair_of_negative_curvature():
-    # a concave start: the first pair has sᵀy < 0 and must not enter the history
+@pytest.mark.parametrize("start, lr", [(0.5, 0.2), (0.3, 1.0)])
+def test_skips_a_pair_of_negative_curvature_and_backtracks_like_the_reference(start, lr):
+    # a concave start: a pair has sᵀy < 0 and must not enter the history; at lr=1 trial points
+    # that do not fall enough are taken back and retried shorter (twice in 8 evaluations)
     objective = lambda x: (torch.cos(x).sum() + 0.01 * (x ** 4).sum() + 10)
-    start = torch.full((5,), 0.3, dtype=torch.float64)
-    _, x_ours, optimizer = trajectory(lambda p: LBFGS(p, lr=0.2, history_size=5), 8, objective, start)
-    _, x_reference, kept, rejected = two_loop_lbfgs(objective, start, 8, 0.2, 5)
+    begin = torch.full((5,), start, dtype=torch.float64)
+    ours, x_ours, optimizer = trajectory(lambda p: LBFGS(p, lr=lr, history_size=5), 8, objective, begin)
+    reference, x_reference, kept, rejected, backtracks = two_loop_lbfgs(objective, begin, 8, lr, 5)
+    torch.testing.assert_close(ours, reference, rtol=1e-9, atol=0)
     torch.testing.assert_close(x_ours, x_reference, rtol=1e-9, atol=1e-12)
     state = next(iter(optimizer.state.values()))
     assert state["n_iter"] == 8 and state["kept"].sum() == kept and rejected > 0
+    assert state["backtracks"] == backtracks and backtracks == (2 if lr == 1.0 else 0)
+
+
+def test_a_quartic_loss_converges_without_cycling():
+    # A Gram loss is quartic in the pixels: one short step's curvature makes the next step
+    # overshoot. The old rule (undo, forget the pairs, tiny first step again) cycled; the
+    # backtracking search keeps the history and rarely rejects.
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(30, 60, generator=generator, dtype=torch.float64)
+    target = (a @ torch.randn(60, generator=generator, dtype=torch.float64)) ** 2
+    objective = lambda x: ((a @ x) ** 2 - target).square().sum()
+    start = torch.randn(60, generator=generator, dtype=torch.float64)
+    losses, _, optimizer = trajectory(lambda p: LBFGS(p, lr=1.0, history_size=20), 100, objective, start)
+    assert losses.min() < 1e-6 * losses[0]
+    assert next(iter(optimizer.state.values()))["backtracks"] <= 5
 
 
 def test_no_step_at_a_stationary_point():
