@@ -56,7 +56,24 @@ def find_runs(client: MlflowClient, target: str) -> tuple[list[Run], Run | None]
         runs = [r for r in client.search_runs([experiment.experiment_id], max_results=10000) if layout.TAG_SWEEP not in r.data.tags]
     if not runs:
         raise StxError(f"no runs found for {target!r} in {client.tracking_uri}.")
+    check_one_judge(runs, target)
     return sorted(runs, key=lambda r: (int(r.data.tags.get(layout.TAG_JOB_NUM, 0)), r.info.start_time)), parent
+
+
+def check_one_judge(runs: list[Run], target: str) -> None:
+    """Refuse to rank runs whose eval/ metrics come from different judges (tag ``stx.judge``):
+    their distances are in different feature spaces and do not compare."""
+    judges: dict[str, int] = {}
+    for run in runs:
+        judge = run.data.tags.get(layout.TAG_JUDGE, "unrecorded (stx before the judge had its own config)")
+        judges[judge] = judges.get(judge, 0) + 1
+    if len(judges) > 1:
+        found = ", ".join(f"{judge} ({count} run{'s' if count > 1 else ''})" for judge, count in judges.items())
+        raise StxError(
+            f"the runs of {target!r} were judged by different networks: {found}; their eval/ metrics and objectives "
+            f"do not compare. Compare a sweep (one judge), or run the jobs again with one judge.arch/judge.weights "
+            f"in an experiment of their own (tracking.experiment=…)."
+        )
 
 
 def overrides(run: Run) -> dict[str, str]:

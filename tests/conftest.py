@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from stx import encoders
 from stx.schema import ASSETS_DIR, CONF_DIR
 
-FAST = ["encoder.weights=random", "schedule.size=32", "schedule.steps=2"]
+FAST = ["encoder.weights=random", "judge.weights=random", "schedule.size=32", "schedule.steps=2"]
 """Overrides for a job that takes about a second: random weights, 32 px, 2 steps."""
 STX = [str(Path(sys.executable).with_name("stx"))]
 CONTENT = ASSETS_DIR / "content.png"
