@@ -12,6 +12,8 @@ import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import yaml
+
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
@@ -162,11 +164,42 @@ LEGACY_VALUES = {
 before the key existed, filled in when such a run is reproduced, resumed or promoted."""
 
 
+def read_logged_config(path: Path, run_id: str) -> DictConfig:
+    """A logged ``config.yaml`` read as data: plain YAML (no tags), and no interpolation left in
+    it (stx logs resolved configs, so a ``${…}`` was put there by hand, e.g. ``${oc.env:SECRET}``,
+    which would read this machine's environment into the store)."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise StxError(f"the config logged with run {run_id} ({path.name}) is not plain YAML "
+                       f"({str(exc).splitlines()[0]}); stx reads logged configs as data only.") from exc
+    if not isinstance(data, dict):
+        raise StxError(f"the config logged with run {run_id} ({path.name}) is not a mapping of keys.")
+    for key, value in _leaves(data):
+        if isinstance(value, str) and "${" in value:
+            raise StxError(
+                f"the config logged with run {run_id} has {key}={value!r}: an interpolation, which stx never "
+                f"logs (its configs are resolved) and will not resolve from a store (it could read this "
+                f"machine's environment or files); the artifact was edited. Re-run from your own config instead."
+            )
+    return OmegaConf.create(data)
+
+
+def _leaves(node: object, prefix: str = ""):
+    """``(dotted key, value)`` of every leaf of nested dicts and lists."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else None
+    if items is None:
+        yield prefix.rstrip("."), node
+        return
+    for key, value in items:
+        yield from _leaves(value, f"{prefix}{key}.")
+
+
 def load_run_config(client: MlflowClient, run_id: str, folder: Path, runs_dir: str, uri: str) -> DictConfig:
     """The run's resolved config, checked against stx's schema (keys it predates filled in from
     :data:`LEGACY_VALUES`), reading its logged input images (downloaded into ``folder/inputs``)
     and writing to ``runs_dir`` and ``uri``."""
-    loaded = OmegaConf.load(download_artifact(client, run_id, CONFIG, folder))
+    loaded = read_logged_config(download_artifact(client, run_id, CONFIG, folder), run_id)
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(StxSchema), loaded)
     except OmegaConfBaseException as exc:
@@ -175,6 +208,9 @@ def load_run_config(client: MlflowClient, run_id: str, folder: Path, runs_dir: s
         parent, _, name = key.rpartition(".")
         if OmegaConf.is_missing(OmegaConf.select(cfg, parent) if parent else cfg, name):
             OmegaConf.update(cfg, key, value)
+    if OmegaConf.is_missing(cfg.judge, "weights"):  # judged before the judge had its own keys
+        cfg.judge.arch, cfg.judge.weights = "vgg19", cfg.encoder.weights
+    cfg.tracking.artifact_location = None  # the new run's artifacts go where the user's store puts them
     download_artifact(client, run_id, INPUTS, folder)
     (content,) = (folder / content_dir()).iterdir()
     styles = [next((folder / style_dir(index)).iterdir()) for index in range(len(cfg.images.styles))]

@@ -26,7 +26,7 @@ from stx.image import write_image
 from stx.job import build_job, build_schedule
 from stx.monitor import JobMonitor
 from stx.optim import Checkpoint, optimise_image
-from stx.tracking import RunTracker, TrackingError, device_tags, hydra_tags, source_tags, tracking_uri
+from stx.tracking import RunTracker, TrackingError, check_not_running, device_tags, hydra_tags, source_tags, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ def resume(cfg: DictConfig, run_dir: Path, log_file: Path | None = None, overrid
         raise StxError(f"resume={run_id!r}: no such run in {cfg.tracking.uri}.") from exc
     if run.info.status == "FINISHED":
         raise StxError(f"resume={run_id!r}: that run is already FINISHED; there is nothing to continue.")
+    check_not_running(run)  # before anything of the run is rewritten
     original = layout.load_run_config(client, run_id, run_dir, cfg.runs_dir, cfg.tracking.uri)
     path = layout.download_artifact(client, run_id, layout.CHECKPOINT, run_dir / "resumed_from",
                                     hint="it ran without schedule.checkpoint_every, so there is nothing to resume from")
@@ -151,7 +152,7 @@ def _record_resume_changes(client: MlflowClient, run: Run, updates: dict[str, An
     """Write ``updates`` into the run's logged ``config.yaml`` (what a later resume or
     ``stx reproduce`` reads) and add ``note`` to its tag ``stx.resume.changed``."""
     run_id = run.info.run_id
-    logged = OmegaConf.load(layout.download_artifact(client, run_id, layout.CONFIG, folder))
+    logged = layout.read_logged_config(layout.download_artifact(client, run_id, layout.CONFIG, folder), run_id)
     _apply(logged, updates)
     client.log_dict(run_id, OmegaConf.to_container(logged), layout.CONFIG)
     previous = run.data.tags.get(layout.TAG_RESUME_CHANGED)

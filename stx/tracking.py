@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, Run, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.tracking.context.registry import resolve_tags
@@ -150,6 +150,16 @@ def hydra_tags(hydra_cfg: DictConfig) -> dict[str, str]:
     return tags
 
 
+def check_not_running(run: Run) -> None:
+    """Refuse to continue a run that a live process still runs (:class:`TrackingError`)."""
+    if run.info.status == "RUNNING" and layout.TAG_PID in run.data.tags and dead_reason(run) is None:
+        raise TrackingError(
+            f"run {run.info.run_id} is still RUNNING in process {run.data.tags[layout.TAG_PID]} on "
+            f"{run.data.tags[layout.TAG_HOST]}: stop that job first (a run whose process is gone is "
+            f"closed by the next job on the store; on another host after {DEAD_AFTER_S:.0f} s without heartbeat)."
+        )
+
+
 class RunTracker:
     """Logs one job to the MLflow run it opens; use :meth:`open` as a context manager around the work.
 
@@ -235,12 +245,7 @@ class RunTracker:
     def _reopen(self, run_id: str, tags: dict[str, str]) -> str:
         """Set run ``run_id`` RUNNING again (clearing its ``stx.error``) and note which steps it logged."""
         run = self._store("reopening the run", self.client.get_run, run_id)
-        if run.info.status == "RUNNING" and layout.TAG_PID in run.data.tags and dead_reason(run) is None:
-            raise TrackingError(
-                f"run {run_id} is still RUNNING in process {run.data.tags[layout.TAG_PID]} on "
-                f"{run.data.tags[layout.TAG_HOST]}: stop that job first (a run whose process is gone is "
-                f"closed by the next job on the store; on another host after {DEAD_AFTER_S:.0f} s without heartbeat)."
-            )
+        check_not_running(run)
         for key in run.data.metrics:
             history = self._store("reading the run's metrics", self.client.get_metric_history, run_id, key)
             self.logged_through[key] = max(metric.step for metric in history)

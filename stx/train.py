@@ -155,7 +155,8 @@ def resumed_config(cfg: DictConfig, overrides: list[str], run_dir: Path) -> tupl
         client.get_run(cfg.resume)
     except MlflowException as exc:
         raise StxError(f"resume={cfg.resume!r}: no such run in {cfg.tracking.uri}.") from exc
-    logged = OmegaConf.load(layout.download_artifact(client, cfg.resume, layout.CONFIG, run_dir / "resumed_from"))
+    logged = layout.read_logged_config(
+        layout.download_artifact(client, cfg.resume, layout.CONFIG, run_dir / "resumed_from"), cfg.resume)
     try:
         original = OmegaConf.merge(OmegaConf.structured(TrainSchema), logged)
     except OmegaConfBaseException as exc:

@@ -1,8 +1,11 @@
-"""Runs logged before a config key existed are reproduced as they ran."""
+"""Runs logged before a config key existed are reproduced as they ran; a tampered logged config
+is refused before anything runs."""
 
+import pytest
 from omegaconf import OmegaConf
 
 from stx import api, layout
+from stx.errors import StxError
 from stx.reproduce import reproduce
 
 from conftest import FAST, client_for, local_uri
@@ -14,9 +17,29 @@ def test_a_run_logged_before_new_keys_existed_reproduces_exactly(tmp_path, monke
     run_id = api.run(FAST).run_id
     client = client_for(tmp_path)
     logged = OmegaConf.load(layout.download_artifact(client, run_id, layout.CONFIG, tmp_path / "logged"))
-    del logged["color"], logged.schedule["tile"], logged.encoder["softmax"]
+    del logged["color"], logged.schedule["tile"], logged.encoder["softmax"], logged["judge"]
     client.log_dict(run_id, OmegaConf.to_container(logged), layout.CONFIG)
     result, difference = reproduce(run_id, local_uri(tmp_path))
     assert difference == 0
     cfg = OmegaConf.load(layout.download_artifact(client, result.run_id, layout.CONFIG, tmp_path / "again"))
     assert cfg.color == layout.LEGACY_VALUES["color"] and cfg.schedule.tile == "off" and cfg.encoder.softmax is None
+    assert cfg.judge.arch == "vgg19" and cfg.judge.weights == "random"  # the run's encoder.weights, as then
+
+
+@pytest.mark.parametrize("tamper, message", [
+    ("tracking:\n  experiment: ${oc.env:STX_TEST_SECRET}\n", r"has tracking.experiment='\$\{oc.env:STX_TEST_SECRET\}': an interpolation"),
+    ("seed: !!python/object/apply:os.system ['true']\n", "is not plain YAML"),
+])
+def test_a_tampered_logged_config_is_refused_before_anything_runs(tmp_path, monkeypatch, tamper, message):
+    monkeypatch.setenv("STX_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("STX_TEST_SECRET", "secret-value")
+    monkeypatch.chdir(tmp_path)
+    run_id = api.run(FAST).run_id
+    client = client_for(tmp_path)
+    path = layout.download_artifact(client, run_id, layout.CONFIG, tmp_path / "logged")
+    path.write_text(path.read_text() + tamper)
+    client.log_artifact(run_id, str(path))
+    with pytest.raises(StxError, match=message):
+        reproduce(run_id, local_uri(tmp_path))
+    runs = client.search_runs([client.get_experiment_by_name("stx").experiment_id])
+    assert len(runs) == 1 and not client.get_experiment_by_name("secret-value")

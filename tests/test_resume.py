@@ -12,7 +12,7 @@ from PIL import Image
 from stx.errors import StxError
 from stx.runner import _resume_updates, resume, run_tracked
 
-JOB = ["encoder.weights=random", "schedule.size=32", "tracking.image_every=0"]
+JOB = ["encoder.weights=random", "judge.weights=random", "schedule.size=32", "tracking.image_every=0"]
 
 
 def killed_run(make_cfg, tmp_path):
@@ -54,6 +54,17 @@ def test_resume_refuses_to_end_before_its_checkpoint_and_records_nothing(make_cf
     overrides = [f"resume={run_id}", "schedule.steps=3"]
     with pytest.raises(StxError, match=rf"resume={run_id}: schedule.steps=3 ends before the checkpoint it resumes "
                                        r"from \(step 4, 4 steps into pyramid level 0\); give schedule.steps=4 or more."):
+        resume(make_cfg(*overrides), tmp_path / "resumed", overrides=overrides)
+    assert "stx.resume.changed" not in client.get_run(run_id).data.tags
+    assert logged_config(client, run_id, tmp_path / "download")["schedule"]["steps"] == 4
+
+
+@pytest.mark.slow
+def test_a_resume_refused_because_the_run_is_alive_rewrites_nothing(make_cfg, tmp_path):
+    client, run_id = killed_run(make_cfg, tmp_path)
+    client.update_run(run_id, "RUNNING")  # as if its process (this one: alive, same host) still ran it
+    overrides = [f"resume={run_id}", "schedule.steps=6"]
+    with pytest.raises(StxError, match=rf"run {run_id} is still RUNNING in process"):
         resume(make_cfg(*overrides), tmp_path / "resumed", overrides=overrides)
     assert "stx.resume.changed" not in client.get_run(run_id).data.tags
     assert logged_config(client, run_id, tmp_path / "download")["schedule"]["steps"] == 4
