@@ -13,6 +13,7 @@ heartbeat that tell a live run from one whose process was killed (see :mod:`stx.
 from __future__ import annotations
 
 import csv
+import fcntl
 import logging
 import platform
 import subprocess
@@ -74,8 +75,28 @@ def tracking_uri(tracking: DictConfig) -> str:
                 f"--host 127.0.0.1 --port …) or fix tracking.uri / MLFLOW_TRACKING_URI."
             ) from exc
     elif uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        open_sqlite_store(uri)
     return uri
+
+
+def open_sqlite_store(uri: str) -> None:
+    """Create or upgrade the sqlite store at ``uri`` under an exclusive lock (``<db>.lock``), so
+    that jobs started together on a new store do not run MLflow's migrations at once (which
+    leaves it half-migrated); a store that cannot be opened gets one paragraph."""
+    path = Path(uri.removeprefix("sqlite:///"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f"{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        try:
+            MlflowClient(uri).get_experiment_by_name("Default")  # creates the store, or checks its schema
+        except Exception as exc:  # sqlalchemy's and alembic's errors, MlflowException
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TrackingError(
+                f"the MLflow store {path} could not be opened ({type(exc).__name__}: {reason[:300]}). If another "
+                f"program holds it locked, wait for it and run again; if it was left half-created (an interrupted "
+                f"first job: tables named _alembic_tmp_*), move it aside and stx creates a new one; or give "
+                f"another tracking.uri / runs_dir."
+            ) from exc
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:

@@ -226,3 +226,27 @@ def test_server_going_away_stops_the_job_with_one_error_and_keeps_its_work_on_di
         text = failed_job_output(process, output)
     assert f"stx: error: the MLflow tracking store {uri} failed while" in text and "Connection refused" in text
     assert_work_kept(Path(run.data.tags["stx.run_dir"]), logged)
+
+
+OPEN_STORE = "import sys; from stx.tracking import open_sqlite_store; open_sqlite_store(sys.argv[1])"
+
+
+@pytest.mark.slow
+def test_jobs_started_together_on_a_new_store_all_open_it(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"
+    python = str(Path(STX[0]).with_name("python"))
+    jobs = [subprocess.Popen([python, "-c", OPEN_STORE, uri], stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    errors = [job.communicate(timeout=300)[1] for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0, 0, 0], errors
+    client = MlflowClient(uri)
+    client.create_run(client.create_experiment("after"))  # the store is whole
+    assert client.search_experiments(filter_string="name = 'after'")
+
+
+def test_a_store_that_cannot_be_opened_is_one_paragraph(tmp_path):
+    from stx.tracking import TrackingError, open_sqlite_store
+
+    broken = tmp_path / "mlflow.db"
+    broken.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(TrackingError, match=rf"the MLflow store {broken} could not be opened .* move it aside"):
+        open_sqlite_store(f"sqlite:///{broken}")
