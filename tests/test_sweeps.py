@@ -39,7 +39,8 @@ def test_sweep_then_compare_then_reproduce(tmp_path):
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     assert all(c.info.status == "FINISHED" for c in children)
     assert sorted(c.info.run_name for c in children) == ["score_weight=10.0", "score_weight=1000.0", "score_weight=100000.0"]
-    assert parent.data.params == {"encoder.weights": "random", "schedule.size": "32", "schedule.steps": "5"}  # fixed overrides
+    assert parent.data.params == {"encoder.weights": "random", "judge.weights": "random", "schedule.size": "32",
+                                  "schedule.steps": "5"}  # fixed overrides
 
     # the objective is the judge's style + content distance, not the weighted loss, so the
     # sweep's best is not simply its smallest score weight (whose loss is smallest by far)
