@@ -171,8 +171,12 @@ def tool_main(argv: list[str]) -> None:
     serve_parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     serve_parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body (default 20)")
     serve_parser.add_argument("--max-pixels", type=int, default=16_000_000, help="most pixels per image (default 16M)")
-    serve_parser.add_argument("--max-size", type=int, default=1024, help="largest size= a request may ask, px")
+    serve_parser.add_argument("--max-size", type=int, default=1024,
+                              help="largest size= a request may ask, px; uploads sent without size= are shrunk to it")
     serve_parser.add_argument("--max-steps", type=int, default=300, help="most steps= an /optimize request may ask")
+    serve_parser.add_argument("--workers", type=int, default=2, help="requests processed at once (default 2)")
+    serve_parser.add_argument("--queue", type=int, default=8,
+                              help="requests that may wait for a worker; more get 503 + Retry-After (default 8)")
     args = parser.parse_args(argv)
     try:
         if args.command == "stylize":

@@ -12,9 +12,12 @@ Endpoints:
   seen before skips the style pass; the header ``X-Style-Cache`` says ``hit`` or ``miss``.
 
 Limits: the request body (``--max-upload-mb``, 413), pixels per image (``--max-pixels``, 413,
-checked from the file header before decoding), ``steps`` and ``size`` (422). A body that is not
-an image Pillow reads gets 400; every error body is ``{"detail": "<one paragraph>"}``. Endpoints
-run in uvicorn's thread pool, so requests are served concurrently.
+checked from the file header before decoding), ``steps`` and ``size`` (422); an upload sent
+without ``size`` is shrunk to ``--max-size`` when larger. A body that is not an image Pillow reads
+gets 400; every error body is ``{"detail": "<one paragraph>"}``. Work is bounded: ``--workers``
+requests run at once in uvicorn's thread pool and ``--queue`` more wait; beyond that a request
+gets 503 with ``Retry-After`` at once. ``/health`` runs on the event loop and answers while
+workers are busy.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from fastapi.responses import JSONResponse, Response
 from omegaconf import DictConfig, OmegaConf
 
 from stx.errors import ImageError, StxError
-from stx.image import MIN_SIZE, image_shape, read_image, to_pil
+from stx.image import MIN_SIZE, image_shape, long_edge_shape, read_image, to_pil
 from stx.losses import PerceptualObjective
 from stx.stylize import Model
 
@@ -50,6 +53,40 @@ class Limits:
     max_pixels: int
     max_steps: int
     max_size: int
+    workers: int = 2
+    """Requests stylised or optimised at once (each holds an image's activations in memory)."""
+    queue: int = 8
+    """Requests that may wait for a worker; beyond ``workers + queue`` a request gets 503."""
+
+
+class Admission:
+    """Bounds the work in flight: at most ``workers`` requests run and ``queue`` wait; any more
+    are turned away at once with 503 and ``Retry-After`` instead of piling up in memory."""
+
+    RETRY_AFTER_S = 5
+
+    def __init__(self, workers: int, queue: int) -> None:
+        if workers < 1 or queue < 0:
+            raise StxError(f"--workers {workers} / --queue {queue} are not valid: use workers >= 1 and queue >= 0.")
+        self.slots = threading.Semaphore(workers)
+        self.capacity = workers + queue
+        self.lock = threading.Lock()
+        self.admitted = self.rejected = 0
+
+    def __enter__(self) -> None:
+        with self.lock:
+            if self.admitted >= self.capacity:
+                self.rejected += 1
+                raise HTTPException(
+                    503, f"this service is busy ({self.admitted} requests running or queued, its limit); "
+                         f"retry in {self.RETRY_AFTER_S} s.", headers={"Retry-After": str(self.RETRY_AFTER_S)})
+            self.admitted += 1
+        self.slots.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.slots.release()
+        with self.lock:
+            self.admitted -= 1
 
 
 class StyleCache:
@@ -143,9 +180,11 @@ def compose_optimize_config(overrides: Sequence[str]) -> DictConfig:
     return cfg
 
 
-def read_upload(upload: UploadFile, what: str, limits: Limits, size: int | None) -> tuple[torch.Tensor, bytes]:
-    """The uploaded image as ``1×3×H×W`` in [0, 1] (long edge ``size`` when given) and its bytes;
-    not an image → 400, too many pixels → 413."""
+def read_upload(upload: UploadFile, what: str, limits: Limits, size: int,
+                shrink_only: bool = False) -> tuple[torch.Tensor, bytes]:
+    """The uploaded image as ``1×3×H×W`` in [0, 1] at long edge ``size`` (``shrink_only``: only
+    when it is larger) and its bytes; not an image → 400, too many pixels → 413, too thin once
+    resized → 400."""
     body = upload.file.read()
     with tempfile.NamedTemporaryFile(suffix=Path(upload.filename or "").suffix) as file:
         file.write(body)
@@ -158,9 +197,13 @@ def read_upload(upload: UploadFile, what: str, limits: Limits, size: int | None)
         if height * width > limits.max_pixels:
             raise HTTPException(413, f"the {what} image is {width}×{height} = {height * width} pixels; this service "
                                      f"accepts at most {limits.max_pixels} pixels per image: downscale it first.")
-        if min(height, width) < MIN_SIZE:
-            raise HTTPException(400, f"the {what} image is {width}×{height} px; both edges must be at least "
-                                     f"{MIN_SIZE} px.")
+        if shrink_only and max(height, width) <= size:
+            size = max(height, width)
+        resized = long_edge_shape(height, width, size)
+        if min(height, width) < MIN_SIZE or min(resized) < MIN_SIZE:
+            raise HTTPException(400, f"the {what} image is {width}×{height} px ({resized[1]}×{resized[0]} px at "
+                                     f"the long edge {size}); both edges must be at least {MIN_SIZE} px there: "
+                                     f"send a less elongated image or ask a larger size=.")
         try:
             return read_image(file.name, size), body
         except ImageError as exc:
@@ -221,13 +264,14 @@ def create_app(models: Mapping[str, Model], limits: Limits, device: torch.device
     image ``optimizer``."""
     app = FastAPI(title="stx", description=__doc__.split("\n\n")[0])
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+    admission = Admission(limits.workers, limits.queue)
 
     @app.get("/health")
-    def health() -> dict[str, Any]:
+    async def health() -> dict[str, Any]:  # on the event loop: never waits behind the thread pool's work
         cache = optimizer.cache if optimizer else None
         counts = {"hits": cache.hits, "misses": cache.misses, "entries": len(cache.items)} if cache else None
         return {"status": "ok", "models": sorted(models), "device": str(device), "optimize": optimizer is not None,
-                "style_cache": counts}
+                "style_cache": counts, "in_flight": admission.admitted, "rejected": admission.rejected}
 
     @app.post("/stylize/{name}", response_class=Response)
     def stylize(name: str, image: UploadFile = File(...),
@@ -235,9 +279,10 @@ def create_app(models: Mapping[str, Model], limits: Limits, device: torch.device
         model = models.get(name)
         if model is None:
             raise HTTPException(404, f"no model {name!r} is loaded; loaded models: {', '.join(sorted(models))}.")
-        tensor, _ = read_upload(image, "image", limits, size)
-        with torch.no_grad():
-            return png(model(tensor.to(device)).clamp(0, 1))
+        with admission:
+            tensor, _ = read_upload(image, "image", limits, size or limits.max_size, shrink_only=size is None)
+            with torch.no_grad():
+                return png(model(tensor.to(device)).clamp(0, 1))
 
     @app.post("/optimize", response_class=Response)
     def optimize(content: UploadFile = File(...), style: UploadFile = File(...),
@@ -245,13 +290,14 @@ def create_app(models: Mapping[str, Model], limits: Limits, device: torch.device
                  size: int = Query(256, ge=MIN_SIZE, le=limits.max_size)) -> Response:
         if optimizer is None:
             raise HTTPException(404, "image optimisation is off on this service; start it with stx serve --optimize.")
-        content_image, _ = read_upload(content, "content", limits, size)
-        style_image, style_bytes = read_upload(style, "style", limits, optimizer.schedule.style_edge(size))
-        try:
-            image, hit = optimizer(content_image, style_image, style_bytes, size, steps)
-        except StxError as exc:
-            raise HTTPException(422, str(exc)) from None
-        return png(image, **{"X-Style-Cache": "hit" if hit else "miss"})
+        with admission:
+            content_image, _ = read_upload(content, "content", limits, size)
+            style_image, style_bytes = read_upload(style, "style", limits, optimizer.schedule.style_edge(size))
+            try:
+                image, hit = optimizer(content_image, style_image, style_bytes, size, steps)
+            except StxError as exc:
+                raise HTTPException(422, str(exc)) from None
+            return png(image, **{"X-Style-Cache": "hit" if hit else "miss"})
 
     return app
 
@@ -280,6 +326,7 @@ def command(args: argparse.Namespace) -> None:
         if name in models:
             raise StxError(f"two models are named {name!r}; name them with --model NAME=MODEL.")
         models[name] = load_model(ref, args.tracking_uri, device)
-    limits = Limits(int(args.max_upload_mb * 2**20), args.max_pixels, args.max_steps, args.max_size)
+    limits = Limits(int(args.max_upload_mb * 2**20), args.max_pixels, args.max_steps, args.max_size, args.workers,
+                    args.queue)
     optimizer = ImageOptimizer(compose_optimize_config(args.overrides), device) if args.optimize else None
     run(models, limits, device, optimizer, args.host, args.port)

@@ -5,6 +5,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -110,6 +111,9 @@ def test_bad_uploads_get_clear_4xx(server):
     assert too_large.status_code == 413 and "larger than this service's limit" in too_large.json()["detail"]
     unknown = post(png_bytes(random_image(32, 32, 0)), name="nosuch")
     assert unknown.status_code == 404 and "loaded models: tiny" in unknown.json()["detail"]
+    thin = requests.post(f"{server}/stylize/tiny", params={"size": 32},  # 90×20 → 32×7 px
+                         files={"image": ("x.png", png_bytes(random_image(20, 90, 0)))}, timeout=60)
+    assert thin.status_code == 400 and "both edges must be at least" in thin.json()["detail"]
     missing = requests.post(f"{server}/stylize/tiny", timeout=60)
     assert missing.status_code == 422
     assert requests.get(f"{server}/health", timeout=10).status_code == 200  # still serving
@@ -135,3 +139,32 @@ def test_optimize_caches_the_style_targets(server):
     too_many_steps = requests.post(f"{server}/optimize", params={"steps": 6},
                                    files={"content": ("c.png", content), "style": ("s.png", style)}, timeout=60)
     assert too_many_steps.status_code == 422
+
+
+def test_admission_turns_work_beyond_its_queue_away_with_503():
+    from fastapi import HTTPException
+
+    from stx.serve import Admission
+
+    admission, release, inside = Admission(workers=1, queue=1), threading.Event(), threading.Event()
+
+    def hold():
+        with admission:
+            inside.set()
+            release.wait(30)
+
+    running, waiting = threading.Thread(target=hold), threading.Thread(target=hold)
+    running.start()
+    inside.wait(30)
+    waiting.start()  # queued behind the first
+    deadline = time.monotonic() + 30
+    while admission.admitted < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(HTTPException) as refused:
+        admission.__enter__()
+    assert refused.value.status_code == 503 and refused.value.headers["Retry-After"] == "5"
+    release.set()
+    running.join(30), waiting.join(30)
+    assert admission.admitted == 0 and admission.rejected == 1
+    with admission:  # room again
+        assert admission.admitted == 1
