@@ -163,6 +163,8 @@ class MlflowSweepCallback(Callback):
         children = client.search_runs(
             [parent.info.experiment_id], filter_string=f"tags.{layout.TAG_PARENT} = '{self.parent_run_id}'", max_results=50000
         )
+        if interrupts.received is not None:
+            children = self._stop_jobs(client, parent.info.experiment_id, children)
         failed = any(key.startswith(layout.TAG_FAILED_JOB) for key in parent.data.tags)
         statuses = {child.info.status for child in children}
         if interrupts.received is not None:
@@ -176,6 +178,20 @@ class MlflowSweepCallback(Callback):
             self.summarize()
         client.set_terminated(self.parent_run_id, RunStatus.to_string(status))
         return RunStatus.to_string(status)
+
+    def _stop_jobs(self, client: MlflowClient, experiment_id: str, children: list) -> list:
+        """The sweep was interrupted: its stop signal went on to the jobs' worker processes,
+        which had time to write their latest image and close their runs KILLED (see
+        :func:`stx.interrupts.forward`); close any child run still RUNNING as KILLED. Returns the
+        children as they are then."""
+        search = f"tags.{layout.TAG_PARENT} = '{self.parent_run_id}'"
+        children = client.search_runs([experiment_id], filter_string=search, max_results=50000)
+        for child in children:
+            if child.info.status == "RUNNING":
+                client.set_tag(child.info.run_id, layout.TAG_ERROR,
+                               "interrupted: the sweep was stopped and this job's process did not close its run")
+                client.set_terminated(child.info.run_id, "KILLED")
+        return client.search_runs([experiment_id], filter_string=search, max_results=50000)
 
     def summarize(self) -> None:
         """The sweep's table, contact sheet and scatter plot on the parent, with its best child

@@ -1,6 +1,7 @@
 """How stx stops on Ctrl-C (SIGINT) and SIGTERM (no torch, no mlflow).
 
-The first signal raises :class:`Interrupted`: the job unwinds, writes its latest image and
+The first signal is passed on to stx's worker processes (a sweep's joblib workers), which are
+given time to close their runs, and raises :class:`Interrupted`: the job unwinds, writes its latest image and
 closes its MLflow run KILLED, and ``stx`` exits with ``128 + signal number`` (130 for Ctrl-C,
 143 for SIGTERM). Signals that arrive while stx is already stopping are held off: they print a
 note and do not cut the closing of the run short. Ctrl-\\ (SIGQUIT) or ``kill -9`` still end
@@ -14,6 +15,8 @@ import os
 import signal
 from collections.abc import Callable
 from typing import Any
+
+import psutil
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 Handlers = dict[int, Any]
@@ -58,7 +61,30 @@ def _interrupt(signum: int, frame: Any) -> None:
     global received
     received = signum
     hold_off()
+    psutil.wait_procs(forward(signum), timeout=WORKERS_WAIT_S)
     raise Interrupted(signum)
+
+
+WORKERS_WAIT_S = 60.0
+"""How long a stopped process waits for its workers to close their runs before it unwinds (and
+its launcher, e.g. joblib, kills them)."""
+
+
+def forward(signum: int) -> list[psutil.Process]:
+    """Send ``signum`` to this process's worker processes (a sweep's joblib workers, which a
+    ``kill`` of the sweep alone does not reach), so that each writes its latest image and closes
+    its run; returns them. Resource trackers, which ignore it and live as long as this process,
+    are left out."""
+    workers = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if "resource_tracker" in " ".join(process.cmdline()):
+                continue
+            process.send_signal(signum)
+            workers.append(process)
+        except psutil.Error:
+            pass
+    return workers
 
 
 def stop_on_signals() -> Handlers:
