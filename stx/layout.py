@@ -210,10 +210,12 @@ def load_run_config(client: MlflowClient, run_id: str, folder: Path, runs_dir: s
             OmegaConf.update(cfg, key, value)
     if OmegaConf.is_missing(cfg.judge, "weights"):  # judged before the judge had its own keys
         cfg.judge.arch, cfg.judge.weights = "vgg19", cfg.encoder.weights
-    cfg.tracking.artifact_location = None  # the new run's artifacts go where the user's store puts them
     download_artifact(client, run_id, INPUTS, folder)
     (content,) = (folder / content_dir()).iterdir()
     styles = [next((folder / style_dir(index)).iterdir()) for index in range(len(cfg.images.styles))]
     cfg.images.content, cfg.images.styles = str(content), [str(style) for style in styles]
+    # artifacts go under this runs folder as the local store puts them, never where a logged path points
+    local = cfg.tracking.artifact_location == f"{cfg.runs_dir}/artifacts"
+    cfg.tracking.artifact_location = f"{runs_dir}/artifacts" if local else None
     cfg.runs_dir, cfg.tracking.uri = runs_dir, uri
     return cfg

@@ -21,7 +21,10 @@ from stx.liveness import close_dead_runs
 
 pytestmark = pytest.mark.slow
 
-STEPS = ["encoder.weights=random", "schedule.size=32", "schedule.steps=300", "tracking.image_every=0"]
+STEPS = ["encoder.weights=random", "schedule.size=32", "schedule.steps=300", "tracking.image_every=0",
+         "judge.weights=random"]
+LONG = [*STEPS[:2], "schedule.steps=20000", *STEPS[3:]]
+"""A job that cannot end before the test acts on it, even on a loaded machine."""
 EVERY_STEP = list(range(1, 301))
 
 
@@ -129,8 +132,7 @@ def test_terminated_sweep_closes_its_parent(tmp_path):
 def test_a_terminated_joblib_sweep_closes_every_child_with_its_image(tmp_path):
     """SIGTERM to the sweep alone (``kill <pid>``) while two joblib workers run jobs: the signal
     is passed on, each job writes its interrupted output and closes its run KILLED."""
-    long_jobs = [*STEPS[:2], "schedule.steps=20000", *STEPS[3:]]
-    process = start_stx(tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *long_jobs, "seed=0,1")
+    process = start_stx(tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *LONG, "seed=0,1")
     for line in process.stdout:  # the store is set up once the parent run exists
         if "stx: sweep parent MLflow run" in line:
             break
@@ -220,7 +222,7 @@ def assert_work_kept(run_dir, logged):
 
 @pytest.mark.skipif(shutil.which("chattr") is None or os.geteuid() != 0, reason="needs chattr +i (as root)")
 def test_failing_store_stops_the_job_with_one_error_and_keeps_its_work_on_disk(tmp_path):
-    process = start_stx(tmp_path, *STEPS)
+    process = start_stx(tmp_path, *LONG)
     output = wait_for_run_line(process)
     client = client_for(tmp_path)
     run = wait_for(lambda: (r := running_run(tmp_path)) and client.get_metric_history(r.info.run_id, "total") and r)
