@@ -66,12 +66,16 @@ def _download_model(ref: str, uri: str, tracking_uri: str) -> Path:
             warnings.simplefilter("ignore")
             return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except Exception as exc:  # mlflow raises MlflowException, OSError or its own registry errors
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StxError(
-            f"cannot load the model {ref!r} (as {uri}) from {tracking_uri}: {reason}. Give a TorchScript or ONNX "
+            f"cannot load the model {ref!r} (as {uri}) from {tracking_uri}: {_first_line(exc)}. Give a TorchScript or ONNX "
             f"file, an MLflow model folder, a run id of stx train, runs:/<id>/model, models:/<name>/<version> or a "
             f"registered model name."
         ) from exc
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _model_file(folder: Path, ref: str) -> Path:
@@ -97,9 +101,8 @@ def _load_torchscript(path: Path, device: torch.device, what: str) -> Model:
     try:
         return export.load_torchscript(path, device)
     except (RuntimeError, ValueError, OSError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StxError(
-            f"{what} is not a TorchScript model ({reason}); stx loads only TorchScript and ONNX files, never "
+            f"{what} is not a TorchScript model ({_first_line(exc)}); stx loads only TorchScript and ONNX files, never "
             f"pickles, which can run code. Give a model written by stx train (export/{export.TORCHSCRIPT_FILE}, "
             f"{export.ONNX_FILE}, or its logged MLflow model)."
         ) from exc

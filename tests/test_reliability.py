@@ -129,23 +129,30 @@ def test_terminated_sweep_closes_its_parent(tmp_path):
     assert parent.info.status == "KILLED"
 
 
-def test_a_terminated_joblib_sweep_closes_every_child_with_its_image(tmp_path):
-    """SIGTERM to the sweep alone (``kill <pid>``) while two joblib workers run jobs: the signal
-    is passed on, each job writes its interrupted output and closes its run KILLED."""
-    process = start_stx(tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *LONG, "seed=0,1")
-    for line in process.stdout:  # the store is set up once the parent run exists
+def start_joblib_sweep(tmp_path, *args):
+    """``stx -m`` over seeds 0 and 1 with two joblib workers, returned once the store is set up
+    (its parent run exists); the rest of its output is drained in the background."""
+    process = start_stx(tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *args, "seed=0,1")
+    for line in process.stdout:
         if "stx: sweep parent MLflow run" in line:
             break
     threading.Thread(target=process.stdout.read, daemon=True).start()
+    return process
 
-    def both_started():
-        client = client_for(tmp_path)
-        experiment = client.get_experiment_by_name("stx")
-        runs = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'") if experiment else []
-        children = [r for r in runs if "mlflow.parentRunId" in r.data.tags and "total" in r.data.metrics]
-        return children if len(children) == 2 else None
 
-    children = wait_for(both_started, timeout=300)
+def started_children(tmp_path):
+    """The sweep's RUNNING child runs that have logged a step."""
+    client = client_for(tmp_path)
+    experiment = client.get_experiment_by_name("stx")
+    runs = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'") if experiment else []
+    return [r for r in runs if "mlflow.parentRunId" in r.data.tags and "total" in r.data.metrics]
+
+
+def test_a_terminated_joblib_sweep_closes_every_child_with_its_image(tmp_path):
+    """SIGTERM to the sweep alone (``kill <pid>``) while two joblib workers run jobs: the signal
+    is passed on, each job writes its interrupted output and closes its run KILLED."""
+    process = start_joblib_sweep(tmp_path, *LONG)
+    children = wait_for(lambda: len(running := started_children(tmp_path)) == 2 and running, timeout=300)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=180) == 143
     client = client_for(tmp_path)
@@ -159,17 +166,8 @@ def test_a_terminated_joblib_sweep_closes_every_child_with_its_image(tmp_path):
 def test_a_job_stopped_on_its_own_fails_its_sweep(tmp_path):
     """As ``scancel`` does on SLURM: SIGTERM to one job's process, not to the sweep's. The job's
     run ends KILLED; the sweep was not interrupted, so its parent ends FAILED."""
-    process = start_stx(tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *STEPS, "seed=0,1")
-    for line in process.stdout:  # the store is set up once the parent run exists
-        if "stx: sweep parent MLflow run" in line:
-            break
-    threading.Thread(target=process.stdout.read, daemon=True).start()
-
-    def started_child():
-        run = running_run(tmp_path)
-        return run if run is not None and "mlflow.parentRunId" in run.data.tags and "total" in run.data.metrics else None
-
-    child = wait_for(started_child, timeout=300)
+    process = start_joblib_sweep(tmp_path, *STEPS)
+    child = wait_for(lambda: (running := started_children(tmp_path)) and running[0], timeout=300)
     assert int(child.data.tags["stx.pid"]) != process.pid
     os.kill(int(child.data.tags["stx.pid"]), signal.SIGTERM)
     assert process.wait(timeout=180) != 0
