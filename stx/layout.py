@@ -142,7 +142,14 @@ def load_checkpoint(path: Path) -> Checkpoint:
 
     from stx.optim import Checkpoint
 
-    return Checkpoint(**torch.load(path, map_location="cpu", weights_only=True))
+    try:
+        return Checkpoint(**torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as exc:  # a truncated or foreign file: zip, unpickling (weights_only) or field errors
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StxError(
+            f"the checkpoint {path.name} of this run cannot be read as an stx checkpoint ({type(exc).__name__}: "
+            f"{reason[:300]}); it was truncated or replaced. Start a new run instead of resuming this one."
+        ) from exc
 
 
 def download_artifact(
@@ -200,6 +207,9 @@ def load_run_config(client: MlflowClient, run_id: str, folder: Path, runs_dir: s
     :data:`LEGACY_VALUES`), reading its logged input images (downloaded into ``folder/inputs``)
     and writing to ``runs_dir`` and ``uri``."""
     loaded = read_logged_config(download_artifact(client, run_id, CONFIG, folder), run_id)
+    if client.get_run(run_id).data.tags.get(TAG_KIND) == "train":
+        raise StxError(f"run {run_id} was made by stx train, not by stx: reproduce, promote and resume here take "
+                       f"image-optimisation runs; continue a training run with stx train resume={run_id}.")
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(StxSchema), loaded)
     except OmegaConfBaseException as exc:

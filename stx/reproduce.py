@@ -39,6 +39,10 @@ def reproduce(run_id: str, uri: str) -> tuple[JobResult, int]:
         original = client.get_run(run_id)
     except MlflowException as exc:
         raise StxError(f"run {run_id!r} is not in {uri}: give a run id from the MLflow UI or the summary line of stx.") from exc
+    if original.info.status != "FINISHED":
+        raise StxError(f"run {run_id} ended {original.info.status}: it has no finished output to compare a reproduction "
+                       f"with. Continue it with stx resume={run_id} (when it kept checkpoints), or reproduce a "
+                       f"FINISHED run.")
     then, now = original.data.tags.get(layout.TAG_COMMIT), source_tags().get(layout.TAG_COMMIT)
     tags = {k: v for k, v in original.data.tags.items() if k.startswith(COPIED_TAGS)}
     tags[layout.TAG_REPRODUCED_FROM] = run_id

@@ -43,3 +43,25 @@ def test_a_tampered_logged_config_is_refused_before_anything_runs(tmp_path, monk
         reproduce(run_id, local_uri(tmp_path))
     runs = client.search_runs([client.get_experiment_by_name("stx").experiment_id])
     assert len(runs) == 1 and not client.get_experiment_by_name("secret-value")
+
+
+def test_runs_that_cannot_be_reproduced_are_refused_before_anything_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("STX_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.chdir(tmp_path)
+    client = client_for(tmp_path)
+    killed = api.run(FAST).run_id
+    client.set_terminated(killed, "KILLED")
+    with pytest.raises(StxError, match=f"run {killed} ended KILLED: it has no finished output"):
+        reproduce(killed, local_uri(tmp_path))
+    trained = api.run(FAST).run_id
+    client.set_tag(trained, layout.TAG_KIND, "train")
+    with pytest.raises(StxError, match=f"run {trained} was made by stx train, not by stx"):
+        reproduce(trained, local_uri(tmp_path))
+    assert len(client.search_runs([client.get_experiment_by_name("stx").experiment_id])) == 2
+
+
+def test_a_truncated_checkpoint_is_one_paragraph(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(StxError, match="the checkpoint checkpoint.pt of this run cannot be read as an stx checkpoint"):
+        layout.load_checkpoint(path)
