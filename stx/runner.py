@@ -186,7 +186,11 @@ def run_tracked(
     job = build_job(cfg)
     tracker = RunTracker(cfg.tracking, run_dir)
     tags = {**tags, **source_tags(), **device_tags(job.device), layout.TAG_RUN_DIR: str(run_dir),
-            layout.TAG_OUTPUT: cfg.output, layout.TAG_JUDGE: job.judge.name}
+            layout.TAG_OUTPUT: cfg.output, layout.TAG_JUDGE: job.judge.name,
+            layout.TAG_TILE: str(getattr(job.loss, "tile", "off"))}
+    if cfg.schedule.tile == "auto":
+        log.info("schedule.tile=auto: %s", f"tiled with {job.loss.tile} px tiles" if hasattr(job.loss, "tile")
+                 else "the job fits untiled")
     previous_handlers = interrupts.stop_on_signals()
     started = time.perf_counter()
     try:
