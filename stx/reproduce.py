@@ -46,6 +46,7 @@ def reproduce(run_id: str, uri: str) -> tuple[JobResult, int]:
     then, now = original.data.tags.get(layout.TAG_COMMIT), source_tags().get(layout.TAG_COMMIT)
     tags = {k: v for k, v in original.data.tags.items() if k.startswith(COPIED_TAGS)}
     tags[layout.TAG_REPRODUCED_FROM] = run_id
+    tags[layout.TAG_RUN_NAME] = f"reproduce of {original.info.run_name or run_id}"[:250]
     if then != now:
         tags[layout.TAG_COMMIT_MISMATCH] = f"{then} -> {now}"
         print(f"stx: warning: run {run_id} was made at commit {then}, this code is at {now}; the result may differ.",
@@ -82,7 +83,8 @@ def promote(run_id: str, uri: str, overrides: list[str]) -> JobResult:
     cfg.schedule.init_image = str(start)
     _follow_size_and_steps(cfg.schedule, *before)
     tags = {k: v for k, v in original.data.tags.items() if k.startswith(COPIED_TAGS) and k != layout.TAG_JOB_NUM}
-    tags.update({layout.TAG_PROMOTED_FROM: run_id, layout.TAG_OVERRIDES: " ".join(overrides)})
+    tags.update({layout.TAG_PROMOTED_FROM: run_id, layout.TAG_OVERRIDES: " ".join(overrides),
+                 layout.TAG_RUN_NAME: f"promote of {original.info.run_name or run_id}: {' '.join(overrides)}"[:250]})
     return run_tracked(cfg, run_dir, tags)
 
 

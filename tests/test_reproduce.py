@@ -21,6 +21,8 @@ def test_a_run_logged_before_new_keys_existed_reproduces_exactly(tmp_path, monke
     client.log_dict(run_id, OmegaConf.to_container(logged), layout.CONFIG)
     result, difference = reproduce(run_id, local_uri(tmp_path))
     assert difference == 0
+    original_name = client.get_run(run_id).info.run_name
+    assert client.get_run(result.run_id).info.run_name == f"reproduce of {original_name}"
     cfg = OmegaConf.load(layout.download_artifact(client, result.run_id, layout.CONFIG, tmp_path / "again"))
     assert cfg.color == layout.LEGACY_VALUES["color"] and cfg.schedule.tile == "off" and cfg.encoder.softmax is None
     assert cfg.judge.arch == "vgg19" and cfg.judge.weights == "random"  # the run's encoder.weights, as then
