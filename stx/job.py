@@ -11,6 +11,7 @@ any optimisation or tracking starts.
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,8 @@ from stx.image import image_shape, long_edge_shape, read_image
 from stx.judge import EVAL_SIZE, Judge
 from stx.objectives import Objective
 from stx.optim import PyramidLevel, Schedule
+
+log = logging.getLogger(__name__)
 
 ALLOWED_TARGETS = {
     "loss": (("stx.losses",), losses.Loss, True),
@@ -190,6 +193,12 @@ def build_job(cfg: DictConfig) -> Job:
     device = resolve_device(cfg.device)
     objective = Objective(metrics=dict(cfg.objective.metrics), pareto=cfg.objective.pareto)
 
+    given = {"images.content": cfg.images.content,
+             **{f"images.styles.{index}": path for index, path in enumerate(cfg.images.styles)}}
+    for key, path in given.items():
+        if "://" in str(path):
+            raise ConfigError(f"{key}={path!r} is a URL; stx reads image files on this machine: download it first "
+                              f"and give its path.")
     content_path = Path(to_absolute_path(cfg.images.content))
     style_paths = [Path(to_absolute_path(path)) for path in cfg.images.styles]
     weights = style_weights(cfg.images)
@@ -206,7 +215,11 @@ def build_job(cfg: DictConfig) -> Job:
     schedule.autocast(device)
 
     decoding = memory.check_inputs(loss, schedule, content_path, style_paths)
-    height, width = long_edge_shape(*image_shape(content_path), schedule.size)
+    content_shape = image_shape(content_path)
+    if max(content_shape) < schedule.size:
+        log.warning("stx: warning: images.content is %d×%d px; it is upscaled to a %d px long edge (schedule.size), "
+                    "which adds no detail", content_shape[1], content_shape[0], schedule.size)
+    height, width = long_edge_shape(*content_shape, schedule.size)
     loss = tiling.plan_tiling(cfg.schedule.tile, loss, height, width, schedule.state_images, len(style_paths),
                               decoding, device, schedule.size)
     guidance.load_guides(loss, schedule, content_path, device)

@@ -44,3 +44,17 @@ def test_composition_errors_name_the_key_or_option_and_the_valid_ones(make_cfg, 
 def test_output_must_be_an_image_file_name(make_cfg, output):
     with pytest.raises(ConfigError, match=rf"output='{output}' is not valid: .*; e.g. output=result.png."):
         build_job(make_cfg(*FAST, f"output={output}"))
+
+
+def test_a_url_as_an_image_is_named_as_such(make_cfg):
+    with pytest.raises(ConfigError, match=r"images.styles.0='https://example.org/a.jpg' is a URL; stx reads image files"):
+        build_job(make_cfg("encoder.weights=random", "judge.weights=random", "images.styles=[https://example.org/a.jpg]"))
+
+
+def test_a_small_content_is_upscaled_with_a_warning(make_cfg, tmp_path, caplog):
+    from PIL import Image
+
+    Image.new("RGB", (20, 20), "red").save(tmp_path / "tiny.png")
+    build_job(make_cfg("encoder.weights=random", "judge.weights=random", f"images.content={tmp_path / 'tiny.png'}",
+                       "schedule.size=64"))
+    assert "images.content is 20×20 px; it is upscaled to a 64 px long edge" in caplog.text
