@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from stx.errors import ConfigError
 from stx.judge import METRICS
+from stx.layout import OBJECTIVE_METRIC
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,13 @@ class Objective:
         if not all(math.isfinite(w) for w in weights.values()) or not any(weights.values()):
             raise ConfigError(f"objective.metrics={weights} is not valid: use finite weights, at least one not 0.")
         object.__setattr__(self, "metrics", {name: w for name, w in weights.items() if w != 0})
+
+    def logged(self, value: float | list[float]) -> dict[str, float]:
+        """The metrics a run logs for the value it returns: ``objective``, or with ``pareto`` one
+        ``objective/<metric>`` per entry."""
+        if not self.pareto:
+            return {OBJECTIVE_METRIC: value}
+        return {f"{OBJECTIVE_METRIC}/{name}": entry for name, entry in zip(self.metrics, value)}
 
     def __call__(self, evaluation: Mapping[str, float]) -> float | list[float]:
         """The sweeper's value from the final ``{metric: value}`` of a run."""

@@ -217,8 +217,7 @@ def run_tracked(
             evaluation = monitor.log_evaluation(image, job.schedule.steps)
             tracker.log_metrics(monitor.performance(job.device), job.schedule.steps)
             objective = job.objective(evaluation)
-            if not job.objective.pareto:
-                tracker.log_metrics({layout.OBJECTIVE_METRIC: objective}, job.schedule.steps)
+            tracker.log_metrics(job.objective.logged(objective), job.schedule.steps)
     except TrackingError as error:
         if tracker.run_id is None:
             raise

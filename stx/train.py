@@ -203,8 +203,8 @@ def train(
             tracker.flush()
             uri = export.log_model(job.model, run_id, tracker.uri, cfg.tracking.register_as)
             objective = job.objective(evaluation) if evaluation else float("nan")
-            if evaluation and not job.objective.pareto:
-                tracker.log_metrics({layout.OBJECTIVE_METRIC: objective}, cfg.trainer.steps)
+            if evaluation:
+                tracker.log_metrics(job.objective.logged(objective), cfg.trainer.steps)
     finally:
         interrupts.restore(previous_handlers)
     registered = f", registered as '{cfg.tracking.register_as}'" if cfg.tracking.register_as else ""

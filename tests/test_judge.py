@@ -253,3 +253,16 @@ def test_compare_refuses_runs_judged_differently(tmp_path):
         client.create_run(experiment, tags={"stx.judge": name})
     with pytest.raises(StxError, match=r"judged by different networks: vgg16/hed \(2 runs\), vgg19/imagenet \(1 run\)"):
         find_runs(client, "mixed")
+
+
+def test_a_pareto_run_logs_each_objective(make_cfg, tmp_path):
+    from conftest import FAST, local_uri
+    from mlflow.tracking import MlflowClient
+
+    from stx.runner import run_tracked
+
+    result = run_tracked(make_cfg(*FAST, "objective=pareto", "tracking.image_every=0"), tmp_path / "job", {})
+    metrics = MlflowClient(local_uri(tmp_path)).get_run(result.run_id).data.metrics
+    assert result.objective == [metrics["objective/style_distance"], metrics["objective/content_distance"]]
+    assert metrics["objective/style_distance"] == pytest.approx(metrics["eval/style_distance"])
+    assert "objective" not in metrics
