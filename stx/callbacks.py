@@ -90,6 +90,7 @@ class MlflowSweepCallback(Callback):
         except StxError as error:
             exit_with(error)
         self.sweep_dir = str(Path(config.hydra.sweep.dir).resolve())
+        interrupts.sweep_workers = True
         command = shlex.join(["stx", *sys.argv[1:]])
         tags = {
             **source_tags(),

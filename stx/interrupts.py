@@ -1,7 +1,7 @@
 """How stx stops on Ctrl-C (SIGINT) and SIGTERM (no torch, no mlflow).
 
-The first signal is passed on to stx's worker processes (a sweep's joblib workers), which are
-given time to close their runs, and raises :class:`Interrupted`: the job unwinds, writes its latest image and
+The first signal is passed on to a sweep's worker processes (joblib's), which are given time to
+close their runs, and raises :class:`Interrupted`: the job unwinds, writes its latest image and
 closes its MLflow run KILLED, and ``stx`` exits with ``128 + signal number`` (130 for Ctrl-C,
 143 for SIGTERM). Signals that arrive while stx is already stopping are held off: they print a
 note and do not cut the closing of the run short. Ctrl-\\ (SIGQUIT) or ``kill -9`` still end
@@ -61,8 +61,15 @@ def _interrupt(signum: int, frame: Any) -> None:
     global received
     received = signum
     hold_off()
-    psutil.wait_procs(forward(signum), timeout=WORKERS_WAIT_S)
+    if sweep_workers:
+        psutil.wait_procs(forward(signum), timeout=WORKERS_WAIT_S)
     raise Interrupted(signum)
+
+
+sweep_workers = False
+"""Whether this process launches a sweep's jobs (set by the sweep's callback): only then is a stop
+signal passed on to its child processes (a single job's children, such as data-loading workers,
+stop with the job)."""
 
 
 WORKERS_WAIT_S = 60.0
