@@ -166,3 +166,13 @@ def test_non_finite_loss_fails_the_run_and_keeps_the_image(tmp_path):
 
     resumed = run_stx(tmp_path, f"resume={run.info.run_id}")  # it ran without checkpoints
     assert resumed.returncode == 2 and "ran without schedule.checkpoint_every" in resumed.stderr
+
+
+@pytest.mark.slow
+def test_an_error_inside_a_job_is_printed_once_and_kept_in_its_log(tmp_path):
+    result = run_stx(tmp_path, *FAST, "images.content=missing.png")
+    assert result.returncode == 2
+    output = result.stdout + result.stderr
+    assert output.count("does not exist or is not a file") == 1 and "[ERROR]" not in output, output
+    (log,) = (tmp_path / "runs").glob("*/*/stx.log")
+    assert "stx: error: image" in log.read_text()
