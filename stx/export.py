@@ -110,10 +110,18 @@ def log_model(model: nn.Module, run_id: str, tracking_uri: str, registered_name:
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id, log_system_metrics=False):
-        info = mlflow.pytorch.log_model(
-            script(model), name=MODEL_NAME, signature=signature(), input_example=example_input().numpy(),
-            registered_model_name=registered_name, serialization_format="pickle",
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-        )
+    # MLflow warns that the "pickle" format can run code when loaded; a scripted module is saved as
+    # a TorchScript archive, which stx loads with torch.jit.load only (stx.stylize.load_model)
+    flavour_log = logging.getLogger("mlflow.pytorch")
+    level = flavour_log.level
+    flavour_log.setLevel(logging.ERROR)
+    try:
+        with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+            info = mlflow.pytorch.log_model(
+                script(model), name=MODEL_NAME, signature=signature(), input_example=example_input().numpy(),
+                registered_model_name=registered_name, serialization_format="pickle",
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            )
+    finally:
+        flavour_log.setLevel(level)
     return info.model_uri
