@@ -82,9 +82,9 @@ def run_task(task: Callable[[DictConfig], float], cfg: DictConfig) -> float:
         kept = f"its latest image kept as {INTERRUPTED}{cfg.output}" if "output" in cfg else "a checkpoint kept"
         print(f"stx: {interrupt or 'interrupted'}; the job's MLflow run, if it had started, is marked KILLED and "
               f"{kept}.", file=sys.stderr, flush=True)
-        if os.environ.get(MAIN_PID_ENV, str(os.getpid())) != str(os.getpid()):
-            # a launcher's worker process (joblib): its job is closed; end it, so that the stopped sweep,
-            # which waits for its workers, need not wait for an idle worker
+        if os.environ.get(MAIN_PID_ENV) == str(os.getppid()):
+            # a worker process the sweep started itself (joblib's): its job is closed; end it, so that
+            # the stopped sweep, which waits for its workers, need not wait for an idle worker
             sys.stdout.flush()
             os._exit(interrupts.exit_code(interrupt))
         sys.exit(interrupts.exit_code(interrupt))
@@ -253,7 +253,7 @@ def app_main(app: Callable[[], object] = hydra_main) -> None:
 
 
 MAIN_PID_ENV = "STX_MAIN_PID"
-"""The process the ``stx`` command started in; a job in another one runs in a launcher's worker."""
+"""The process the ``stx`` command started in; a job in a child of it runs in a launcher's worker."""
 
 
 def main() -> None:
