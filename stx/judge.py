@@ -213,7 +213,7 @@ def resolve_judge(arch: str, weights: str) -> tuple[str, str, str | None]:
     if encoders.imagenet_cached(arch):
         return arch, "imagenet", None
     try:
-        hed.hed_state_dict()
+        hed.ensure_cached()
         return "vgg16", "hed", None
     except WeightsError as exc:
         return arch, "random", (

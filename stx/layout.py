@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from stx.errors import ConfigError, StxError
+from stx.errors import ConfigError, StxError, first_line
 from stx.schema import StxSchema
 
 if TYPE_CHECKING:
@@ -147,10 +147,9 @@ def load_checkpoint(path: Path) -> Checkpoint:
     try:
         return Checkpoint(**torch.load(path, map_location="cpu", weights_only=True))
     except Exception as exc:  # a truncated or foreign file: zip, unpickling (weights_only) or field errors
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StxError(
             f"the checkpoint {path.name} of this run cannot be read as an stx checkpoint ({type(exc).__name__}: "
-            f"{reason[:300]}); it was truncated or replaced. Start a new run instead of resuming this one."
+            f"{first_line(exc)[:300]}); it was truncated or replaced. Start a new run instead of resuming this one."
         ) from exc
 
 

@@ -221,12 +221,11 @@ class LBFGS(Optimizer):
         new_length = torch.where(descent, torch.full_like(length, group["lr"]), self._first_length(loss, g))
         # Rejected: the minimiser of the quadratic through f(base), its slope and f(trial), kept
         # within [0.1, 0.5] × the rejected length (Nocedal & Wright, §3.5).
-        curvature = f - base_loss - slope * length
-        shorter = (-slope * length.square() / (2 * curvature)).nan_to_num(0.0)
+        above_linear = f - base_loss - slope * length  # the trial's loss above the linear model's
+        shorter = (-slope * length.square() / (2 * above_linear)).nan_to_num(0.0)
         shorter = torch.minimum(torch.maximum(shorter, 0.1 * length), 0.5 * length)
-        moved = torch.where(sufficient, new_length, 0.0)
         self._move(torch.where(sufficient, direction, state["direction"]),
-                   torch.where(converged, 0.0, torch.where(sufficient, moved, shorter - length)))
+                   torch.where(converged, 0.0, torch.where(sufficient, new_length, shorter - length)))
         # converged: as if this evaluation had not happened; rejected: the base point stays
         step_on = sufficient & ~converged
         state["direction"].copy_(torch.where(step_on, direction, state["direction"]))

