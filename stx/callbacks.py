@@ -80,6 +80,7 @@ class MlflowSweepCallback(Callback):
         self.parent_run_id: str | None = None
         self.sweep_dir: str | None = None
         self.swept_keys: list[str] = []
+        self.sweep_config: DictConfig | None = None
         self._closed = False
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -90,6 +91,7 @@ class MlflowSweepCallback(Callback):
         except StxError as error:
             exit_with(error)
         self.sweep_dir = str(Path(config.hydra.sweep.dir).resolve())
+        self.sweep_config = config
         interrupts.sweep_workers = True
         command = shlex.join(["stx", *sys.argv[1:]])
         tags = {
@@ -157,9 +159,7 @@ class MlflowSweepCallback(Callback):
             return None
         self._closed = True
         client = MlflowClient(self.uri)
-        multirun_yaml = Path(self.sweep_dir) / "multirun.yaml"
-        if multirun_yaml.is_file():
-            client.log_artifact(self.parent_run_id, str(multirun_yaml))
+        self._log_sweep_files(client)
         parent = client.get_run(self.parent_run_id)
         children = client.search_runs(
             [parent.info.experiment_id], filter_string=f"tags.{layout.TAG_PARENT} = '{self.parent_run_id}'", max_results=50000
@@ -179,6 +179,18 @@ class MlflowSweepCallback(Callback):
             self.summarize()
         client.set_terminated(self.parent_run_id, RunStatus.to_string(status))
         return RunStatus.to_string(status)
+
+    def _log_sweep_files(self, client: MlflowClient) -> None:
+        """Log the sweep's ``multirun.yaml`` (written here when the sweeper, e.g. Optuna's, wrote
+        none) and the search's ``optimization_results.yaml`` (best params and value) if there is one."""
+        sweep_dir = Path(self.sweep_dir)
+        multirun_yaml = sweep_dir / "multirun.yaml"
+        if not multirun_yaml.is_file() and self.sweep_config is not None:
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(self.sweep_config, multirun_yaml)
+        for name in ("multirun.yaml", "optimization_results.yaml"):
+            if (sweep_dir / name).is_file():
+                client.log_artifact(self.parent_run_id, str(sweep_dir / name))
 
     def _stop_jobs(self, client: MlflowClient, experiment_id: str, children: list) -> list:
         """The sweep was interrupted: its stop signal went on to the jobs' worker processes,

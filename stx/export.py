@@ -116,7 +116,11 @@ def log_model(model: nn.Module, run_id: str, tracking_uri: str, registered_name:
     level = flavour_log.level
     flavour_log.setLevel(logging.ERROR)
     try:
-        with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+        with mlflow.start_run(run_id=run_id, log_system_metrics=False), warnings.catch_warnings():
+            # MLflow loads the model back to check the input example, with torch.load, which warns that it
+            # dispatches to torch.jit.load, which torch has deprecated: neither is the user's concern
+            warnings.filterwarnings("ignore", "'torch.load' received a zip file", UserWarning)
+            warnings.simplefilter("ignore", FutureWarning)
             info = mlflow.pytorch.log_model(
                 script(model), name=MODEL_NAME, signature=signature(), input_example=example_input().numpy(),
                 registered_model_name=registered_name, serialization_format="pickle",

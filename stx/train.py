@@ -157,6 +157,9 @@ def resumed_config(cfg: DictConfig, overrides: list[str], run_dir: Path) -> tupl
         raise StxError(f"resume={cfg.resume!r}: no such run in {cfg.tracking.uri}.") from exc
     logged = layout.read_logged_config(
         layout.download_artifact(client, cfg.resume, layout.CONFIG, run_dir / "resumed_from"), cfg.resume)
+    if "trainer" not in logged:  # stx's image-optimisation runs have no trainer
+        raise StxError(f"run {cfg.resume} was not made by stx train: stx train resume= continues training runs only; "
+                       f"continue an image-optimisation run with stx resume={cfg.resume}.")
     try:
         original = OmegaConf.merge(OmegaConf.structured(TrainSchema), logged)
     except OmegaConfBaseException as exc:

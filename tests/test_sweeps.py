@@ -150,6 +150,7 @@ def test_optuna_sweep_returns_finite_objectives(tmp_path):
     results = yaml.safe_load((Path(parent.data.tags["stx.sweep.dir"]) / "optimization_results.yaml").read_text())
     assert math.isfinite(results["best_value"])
     assert results["best_value"] == pytest.approx(min(c.data.metrics["objective"] for c in children))
+    assert {"multirun.yaml", "optimization_results.yaml"} <= set(artifact_paths(MlflowClient(local_uri(tmp_path)), parent.info.run_id))
 
 
 def test_submitit_launcher_carries_the_parent_into_jobs(tmp_path):

@@ -230,5 +230,19 @@ def test_stx_train_command(tmp_path, content_dir):
     result = run_stx(tmp_path, "train", f"data.content_dir={content_dir}", *TINY, "trainer.steps=2")
     assert result.returncode == 0, result.stderr
     assert "stx: trained 2 steps; model runs:/" in result.stdout
+    assert "Warning" not in result.stderr, result.stderr
     unset = run_stx(tmp_path, "train")
     assert unset.returncode == 2 and "stx: error: data.content_dir is not set" in unset.stderr
+
+
+def test_train_resume_of_an_image_optimisation_run_is_one_paragraph(tmp_path, content_dir):
+    from stx.train import resumed_config
+
+    cfg = compose_train(tmp_path, content_dir)
+    client = MlflowClient(cfg.tracking.uri)
+    run = client.create_run(client.create_experiment("stx"))
+    (tmp_path / "config.yaml").write_text("images: {content: cat.jpg}\nschedule: {steps: 10}\n")
+    client.log_artifact(run.info.run_id, str(tmp_path / "config.yaml"))
+    cfg.resume = run.info.run_id
+    with pytest.raises(StxError, match=f"was not made by stx train.*stx resume={run.info.run_id}"):
+        resumed_config(cfg, [f"resume={run.info.run_id}"], tmp_path / "job")
