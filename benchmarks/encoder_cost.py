@@ -19,8 +19,8 @@ import time
 import torch
 from hydra import compose, initialize_config_dir
 
-from stx.job import build_job
-from stx.schema import CONF_DIR
+from stx.runs.job import build_job
+from stx.runs.schema import CONF_DIR
 
 CASES = {
     "vgg19": "gatys",

@@ -9,7 +9,7 @@ timings do not depend on weight values; sample images at ``--size`` px long edge
 2. **optimiser** — seconds per step of each L-BFGS implementation alone, with a full history
    (history 100) on a parameter of the job's size and an objective that costs nothing;
 3. **job** — ``--steps`` steps of the whole optimisation as ``stx`` runs it
-   (``stx.optim.optimise_image``: targets, sigmoid bounds, rise guard, best image; MLflow
+   (``stx.engine.optim.optimise_image``: targets, sigmoid bounds, rise guard, best image; MLflow
    tracking excluded: ``benchmarks/whole_process.py`` measures the whole process).
 
 Variants, for ``fp32`` (cuDNN's default TF32 convolutions) and ``bf16`` (``precision=bf16``:
@@ -33,8 +33,8 @@ import torch
 from floor import floor_runner
 from lbfgs_eval import TORCH_LBFGS, rotations, seconds
 from stx import api
-from stx.job import build_job
-from stx.optim import optimise_image
+from stx.runs.job import build_job
+from stx.engine.optim import optimise_image
 
 HISTORY = 100
 Variant = tuple[str, bool, bool, bool, str]
@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="timed runs of each job (order rotated)")
     parser.add_argument("--compile", action="store_true", help="also the torch.compile variants")
     parser.add_argument("--device", default="cuda", help="cuda (cpu only to try the script out)")
-    parser.add_argument("--optimizers", nargs="*", default=["stx.lbfgs.LBFGS", TORCH_TARGET],
+    parser.add_argument("--optimizers", nargs="*", default=["stx.engine.lbfgs.LBFGS", TORCH_TARGET],
                         help="L-BFGS implementations (_target_s) to compare; the first one runs the jobs")
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")

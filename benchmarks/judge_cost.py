@@ -1,4 +1,4 @@
-"""Cost of the quality judge (stx/judge.py) against the default run it scores, side by side.
+"""Cost of the quality judge (stx/engine/judge.py) against the default run it scores, side by side.
 
 The run: the default job (256 px, L-BFGS, content relu4_2 + Gram relu1_1…relu5_1, random VGG19
 weights, sample images), its seconds per step scaled to ``--run-steps``. The judge:
@@ -23,10 +23,11 @@ import time
 import torch
 from hydra import compose, initialize_config_dir
 
-from stx.job import build_job
-from stx.judge import EVAL_SIZE, Judge
-from stx.optim import PyramidLevel, optimise_level
-from stx.schema import CONF_DIR
+from stx.runs.job import build_job
+from stx.engine.judge import EVAL_SIZE
+from stx.runs.job import build_judge
+from stx.engine.optim import PyramidLevel, optimise_level
+from stx.runs.schema import CONF_DIR
 
 
 def sync(device: torch.device) -> None:
@@ -58,7 +59,7 @@ def main() -> None:
     device = job.device
     schedule = dataclasses.replace(job.schedule, levels=(PyramidLevel(job.schedule.size, args.steps),))
     job.loss.set_targets(job.content, job.styles, job.style_weights)
-    judge = Judge.from_config(cfg, device, size=args.judge_size)
+    judge = build_judge(cfg, device, size=args.judge_size)
     evaluations = args.run_steps // args.image_every + 1
 
     def run_block() -> torch.Tensor:

@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 
 from stx import api
-from stx.image import resize_to
-from stx.job import build_job
-from stx.optim import optimise_image
+from stx.engine.image import resize_to
+from stx.runs.job import build_job
+from stx.engine.optim import optimise_image
 
 WEIGHTS = (1e-2, 1e-1, 1.0, 1e1, 1e3, 1e5)
 

@@ -22,18 +22,18 @@ from collections.abc import Callable
 
 import torch
 
-from stx import encoders, losses
-from stx.image import read_image
-from stx.lbfgs import LBFGS
-from stx.optim import PyramidLevel, Schedule, optimise_image
-from stx.schema import ASSETS_DIR
+from stx.engine import encoders, losses
+from stx.engine.image import read_image
+from stx.engine.lbfgs import LBFGS
+from stx.engine.optim import PyramidLevel, Schedule, optimise_image
+from stx.runs.schema import ASSETS_DIR
 
 LAYERS = ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
 ADAM_LRS = (0.01, 0.02, 0.05)
 
 
 def stx_run(objective, content, style, evals: int, bounds: str) -> None:
-    """stx's product path: optimise_image with stx.lbfgs.LBFGS (one evaluation per step)."""
+    """stx's product path: optimise_image with stx.engine.lbfgs.LBFGS (one evaluation per step)."""
     schedule = Schedule(levels=(PyramidLevel(max(content.shape[-2:]), evals),), init="content", style_scale=1.0,
                         checkpoint_every=0, precision="fp32", seed=0, bounds=bounds, max_rise=0.0,
                         make_optimizer=functools.partial(LBFGS, lr=1.0, history_size=100))

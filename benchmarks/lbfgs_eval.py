@@ -10,7 +10,7 @@ optimiser for a whole run of ``--evals`` evaluations, so the cost of a full hist
              (``benchmarks/floor.py``), no optimiser.
 * stx      — stx's default job (``encoder.weights=random``, everything else as shipped:
              ``schedule=lbfgs``, stx's L-BFGS, sigmoid bounds, rise guard) through
-             ``stx.optim.optimise_level``; ``stx+torch`` the same with ``torch.optim.LBFGS``.
+             ``stx.engine.optim.optimise_level``; ``stx+torch`` the same with ``torch.optim.LBFGS``.
 * tutorial — the PyTorch tutorial's approach (``benchmarks/tutorial.py``).
 * pystiche — pystiche 1.0.1's ``image_optimization`` in its own process in the peer venv
              (``benchmarks/pystiche_peer.py``; make the venv with ``benchmarks/peer_venv.sh``),
@@ -37,8 +37,8 @@ import torch
 from floor import floor_runner, load_samples
 from pystiche_peer import PeerServer, peer_python
 from stx import api
-from stx.job import build_job
-from stx.optim import optimise_level
+from stx.runs.job import build_job
+from stx.engine.optim import optimise_level
 from tutorial import tutorial_runner
 
 WARM_UP_EVALS = 3

@@ -27,8 +27,8 @@ import requests
 import torch
 from PIL import Image
 
-from stx import export
-from stx.transformer import TransformerNet
+from stx.fast import export
+from stx.fast.transformer import TransformerNet
 
 
 def free_port() -> int:

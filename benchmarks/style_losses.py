@@ -1,10 +1,10 @@
 """Seconds per objective evaluation (forward + backward) for each style loss option, side by side.
 
-Every contender is stx's :class:`~stx.losses.PerceptualObjective` on the same 256 px sample
+Every contender is stx's :class:`~stx.engine.losses.PerceptualObjective` on the same 256 px sample
 images with the same randomly initialised VGG19 (timings do not depend on weight values):
 content on relu4_2 and a style term on relu1_1…relu5_1 (gatys' layers and weights).
 
-* gram (baseline) — the Gram loss of ``stx/losses.py`` at ``--baseline`` (default b74d158, the
+* gram (baseline) — the Gram loss of ``stx/engine/losses.py`` at ``--baseline`` (default b74d158, the
                   commit before these options), for "the default path is no slower";
 * gram          — ``loss=gatys``;
 * gram, normalized gradients — ``loss.{content,style}.normalize_gradients=true``;
@@ -29,17 +29,17 @@ from pathlib import Path
 
 import torch
 
-from stx import encoders, losses
-from stx.image import image_shape, long_edge_shape, read_image, read_mask
-from stx.schema import ASSETS_DIR
+from stx.engine import encoders, losses
+from stx.engine.image import image_shape, long_edge_shape, read_image, read_mask
+from stx.runs.schema import ASSETS_DIR
 
 CONTENT = "relu4_2"
 STYLE_LAYERS = {layer: 0.2 for layer in ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")}
 
 
 def committed_losses(revision: str):
-    """stx/losses.py at git ``revision``, imported as a module of its own."""
-    source = subprocess.run(["git", "show", f"{revision}:stx/losses.py"], capture_output=True, text=True, check=True,
+    """stx/engine/losses.py at git ``revision``, imported as a module of its own."""
+    source = subprocess.run(["git", "show", f"{revision}:stx/engine/losses.py"], capture_output=True, text=True, check=True,
                             cwd=Path(__file__).resolve().parent.parent).stdout
     path = Path(tempfile.mkdtemp()) / "stx_losses_head.py"
     path.write_text(source)

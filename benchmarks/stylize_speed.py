@@ -4,7 +4,7 @@
 
 Builds Johnson et al.'s network at its default width (``conf/model/johnson.yaml``: 32 channels,
 5 residual blocks; the weights do not change the speed), exports it the way ``stx train`` does
-(:mod:`stx.export`), and times each runtime on ``batch`` random ``size×size`` images after two
+(:mod:`stx.fast.export`), and times each runtime on ``batch`` random ``size×size`` images after two
 warm-up calls, for at least ``seconds`` each. On CUDA the eager and TorchScript models also run
 under fp16 autocast; ONNX Runtime uses its CUDA provider when installed (else it is skipped on
 CUDA). Prints one Markdown table row per runtime.
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from stx import export
-from stx.transformer import TransformerNet
+from stx.fast import export
+from stx.fast.transformer import TransformerNet
 
 
 def images_per_second(model: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, seconds: float,

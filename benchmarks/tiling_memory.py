@@ -22,9 +22,9 @@ import time
 
 import torch
 
-from stx import encoders, losses, memory
-from stx.job import resolve_device
-from stx.tiling import TiledObjective, tiled_estimate
+from stx.engine import encoders, losses, memory
+from stx.runs.job import resolve_device
+from stx.engine.tiling import TiledObjective, tiled_estimate
 
 STYLE_LAYERS = {layer: 0.2 for layer in ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")}
 

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from stx.job import build_job
-from stx.optim import OptimizationCallback, optimise_image
-from stx.schema import CONF_DIR
-from stx.tracking import RunTracker
+from stx.runs.job import build_job
+from stx.engine.optim import OptimizationCallback, optimise_image
+from stx.runs.schema import CONF_DIR
+from stx.runs.tracking import RunTracker
 
 
 class LogSteps(OptimizationCallback):

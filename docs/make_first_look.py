@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from stx.schema import ASSETS_DIR
+from stx.runs.schema import ASSETS_DIR
 
 GAP = 4
 """White pixels between the pictures."""

@@ -26,8 +26,8 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 from PIL import Image
 
-from stx import layout
-from stx.schema import CONF_PACKAGE
+from stx.runs import layout
+from stx.runs.schema import CONF_PACKAGE
 
 
 @dataclass
@@ -67,7 +67,7 @@ def run(
 ) -> RunResult:
     """Compose (see :func:`compose_config`) and run one job; raises :class:`~stx.errors.StxError`
     for a mistake in the config or the inputs."""
-    from stx.runner import run_tracked  # torch loads only when a job runs
+    from stx.runs.runner import run_tracked  # torch loads only when a job runs
 
     cfg = compose_config(overrides, config_dir=config_dir, config_name=config_name)
     run_dir = Path(cfg.runs_dir) / datetime.now().strftime("%Y-%m-%d") / datetime.now().strftime("%H-%M-%S-%f")

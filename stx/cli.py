@@ -29,9 +29,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from stx import interrupts
+from stx.runs import interrupts
 from stx.errors import StxError
-from stx.schema import CONF_PACKAGE, runs_dir
+from stx.runs.schema import CONF_PACKAGE, runs_dir
 
 log = logging.getLogger("stx")
 COMMANDS = ("compare", "reproduce", "promote", "init", "stylize", "serve")
@@ -43,14 +43,14 @@ class _Task:
 
 @hydra.main(config_path=f"pkg://{CONF_PACKAGE}", config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> float:
-    from stx.runner import hydra_task  # torch & mlflow load after Hydra has parsed the command line
+    from stx.runs.runner import hydra_task  # torch & mlflow load after Hydra has parsed the command line
 
     return run_task(hydra_task, cfg)
 
 
 @hydra.main(config_path=f"pkg://{CONF_PACKAGE}", config_name="train", version_base="1.3")
 def train_main(cfg: DictConfig) -> float:
-    from stx.train import hydra_task
+    from stx.fast.train import hydra_task
 
     return run_task(hydra_task, cfg)
 
@@ -76,7 +76,7 @@ def run_task(task: Callable[[DictConfig], float], cfg: DictConfig) -> float:
             return float("nan")  # the other jobs go on; the sweep callback fails the parent run
         sys.exit(2)
     except KeyboardInterrupt as interrupt:
-        from stx.layout import INTERRUPTED
+        from stx.runs.layout import INTERRUPTED
 
         interrupts.ignore()
         kept = f"its latest image kept as {INTERRUPTED}{cfg.output}" if "output" in cfg else "a checkpoint kept"
@@ -194,37 +194,37 @@ def tool_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     try:
         if args.command == "stylize":
-            from stx.stylize import command
+            from stx.fast.stylize import command
 
             command(args)
             return
         if args.command == "serve":
-            from stx.serve import command
+            from stx.fast.serve import command
 
             command(args)
             return
         if args.command == "init":
-            from stx.project import scaffold
+            from stx.runs.project import scaffold
 
             created = scaffold(args.folder)
             print("stx: created " + ", ".join(str(path) for path in created))
             print(f"stx: run it with: cd {args.folder} && stx -cd conf -cn project")
             return
         if args.command == "promote":
-            from stx.reproduce import promote
+            from stx.runs.reproduce import promote
 
             result = promote(args.run_id, args.tracking_uri, args.overrides)
             print(f"stx: promoted {args.run_id} to MLflow run {result.run_id}; output {result.output}")
             return
         if args.command == "compare":
-            from stx.compare import compare, default_out_dir
+            from stx.runs.compare import compare, default_out_dir
 
             out = args.out or default_out_dir(args.tracking_uri, args.target)
             sheet, text = compare(args.target, args.tracking_uri, out)
             print(text)
             print(f"stx: contact sheet {sheet}")
         else:
-            from stx.reproduce import reproduce
+            from stx.runs.reproduce import reproduce
 
             result, difference = reproduce(args.run_id, args.tracking_uri)
             print(f"stx: reproduced {args.run_id} as MLflow run {result.run_id}; max pixel difference to the "

@@ -16,8 +16,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from mlflow.tracking import MlflowClient
 
-from stx import encoders
-from stx.schema import ASSETS_DIR, CONF_DIR
+from stx.engine import encoders
+from stx.runs.schema import ASSETS_DIR, CONF_DIR
 
 FAST = ["encoder.weights=random", "judge.weights=random", "schedule.size=32", "schedule.steps=2"]
 """Overrides for a job that takes about a second: random weights, 32 px, 2 steps."""

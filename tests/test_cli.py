@@ -12,7 +12,7 @@ import pytest
 from conftest import STX, artifact_paths, client_for, only_run, options, run_stx
 from PIL import Image
 
-from stx.runner import run_tracked
+from stx.runs.runner import run_tracked
 
 pytestmark = pytest.mark.slow
 FAST = ["encoder.weights=random", "schedule.size=48"]
@@ -108,10 +108,10 @@ def start_job(folder, *args):
     lines = []
     threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
     deadline = time.monotonic() + 180
-    while not any("[stx.runner][INFO] - MLflow run" in line for line in lines):
+    while not any("[stx.runs.runner][INFO] - MLflow run" in line for line in lines):
         assert process.poll() is None and time.monotonic() < deadline, "".join(lines)
         time.sleep(0.2)
-    run_id = next(line for line in lines if "[stx.runner][INFO] - MLflow run" in line).split("MLflow run ")[1].split()[0]
+    run_id = next(line for line in lines if "[stx.runs.runner][INFO] - MLflow run" in line).split("MLflow run ")[1].split()[0]
     client = client_for(folder)
     while not client.list_artifacts(run_id, "images"):
         assert process.poll() is None and time.monotonic() < deadline, "".join(lines)

@@ -6,7 +6,7 @@ steps:
 
 * colour: the output's CIELAB per-channel means and standard deviations (:func:`colour_stats`)
   close at least :data:`MIN_COLOUR_MOVE` of their distance from the content's to the style's;
-* structure: the output's luminance keeps an SSIM (stx.judge's) of at least :data:`MIN_SSIM` with
+* structure: the output's luminance keeps an SSIM (stx.engine.judge's) of at least :data:`MIN_SSIM` with
   the content's at the same size;
 * style: the judge (HED's VGG16) puts the output's style distance at most
   :data:`MAX_STYLE_RATIO` × the content's.
@@ -23,10 +23,10 @@ import torch
 from torchvision.transforms.functional import rgb_to_grayscale
 
 from stx import api
-from stx.image import resize_to
-from stx.job import build_job
-from stx.judge import gaussian_profile, srgb_to_lab, ssim
-from stx.optim import optimise_image
+from stx.engine.image import resize_to
+from stx.runs.job import build_job
+from stx.engine.judge import gaussian_profile, srgb_to_lab, ssim
+from stx.engine.optim import optimise_image
 
 FIRST_COMMAND = ["encoder=vgg16", "encoder.weights=hed"]
 JUDGE = ["judge.arch=vgg16", "judge.weights=hed"]  # what judge.weights=auto takes where ImageNet's are not cached

@@ -13,13 +13,13 @@ from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
 from test_image import Totals
 
-from stx import encoders, losses
+from stx.engine import encoders, losses
 from stx.errors import ConfigError, ImageError, StxError
-from stx.image import long_edge_shape, read_image
-from stx.job import build_job, build_schedule
-from stx.memory import check_encodable
-from stx.optim import optimise_image
-from stx.schema import ASSETS_DIR
+from stx.engine.image import long_edge_shape, read_image
+from stx.runs.job import build_job, build_schedule
+from stx.engine.memory import check_encodable
+from stx.engine.optim import optimise_image
+from stx.runs.schema import ASSETS_DIR
 
 KEYS = [
     "schedule.size", "schedule.steps", "schedule.init", "schedule.style_scale", "schedule.optimizer.lr",
@@ -103,7 +103,7 @@ FORMATS = {
     "F": ["tif", "pfm"],
 }
 """Every mode Pillow opens from files and writes, with formats that keep it (premultiplied La and RGBa,
-which Pillow does not write, are tested in tests/test_image.py)."""
+which Pillow does not write, are tested in tests/engine/test_image.py)."""
 MULTI_FRAME = {"png", "tif", "gif", "webp"}
 TARGETS = [16, 32, 48]
 

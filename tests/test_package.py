@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 PLUGIN_LOSS = '''
 import torch
 
-from stx.losses import Loss
+from stx.engine.losses import Loss
 
 
 class MeanBrightnessLoss(Loss):

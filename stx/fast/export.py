@@ -1,0 +1,131 @@
+"""Artefacts of a trained feed-forward model: TorchScript and ONNX files, and an MLflow model.
+
+The MLflow model is the TorchScript module logged with ``mlflow.pytorch.log_model``, so that
+loading it (``mlflow.pytorch.load_model``, ``mlflow.pyfunc.load_model``, ``mlflow models
+serve``) needs torch and mlflow but no stx code. Its signature is one unnamed float32 tensor
+``B×3×H×W`` in [0, 1] (any batch and size) in, the stylised tensor of the same shape out.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+TORCHSCRIPT_FILE = "model.torchscript.pt"
+ONNX_FILE = "model.onnx"
+MODEL_NAME = "model"
+"""Name of the logged MLflow model: ``runs:/<run id>/model``."""
+EXAMPLE_SIZE = 64
+"""Edge (px) of the input example traced by ONNX export and stored with the MLflow model."""
+
+
+def example_input(size: int = EXAMPLE_SIZE) -> torch.Tensor:
+    """A fixed ``1×3×size×size`` image in [0, 1] (a smooth gradient, no randomness)."""
+    ramp = torch.linspace(0.0, 1.0, size)
+    return torch.stack([ramp.view(1, -1).expand(size, size), ramp.view(-1, 1).expand(size, size),
+                        (1 - ramp).view(1, -1).expand(size, size)]).unsqueeze(0).contiguous()
+
+
+def script(model: nn.Module) -> torch.jit.ScriptModule:
+    """``torch.jit.script`` of ``model`` on the CPU, in eval mode (its deprecation warning muted)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.script(model.cpu().eval())
+
+
+def export_torchscript(model: nn.Module, path: Path) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(script(model), str(path))
+    return path
+
+
+def load_torchscript(path: str | Path, device: torch.device | str = "cpu") -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(str(path), map_location=device).eval()
+
+
+def export_onnx(model: nn.Module, path: Path) -> Path:
+    """ONNX (opset of torch's dynamo exporter) with dynamic batch, height and width; input
+    ``image``, output ``stylised``."""
+    dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
+    chatty = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir")]
+    levels = [logger.level for logger in chatty]
+    for logger in chatty:  # they log each graph rewrite at INFO
+        logger.setLevel(logging.WARNING)
+    try:
+        torch.onnx.export(model.cpu().eval(), (example_input(),), str(path), dynamo=True, dynamic_shapes=(dims,),
+                          input_names=["image"], output_names=["stylised"], verbose=False, external_data=False)
+    finally:
+        for logger, level in zip(chatty, levels):
+            logger.setLevel(level)
+    return path
+
+
+FORMATS = {"torchscript": (TORCHSCRIPT_FILE, export_torchscript), "onnx": (ONNX_FILE, export_onnx)}
+"""``trainer.export`` choices: file name and writer of each exported format."""
+
+
+def export_file(model: nn.Module, folder: Path, kind: str) -> Path:
+    """Write ``model`` in format ``kind`` (a key of :data:`FORMATS`) into ``folder``."""
+    name, write = FORMATS[kind]
+    return write(model, folder / name)
+
+
+class OnnxModel:
+    """An exported ONNX model run by ONNX Runtime (CUDA when ``device`` is CUDA and available):
+    called like the torch model, ``B×3×H×W`` float tensor in, same shape out (on the input's device)."""
+
+    def __init__(self, path: str | Path, device: torch.device | str = "cpu") -> None:
+        import onnxruntime
+
+        wanted = ["CUDAExecutionProvider"] if torch.device(device).type == "cuda" else []
+        providers = [p for p in wanted if p in onnxruntime.get_available_providers()] + ["CPUExecutionProvider"]
+        self.session = onnxruntime.InferenceSession(str(path), providers=providers)
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        (output,) = self.session.run(None, {self.input: image.detach().float().cpu().numpy()})
+        return torch.from_numpy(output).to(image.device)
+
+
+def signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    # unnamed: a named input makes pyfunc hand the model a dict, which the pytorch flavour refuses
+    image = TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))
+    return ModelSignature(inputs=Schema([image]), outputs=Schema([image]))
+
+
+def log_model(model: nn.Module, run_id: str, tracking_uri: str, registered_name: str | None = None) -> str:
+    """Log ``model`` (scripted) to run ``run_id`` as the MLflow model ``model``, registered as
+    ``registered_name`` when given; returns the model's URI."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    # MLflow warns that the "pickle" format can run code when loaded; a scripted module is saved as
+    # a TorchScript archive, which stx loads with torch.jit.load only (stx.fast.stylize.load_model)
+    flavour_log = logging.getLogger("mlflow.pytorch")
+    level = flavour_log.level
+    flavour_log.setLevel(logging.ERROR)
+    try:
+        with mlflow.start_run(run_id=run_id, log_system_metrics=False), warnings.catch_warnings():
+            # MLflow loads the model back to check the input example, with torch.load, which warns that it
+            # dispatches to torch.jit.load, which torch has deprecated: neither is the user's concern
+            warnings.filterwarnings("ignore", "'torch.load' received a zip file", UserWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            info = mlflow.pytorch.log_model(
+                script(model), name=MODEL_NAME, signature=signature(), input_example=example_input().numpy(),
+                registered_model_name=registered_name, serialization_format="pickle",
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            )
+    finally:
+        flavour_log.setLevel(level)
+    return info.model_uri

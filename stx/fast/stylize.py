@@ -1,0 +1,177 @@
+"""``stx stylize``: apply a trained feed-forward model to many images.
+
+A model is named by: a file (TorchScript ``.pt``/``.pth``, or ``.onnx`` run by ONNX Runtime), a
+folder holding an MLflow model (``MLmodel``), a ``runs:/…`` or ``models:/…`` URI, a run id (its
+model ``model``), or a registered name with an optional version (``name``, ``name/3``; latest
+version when none). Images are stylised in batches of equal size (the network is fully
+convolutional: any size works), optionally resized to a long edge first, and written as PNG
+under the output folder, keeping their path relative to the folder they were found in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from stx.fast import data, export
+from stx.errors import StxError, first_line
+from stx.engine.image import MIN_SIZE, check_size, read_image, write_image
+
+Model = Callable[[torch.Tensor], torch.Tensor]
+"""A stylisation model: ``B×3×H×W`` images in [0, 1] in, the same shape out."""
+RUN_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def load_model(ref: str, tracking_uri: str, device: torch.device) -> Model:
+    """The model ``ref`` names (see the module docstring), on ``device``, in eval mode.
+
+    Nothing read here can run code: an MLflow model's file is loaded as a TorchScript archive
+    (what ``stx train`` logs) and never unpickled (``mlflow.pytorch.load_model`` would
+    ``torch.load`` it, so a pickle placed in a shared store would run on every reader).
+    """
+    path = Path(ref).expanduser()
+    if path.is_file():
+        if path.suffix.lower() == ".onnx":
+            return export.OnnxModel(path, device)
+        return _load_torchscript(path, device, f"model file {str(path)!r}")
+    if path.is_dir() and (path / "MLmodel").is_file():
+        uri, folder = str(path), path
+    else:
+        if ref.startswith(("runs:/", "models:/")):
+            uri = ref
+        elif RUN_ID.fullmatch(ref):
+            uri = f"runs:/{ref}/{export.MODEL_NAME}"
+        else:
+            name, _, version = ref.partition("/")
+            uri = f"models:/{name}/{version or 'latest'}"
+        folder = _download_model(ref, uri, tracking_uri)
+    return _load_torchscript(_model_file(folder, ref), device, f"the model {ref!r} ({uri})")
+
+
+def _download_model(ref: str, uri: str, tracking_uri: str) -> Path:
+    """The local folder of the MLflow model at ``uri`` (downloaded from the store when remote)."""
+    import mlflow
+    import mlflow.artifacts
+
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except Exception as exc:  # mlflow raises MlflowException, OSError or its own registry errors
+        raise StxError(
+            f"cannot load the model {ref!r} (as {uri}) from {tracking_uri}: {first_line(exc)}. Give a TorchScript or ONNX "
+            f"file, an MLflow model folder, a run id of stx train, runs:/<id>/model, models:/<name>/<version> or a "
+            f"registered model name."
+        ) from exc
+
+
+def _model_file(folder: Path, ref: str) -> Path:
+    """The serialised model inside an MLflow model folder (its pytorch flavour's ``model_data``)."""
+    import yaml
+
+    try:
+        meta = yaml.safe_load((folder / "MLmodel").read_text())
+        data = meta["flavors"]["pytorch"]["model_data"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
+        raise StxError(
+            f"the model {ref!r} has no readable pytorch flavour in {folder / 'MLmodel'} ({type(exc).__name__}: "
+            f"{exc}); give a model logged by stx train."
+        ) from exc
+    file = (folder / str(data) / "model.pth").resolve()
+    if not file.is_relative_to(folder.resolve()):
+        raise StxError(f"the model {ref!r} names model data outside its folder ({data!r}); refusing to read it.")
+    return file
+
+
+def _load_torchscript(path: Path, device: torch.device, what: str) -> Model:
+    """A TorchScript archive, refusing anything else (pickles included) without unpickling it."""
+    try:
+        return export.load_torchscript(path, device)
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise StxError(
+            f"{what} is not a TorchScript model ({first_line(exc)}); stx loads only TorchScript and ONNX files, never "
+            f"pickles, which can run code. Give a model written by stx train (export/{export.TORCHSCRIPT_FILE}, "
+            f"{export.ONNX_FILE}, or its logged MLflow model)."
+        ) from exc
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to stylise: where it is, and where its result goes (relative to the output folder)."""
+
+    source: Path
+    target: Path
+
+
+def collect(inputs: Sequence[str]) -> tuple[list[Item], int]:
+    """``(items, skipped)``: each file given, and every image under each folder given
+    (recursive; unreadable files skipped and counted). A missing path raises."""
+    items, skipped = [], 0
+    for given in inputs:
+        path = Path(given).expanduser()
+        if path.is_dir():
+            found = data.scan(path)
+            skipped += found.skipped
+            items += [Item(file, file.relative_to(path).with_suffix(".png")) for file in found.paths]
+        elif path.is_file():
+            items.append(Item(path, Path(path.name).with_suffix(".png")))
+        else:
+            raise StxError(f"{given!r} is neither an image file nor a folder: give images or folders of images.")
+    return items, skipped
+
+
+def batches(items: Sequence[Item], size: int | None, batch_size: int) -> Iterator[tuple[list[Item], torch.Tensor]]:
+    """Consecutive items read (resized to long edge ``size`` when given) and stacked in batches
+    of up to ``batch_size`` images of one shape."""
+    pending: list[tuple[Item, torch.Tensor]] = []
+    for item in items:
+        image = read_image(item.source, size)
+        if min(image.shape[-2:]) < MIN_SIZE:
+            raise StxError(f"image {str(item.source)!r} is {image.shape[-2]}×{image.shape[-1]} px; stylising needs "
+                           f"at least {MIN_SIZE} px on both edges.")
+        if pending and (len(pending) == batch_size or pending[0][1].shape != image.shape):
+            yield [i for i, _ in pending], torch.cat([t for _, t in pending])
+            pending = []
+        pending.append((item, image))
+    if pending:
+        yield [i for i, _ in pending], torch.cat([t for _, t in pending])
+
+
+@torch.no_grad()
+def stylize(model: Model, items: Sequence[Item], out: Path, device: torch.device, *, size: int | None = None,
+            batch_size: int = 4) -> list[Path]:
+    """Stylise ``items`` with ``model`` and write them under ``out``; return the files written."""
+    if size is not None:
+        check_size(size, "--size")
+    if batch_size < 1:
+        raise StxError(f"--batch-size {batch_size} is not valid: use a whole number >= 1.")
+    written = []
+    with tqdm(total=len(items), desc="stx stylize", unit="image", dynamic_ncols=True) as progress:
+        for group, images in batches(items, size, batch_size):
+            outputs = model(images.to(device)).clamp(0, 1)
+            for item, output in zip(group, outputs):
+                written.append(write_image(output[None], out / item.target))
+            progress.update(len(group))
+    return written
+
+
+def command(args: argparse.Namespace) -> None:
+    """``stx stylize`` with its parsed arguments."""
+    from stx.runs.job import resolve_device
+
+    device = resolve_device(args.device)
+    items, skipped = collect(args.images)
+    if not items:
+        raise StxError(f"no images found in {', '.join(args.images)} ({skipped} unreadable file(s) skipped).")
+    model = load_model(args.model, args.tracking_uri, device)
+    written = stylize(model, items, args.out, device, size=args.size, batch_size=args.batch_size)
+    note = f"; {skipped} unreadable file(s) skipped" if skipped else ""
+    print(f"stx: stylised {len(written)} image(s) into {args.out}{note}")

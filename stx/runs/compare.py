@@ -1,0 +1,243 @@
+"""``stx compare``: a table, a contact sheet and a style/content scatter plot of a sweep's (or an
+experiment's) runs, best first: sorted by their objective (see :mod:`stx.runs.objectives`), with the
+Pareto front of style distance against content distance marked. For a sweep they are logged to
+the parent run, which is tagged with its best child (``stx.sweep.best_run``) or its Pareto set."""
+
+from __future__ import annotations
+
+import math
+import re
+import tempfile
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from PIL import Image, ImageDraw, ImageFont
+
+from stx.runs import layout
+from stx.errors import StxError
+from stx.runs.liveness import dead_reason
+from stx.runs.schema import runs_dir
+
+CELL = 256
+LABEL_LINE = 14
+STYLE, CONTENT = "eval/style_distance", "eval/content_distance"
+SCORES = (layout.OBJECTIVE_METRIC, STYLE, CONTENT, "eval/color_distance_style", "eval/color_distance_content",
+          "eval/ssim_content")
+
+
+@dataclass
+class Row:
+    run: Run
+    swept: dict[str, str]
+    image: Image.Image | None
+    on_front: bool = False
+
+
+def find_runs(client: MlflowClient, target: str) -> tuple[list[Run], Run | None]:
+    """The child runs of parent run ``target``, else the runs of experiment ``target`` (name or id)."""
+    try:
+        parent = client.get_run(target)
+    except MlflowException:
+        parent = None
+    if parent is not None:
+        runs = client.search_runs(
+            [parent.info.experiment_id], filter_string=f"tags.{layout.TAG_PARENT} = '{target}'", max_results=10000
+        )
+    else:
+        experiment = client.get_experiment_by_name(target)
+        if experiment is None and target.isdigit():
+            experiment = client.get_experiment(target)
+        if experiment is None:
+            raise StxError(f"{target!r} is neither a run id nor an experiment in {client.tracking_uri}; give a sweep's parent run id (printed when the sweep starts) or an experiment name such as 'stx'.")
+        runs = [r for r in client.search_runs([experiment.experiment_id], max_results=10000) if layout.TAG_SWEEP not in r.data.tags]
+    if not runs:
+        raise StxError(f"no runs found for {target!r} in {client.tracking_uri}.")
+    check_one_judge(runs, target)
+    return sorted(runs, key=lambda r: (int(r.data.tags.get(layout.TAG_JOB_NUM, 0)), r.info.start_time)), parent
+
+
+def check_one_judge(runs: list[Run], target: str) -> None:
+    """Refuse to rank runs whose eval/ metrics come from different judges (tag ``stx.engine.judge``):
+    their distances are in different feature spaces and do not compare."""
+    judges: dict[str, int] = {}
+    for run in runs:
+        judge = run.data.tags.get(layout.TAG_JUDGE, "unrecorded (stx before the judge had its own config)")
+        judges[judge] = judges.get(judge, 0) + 1
+    if len(judges) > 1:
+        found = ", ".join(f"{judge} ({count} run{'s' if count > 1 else ''})" for judge, count in sorted(judges.items()))
+        raise StxError(
+            f"the runs of {target!r} were judged by different networks: {found}; their eval/ metrics and objectives "
+            f"do not compare. Compare a sweep (one judge), or run the jobs again with one judge.arch/judge.weights "
+            f"in an experiment of their own (tracking.experiment=…)."
+        )
+
+
+def overrides(run: Run) -> dict[str, str]:
+    """The run's command-line overrides as ``{key: value}``."""
+    return layout.parse_overrides(run.data.tags.get(layout.TAG_OVERRIDES, ""))
+
+
+def swept_values(runs: list[Run]) -> list[dict[str, str]]:
+    """Per run, the overrides whose values differ between the runs (all of them for one run)."""
+    per_run = [overrides(run) for run in runs]
+    keys = sorted({key for o in per_run for key in o})
+    varying = [k for k in keys if len({o.get(k) for o in per_run}) > 1] if len(runs) > 1 else keys
+    return [{k: o.get(k, "-") for k in varying} for o in per_run]
+
+
+def load_output(client: MlflowClient, run: Run, folder: Path) -> Image.Image | None:
+    names = {item.path for item in client.list_artifacts(run.info.run_id)}
+    for name in layout.output_names(run):
+        if name in names:
+            path = client.download_artifacts(run.info.run_id, name, str(folder / run.info.run_id))
+            with Image.open(path) as image:
+                return image.convert("RGB")
+    return None
+
+
+def status(run: Run) -> str:
+    """The run's MLflow status, or ``DEAD`` for a RUNNING run whose process is gone."""
+    return "DEAD" if dead_reason(run) is not None else run.info.status
+
+
+def loss_terms(run: Run) -> dict[str, float]:
+    """Final total and weighted terms (per-layer values left out)."""
+    terms = run.data.metrics.items()
+    return {k: v for k, v in sorted(terms, key=lambda kv: (kv[0] != "total", kv[0])) if "/" not in k and k not in SCORES}
+
+
+def pareto_front(runs: list[Run]) -> set[str]:
+    """Ids of the runs that no other run beats on both style and content distance."""
+    scored = [(r.info.run_id, r.data.metrics[STYLE], r.data.metrics[CONTENT]) for r in runs
+              if STYLE in r.data.metrics and CONTENT in r.data.metrics]
+    return {run_id for run_id, s, c in scored
+            if not any(s2 <= s and c2 <= c and (s2, c2) != (s, c) for _, s2, c2 in scored)}
+
+
+def best_first(rows: list[Row]) -> list[Row]:
+    """Rows by objective (lowest first), then the front, then the rest in job order."""
+    def key(row: Row) -> tuple:
+        objective = row.run.data.metrics.get(layout.OBJECTIVE_METRIC, math.inf)
+        return (objective if math.isfinite(objective) else math.inf, not row.on_front)
+    return sorted(rows, key=key)
+
+
+def scatter_plot(rows: list[Row], path: Path) -> Path | None:
+    """Style distance against content distance, one thumbnail per run, the front joined; None
+    when no run has both."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+
+    points = [(row, row.run.data.metrics[CONTENT], row.run.data.metrics[STYLE]) for row in rows
+              if STYLE in row.run.data.metrics and CONTENT in row.run.data.metrics]
+    if not points:
+        return None
+    figure, axes = pyplot.subplots(figsize=(8, 6), dpi=100)
+    axes.scatter([x for _, x, _ in points], [y for _, _, y in points], s=8, color="gray")
+    front = sorted((x, y) for row, x, y in points if row.on_front)
+    axes.plot([x for x, _ in front], [y for _, y in front], color="tab:red", linewidth=1, label="Pareto front")
+    for row, x, y in points:
+        if row.image is not None:
+            thumbnail = row.image.copy()
+            thumbnail.thumbnail((64, 64))
+            axes.add_artist(AnnotationBbox(OffsetImage(thumbnail), (x, y), frameon=row.on_front, pad=0.1))
+        label = " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in row.swept.items()) or row.run.info.run_id[:8]
+        axes.annotate(label, (x, y), textcoords="offset points", xytext=(0, -40), ha="center", fontsize=7)
+    axes.set_xlabel("content distance (eval/content_distance; 0 = the content's features)")
+    axes.set_ylabel("style distance (eval/style_distance; 0 = the style's statistics)")
+    axes.margins(0.15)
+    axes.legend(loc="upper right")
+    figure.tight_layout()
+    figure.savefig(path)
+    pyplot.close(figure)
+    return path
+
+
+def contact_sheet(rows: list[Row]) -> Image.Image:
+    """Outputs in a grid, each labelled with its swept values and final losses."""
+    font = ImageFont.load_default(size=12)
+    labels = [[f"{k}={v}" for k, v in row.swept.items()]
+              + [f"{status(row.run).lower()} {row.run.info.run_id[:8]}" + (" front" if row.on_front else "")]
+              + [f"{k.removeprefix('eval/')}={row.run.data.metrics[k]:.4g}" for k in SCORES[:3] if k in row.run.data.metrics]
+              + [f"{k}={v:.4g}" for k, v in loss_terms(row.run).items() if k == "total"] for row in rows]
+    label_height = LABEL_LINE * max(len(lines) for lines in labels) + 6
+    columns = math.ceil(math.sqrt(len(rows)))
+    sheet = Image.new("RGB", (columns * CELL, math.ceil(len(rows) / columns) * (CELL + label_height)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for index, (row, lines) in enumerate(zip(rows, labels)):
+        x, y = (index % columns) * CELL, (index // columns) * (CELL + label_height)
+        if row.image is None:
+            draw.rectangle((x + 4, y + 4, x + CELL - 4, y + CELL - 4), outline="gray")
+            draw.text((x + 12, y + CELL // 2), "no output image", fill="gray", font=font)
+        else:
+            scale = (CELL - 8) / max(row.image.size)
+            thumbnail = row.image.resize((max(1, round(row.image.width * scale)), max(1, round(row.image.height * scale))),
+                                         Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS)
+            sheet.paste(thumbnail, (x + (CELL - thumbnail.width) // 2, y + (CELL - thumbnail.height) // 2))
+        for number, line in enumerate(lines):
+            draw.text((x + 4, y + CELL + 2 + number * LABEL_LINE), line[:40], fill="black", font=font)
+    return sheet
+
+
+def table(rows: list[Row]) -> str:
+    """A plain-text table: run, status, Pareto front (``*``), swept values, objective and quality
+    metrics, final loss terms."""
+    swept_keys = list(rows[0].swept)
+    score_keys = [k for k in SCORES if any(k in row.run.data.metrics for row in rows)]
+    term_keys = sorted({k for row in rows for k in loss_terms(row.run)}, key=lambda k: (k != "total", k))
+    header = ["run", "status", "front", *swept_keys, *score_keys, *term_keys]
+    body = [[row.run.info.run_id[:8], status(row.run), "*" if row.on_front else "-", *row.swept.values(),
+             *(f"{row.run.data.metrics[k]:.6g}" if k in row.run.data.metrics else "-" for k in score_keys + term_keys)]
+            for row in rows]
+    widths = [max(len(str(cells[i])) for cells in [header, *body]) for i in range(len(header))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip() for cells in [header, *body])
+
+
+def default_out_dir(uri: str, target: str) -> Path:
+    """Where ``stx compare`` writes by default: ``compare/<target>`` beside the store it reads
+    (the sqlite file's folder, or the folder holding a file store), and for a server (or any
+    store without a local folder) in the runs folder."""
+    store = urllib.parse.urlparse(uri)
+    if store.scheme == "sqlite" and store.path not in ("", "/"):  # sqlite:///rel.db, sqlite:////abs.db
+        base = Path(uri.removeprefix("sqlite:///").partition("?")[0]).resolve().parent
+    elif store.scheme == "file" or (not store.scheme and Path(uri).is_dir()):
+        base = Path(urllib.parse.unquote(store.path)).resolve().parent
+    else:
+        base = Path(runs_dir())
+    return base / "compare" / (re.sub(r"[^\w.-]+", "_", target).strip(".") or "_")
+
+
+def compare(target: str, uri: str, out_dir: Path) -> tuple[Path, str]:
+    """Write ``table.txt``, ``contact_sheet.png`` and ``scatter.png`` for ``target`` into
+    ``out_dir``, best first; for a parent run, log them to it under ``compare/`` and tag it with
+    the best child (``stx.sweep.best_run``, lowest ``objective``) or the Pareto set
+    (``stx.sweep.pareto_runs``). Returns the sheet's path and the table."""
+    client = MlflowClient(uri)
+    runs, parent = find_runs(client, target)
+    front = pareto_front(runs)
+    with tempfile.TemporaryDirectory() as downloads:
+        rows = [Row(run, swept, load_output(client, run, Path(downloads)), run.info.run_id in front)
+                for run, swept in zip(runs, swept_values(runs))]
+    rows = best_first(rows)
+    text = table(rows)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / "table.txt", out_dir / "contact_sheet.png"]
+    written[0].write_text(text + "\n")
+    contact_sheet(rows).save(written[1])
+    plot = scatter_plot(rows, out_dir / "scatter.png")
+    if parent is not None:
+        for path in [*written, *([plot] if plot else [])]:
+            client.log_artifact(parent.info.run_id, str(path), "compare")
+        best = rows[0].run
+        if layout.OBJECTIVE_METRIC in best.data.metrics:
+            client.set_tag(parent.info.run_id, layout.TAG_BEST_RUN, best.info.run_id)
+        if front:
+            client.set_tag(parent.info.run_id, layout.TAG_PARETO_RUNS, ",".join(sorted(front)))
+    return written[1], text

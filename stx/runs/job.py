@@ -1,0 +1,252 @@
+"""Assemble one job from a composed config, in the order of the pipeline:
+images → losses → encoder → schedule → memory check.
+
+Everything is built with ``_target_`` + ``hydra.utils.instantiate`` after its ``_target_``
+is checked against an allow-list *by name*, before anything is imported. Each value is
+checked by the code that owns it (image I/O, losses, encoders, :class:`~stx.engine.optim.Schedule`);
+the first problem raises :class:`~stx.errors.ConfigError` with a one-paragraph message, before
+any optimisation or tracking starts.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import get_object, instantiate, to_absolute_path
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from stx.engine import color, encoders, guidance, losses, memory, tiling
+
+from stx.runs import layout, plugins
+from stx.errors import ConfigError
+from stx.engine.image import image_shape, long_edge_shape, read_image
+from stx.engine.judge import EVAL_SIZE, Judge, judge_encoder, judge_name, resolve_judge
+from stx.runs.objectives import Objective
+from stx.engine.optim import PyramidLevel, Schedule
+
+log = logging.getLogger(__name__)
+
+ALLOWED_TARGETS = {
+    "loss": (("stx.engine.losses",), losses.Loss, True),
+    "encoder": (("stx.engine.encoders",), None, True),
+    "schedule.optimizer": (("stx.engine.lbfgs", "torch.optim"), torch.optim.Optimizer, False),
+    "model": (("stx.fast.transformer",), torch.nn.Module, False),
+    "trainer.lr_schedule": (("torch.optim.lr_scheduler",), torch.optim.lr_scheduler.LRScheduler, False),
+    "color": (("stx.engine.color",), color.ColorControl, True),
+}
+"""Per kind of config node: the modules its ``_target_`` may come from, the class it must
+derive from, and whether trusted plugin modules (:mod:`stx.runs.plugins`) may provide it too."""
+
+
+@dataclass
+class Job:
+    """Everything one run needs, built and checked from a config.
+
+    ``content`` and ``styles`` are full-resolution ``1×3×H×W`` images in [0, 1] on ``device``
+    (the styles already at the largest level's style size); ``content_path`` and
+    ``style_paths`` are the absolute paths they were read from.
+    """
+
+    loss: losses.PerceptualObjective | tiling.TiledObjective
+    content: torch.Tensor
+    styles: list[torch.Tensor]
+    style_weights: list[float]
+    schedule: Schedule
+    device: torch.device
+    content_path: Path
+    style_paths: list[Path]
+    judge: Judge
+    """Scores images against the inputs (references set), for the ``eval/…`` metrics."""
+    objective: Objective
+    """What the job returns to the sweeper, from the final ``eval/…`` metrics."""
+    color: color.ColorControl
+    """Has prepared ``content`` and ``styles`` (what the objective sees); its ``finish`` turns
+    the optimised image into the result (applied to every logged image)."""
+    initial: torch.Tensor | None = None
+    """The image to start from instead of ``schedule.init`` (``schedule.init_image``), if any."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; ``cuda`` must exist when asked for."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"device={name!r} is not valid; use auto, cpu, cuda or cuda:N.") from exc
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0 or (device.index or 0) >= count:
+            raise ConfigError(
+                f"device={name!r} was asked for, but this machine has {count} CUDA device(s); "
+                f"use device=cpu, or device=auto to take CUDA only when present."
+            )
+    elif device.type != "cpu":
+        raise ConfigError(f"device={name!r} is not supported; use auto, cpu, cuda or cuda:N.")
+    return device
+
+
+def check_target(node: Any, where: str, kind: str) -> Any:
+    """The object ``node._target_`` names, once its dotted name has passed the allow-list of
+    ``kind`` (a key of :data:`ALLOWED_TARGETS`); nothing is imported before that."""
+    homes, base, pluggable = ALLOWED_TARGETS[kind]
+    name = node.get("_target_") if isinstance(node, DictConfig) else None
+    if not name:
+        raise ConfigError(f"{where} needs a _target_ naming what to build (e.g. stx.engine.losses.GramStyleLoss).")
+    allowed = f"a {base.__module__}.{base.__qualname__}" if base is not None else "an encoder"
+    modules = (*homes, *plugins.trusted_modules()) if pluggable else homes
+    module = next((m for m in modules if isinstance(name, str) and name.startswith(m + ".")), None)
+    if module is None:
+        hint = f"; {plugins.how_to_trust(name.rpartition('.')[0] or name)}" if pluggable and isinstance(name, str) else ""
+        raise ConfigError(
+            f"{where}._target_={name!r} is not allowed: it must name {allowed} from {' or '.join(modules)}{hint}."
+        )
+    try:
+        target = get_object(name)
+    except Exception as exc:
+        raise ConfigError(f"{where}._target_={name!r} cannot be imported ({exc}).") from exc
+    from_module = str(getattr(target, "__module__", "")).startswith(module)
+    if not from_module or (base is not None and not (inspect.isclass(target) and issubclass(target, base))):
+        raise ConfigError(f"{where}._target_={name!r} is not {allowed} from {module}.")
+    for key, value in node.items():
+        if _names_a_target(value):
+            raise ConfigError(f"{where}.{key} holds a nested _target_; only {where} itself may name what to build.")
+    return target
+
+
+def _names_a_target(value: Any) -> bool:
+    """Whether a config value holds a ``_target_`` at any depth (instantiate would call it)."""
+    if isinstance(value, DictConfig):
+        return "_target_" in value or any(_names_a_target(v) for v in value.values())
+    if isinstance(value, ListConfig):
+        return any(_names_a_target(v) for v in value)
+    return False
+
+
+def build(node: DictConfig, where: str, kind: str, **kwargs: Any) -> Any:
+    """``instantiate(node)`` after :func:`check_target`; errors become one-paragraph ConfigErrors."""
+    check_target(node, where, kind)
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ConfigError):
+            raise ConfigError(f"{where}: {cause}") from cause
+        raise ConfigError(f"{where} could not be built: {cause or exc}") from exc
+
+
+def style_weights(images: DictConfig) -> list[float]:
+    """One blend weight per style image (default: equal); finite, >= 0, not all zero."""
+    count = len(images.styles)
+    if count == 0:
+        raise ConfigError("images.styles is empty: give at least one style image path.")
+    given = images.style_weights
+    try:
+        weights = [1.0] * count if given is None else [float(w) for w in list(given)]
+        if not isinstance(given, (ListConfig, type(None))):
+            raise TypeError
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"images.style_weights={OmegaConf.to_container(given) if isinstance(given, DictConfig) else given!r} is not "
+            f"valid: give a list of numbers, one per style image, or null for equal weights."
+        ) from exc
+    if len(weights) != count:
+        raise ConfigError(
+            f"images.style_weights has {len(weights)} value(s) for {count} style image(s); give one "
+            f"weight per style, or leave it null for equal weights."
+        )
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"images.style_weights={weights} is not valid: use finite weights >= 0, not all zero.")
+    return weights
+
+
+def build_schedule(cfg: DictConfig) -> Schedule:
+    """The :class:`Schedule` of ``cfg.schedule`` with the top-level ``precision`` and ``seed``."""
+    schedule = cfg.schedule
+    return Schedule(
+        levels=tuple(PyramidLevel(level.size, level.steps) for level in schedule.levels),
+        make_optimizer=build(schedule.optimizer, "schedule.optimizer", "schedule.optimizer"),
+        init=schedule.init,
+        bounds=schedule.bounds,
+        max_rise=schedule.max_rise,
+        style_scale=schedule.style_scale,
+        checkpoint_every=schedule.checkpoint_every,
+        cuda_graph=schedule.cuda_graph,
+        precision=cfg.precision,
+        seed=cfg.seed,
+    )
+
+
+def build_judge(cfg: DictConfig, device: torch.device | str = "cpu", *, size: int = EVAL_SIZE) -> Judge:
+    """The judge of a run: ``cfg.judge`` (see :func:`~stx.engine.judge.resolve_judge`), nothing
+    else of the run. A config logged before the judge had its own keys is judged as then: VGG19
+    with the run's ``encoder.weights``."""
+    if "judge" not in cfg:
+        arch, weights = "vgg19", cfg.encoder.weights
+    else:
+        arch, weights, warning = resolve_judge(cfg.judge.arch, cfg.judge.weights)
+        if warning:
+            log.warning("stx: warning: %s", warning)
+    return Judge(judge_encoder(weights, device, arch), size=size, name=judge_name(arch, weights))
+
+
+def build_job(cfg: DictConfig) -> Job:
+    """Check ``cfg`` and build the :class:`Job` it describes (raises :class:`ConfigError`)."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"the config cannot be resolved: {exc}") from exc
+    layout.check_output(cfg.output)
+    device = resolve_device(cfg.device)
+    objective = Objective(metrics=dict(cfg.objective.metrics), pareto=cfg.objective.pareto)
+
+    given = {"images.content": cfg.images.content,
+             **{f"images.styles.{index}": path for index, path in enumerate(cfg.images.styles)}}
+    for key, path in given.items():
+        if "://" in str(path):
+            raise ConfigError(f"{key}={path!r} is a URL; stx reads image files on this machine: download it first "
+                              f"and give its path.")
+    content_path = Path(to_absolute_path(cfg.images.content))
+    style_paths = [Path(to_absolute_path(path)) for path in cfg.images.styles]
+    weights = style_weights(cfg.images)
+
+    loss_set = {str(name): build(node, f"loss.{name}", "loss") for name, node in cfg.loss.items()}
+    layers = frozenset().union(*(loss.layers for loss in loss_set.values()))
+    encoder = build(cfg.encoder, "encoder", "encoder")(layers=layers) if layers else None
+    if encoder is not None and not isinstance(encoder, encoders.MultiLayerEncoder):
+        raise ConfigError(f"encoder._target_={cfg.encoder._target_!r} returned a {type(encoder).__name__}, "
+                          f"not a stx.engine.encoders.MultiLayerEncoder.")
+    loss = losses.PerceptualObjective(encoder, loss_set).to(device)
+
+    schedule = build_schedule(cfg)
+    schedule.autocast(device)
+
+    decoding = memory.check_inputs(loss, schedule, content_path, style_paths)
+    content_shape = image_shape(content_path)
+    if max(content_shape) < schedule.size:
+        log.warning("stx: warning: images.content is %d×%d px; it is upscaled to a %d px long edge (schedule.size), "
+                    "which adds no detail", content_shape[1], content_shape[0], schedule.size)
+    height, width = long_edge_shape(*content_shape, schedule.size)
+    loss = tiling.plan_tiling(cfg.schedule.tile, loss, height, width, schedule.state_images, len(style_paths),
+                              decoding, device, schedule.size)
+    guidance.load_guides(loss, schedule, content_path, device)
+    content = read_image(content_path, schedule.size).to(device)
+    styles = [read_image(path, schedule.style_edge(schedule.size)).to(device) for path in style_paths]
+    control = build(cfg.color, "color", "color")
+    content, styles = control.prepare(content, styles)
+    evaluation = build_judge(cfg, device)
+    references = [read_image(path, EVAL_SIZE).to(device) for path in (content_path, *style_paths)]
+    evaluation.set_references(references[0], references[1:], weights)
+    initial = None
+    if cfg.schedule.init_image is not None:
+        initial = control.start(read_image(to_absolute_path(cfg.schedule.init_image), schedule.size).to(device))
+    return Job(loss, content, styles, weights, schedule, device, content_path, style_paths, evaluation, objective,
+               control, initial)

@@ -1,0 +1,243 @@
+"""What an stx MLflow run holds, and under which names: the one owner of artifact names, tag
+keys, the checkpoint file and its format, and how a run's config is read back.
+
+Used by the runner (writing), the sweep callback, ``stx compare``, ``stx reproduce`` and
+``stx resume`` (reading), so a name changed here changes for all of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from stx.errors import ConfigError, StxError, first_line
+from stx.runs.schema import StxSchema
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+
+    from stx.engine.optim import Checkpoint
+
+CONFIG = "config.yaml"
+"""The resolved config, whole (params hold it flattened)."""
+HYDRA = "hydra"
+"""Hydra's ``.hydra/`` folder of the job."""
+INPUTS = "inputs"
+IMAGE_KEY = "image"
+OBJECTIVE_METRIC = "objective"
+"""Metric holding what the job returned to the sweeper (a single objective; see stx.runs.objectives)."""
+"""``mlflow.log_image`` key of the image series (every ``tracking.image_every`` steps)."""
+CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT = f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}"
+DEFAULT_OUTPUT = "output.png"
+LAST_FINITE = "last_finite_"
+"""Prefix of the output's name for a run stopped by a non-finite loss (its last finite image)."""
+INTERRUPTED = "interrupted_"
+"""Prefix of the output's name for an interrupted run (its latest image)."""
+METRICS_FILE = "metrics.csv"
+"""In the run dir: every metric point the job logged (``step,key,value,timestamp_ms``), written
+at each flush before the store is asked, so it survives a failing store."""
+
+PARENT_RUN_ENV = "STX_PARENT_RUN_ID"
+"""Set by the sweep callback in each job's process: the sweep's parent MLflow run."""
+
+TAG_ERROR = "stx.error"
+TAG_KIND = "stx.kind"
+"""``train`` on the runs of ``stx train`` (feed-forward model training)."""
+EXPORT_DIR = "export"
+"""Artifact folder of a training run's exported model files (TorchScript, ONNX)."""
+TAG_RUN_DIR = "stx.run_dir"
+TAG_OUTPUT = "stx.output"
+TAG_TILE = "stx.tile"
+"""The tile edge (px) the objective was evaluated with, or ``off`` (what schedule.tile=auto chose)."""
+TAG_JUDGE = "stx.judge"
+"""The judge that scored a run's eval/ metrics, ``<arch>/<weights>`` (stx.engine.judge.judge_name)."""
+TAG_CHECKPOINT_STEP = "stx.checkpoint_step"
+TAG_RESUMED_AT_STEP = "stx.resumed_at_step"
+TAG_RESUME_CHANGED = "stx.resume.changed"
+"""What the overrides of each ``stx resume`` changed (``key old -> new (at step N)``; ``; ``-separated)."""
+TAG_HOST = "stx.host"
+TAG_PID = "stx.pid"
+TAG_PID_START = "stx.pid_start"
+TAG_HEARTBEAT = "stx.heartbeat"
+TAG_SLURM_JOB = "stx.slurm_job_id"
+"""The SLURM job the run's process ran in, as ``squeue`` and ``scancel`` name it (``<array job>_<task>`` for an array task)."""
+TAG_SWEEP = "stx.sweep"
+TAG_SWEEP_COMMAND = "stx.sweep.command"
+TAG_SWEEP_DIR = "stx.sweep.dir"
+TAG_SWEEP_JOBS = "stx.sweep.jobs"
+TAG_BEST_RUN = "stx.sweep.best_run"
+TAG_PARETO_RUNS = "stx.sweep.pareto_runs"
+TAG_RUN_NAME = "mlflow.runName"
+SWEPT_KEYS_ENV = "STX_SWEPT_KEYS"
+"""Set by the sweep callback in each job's process: the keys the sweep varies (comma-separated)."""
+TAG_JOB_NUM = "stx.sweep.job_num"
+TAG_FAILED_JOB = "stx.failed_job."
+TAG_REPRODUCED_FROM = "reproduced_from"
+TAG_PROMOTED_FROM = "promoted_from"
+TAG_COMMIT_MISMATCH = "stx.reproduce.commit_mismatch"
+TAG_OVERRIDES = "hydra.overrides"
+TAG_CHOICE = "hydra.choice."
+TAG_PARENT = "mlflow.parentRunId"
+TAG_COMMIT = "mlflow.source.git.commit"
+
+
+def content_dir() -> str:
+    return f"{INPUTS}/content"
+
+
+def style_dir(index: int) -> str:
+    return f"{INPUTS}/style_{index}"
+
+
+OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
+"""Suffixes ``output`` may have: formats Pillow writes from 8-bit RGB."""
+
+
+def check_output(name: str) -> None:
+    """``output`` names the result in the run dir and, unchanged, the run's artifact: it must
+    be a plain file name with one of :data:`OUTPUT_SUFFIXES`."""
+    if Path(name).name != name:
+        problem = "give a file name, without a folder (the file is written in the run dir)"
+    elif Path(name).suffix.lower() not in OUTPUT_SUFFIXES:
+        problem = f"its suffix must be one of {', '.join(OUTPUT_SUFFIXES)}"
+    else:
+        return
+    raise ConfigError(f"output={name!r} is not valid: {problem}; e.g. output=result.png.")
+
+
+def parse_overrides(text: str) -> dict[str, str]:
+    """The ``hydra.overrides`` tag's text as ``{key: value}``."""
+    pairs = (item.split("=", 1) for item in shlex.split(text) if "=" in item)
+    return {key: value for key, value in pairs}
+
+
+def output_names(run: Run) -> list[str]:
+    """Artifact names the run's output image may have, best first: the finished output, then
+    the images kept by a run that stopped early."""
+    output = run.data.tags.get(TAG_OUTPUT, DEFAULT_OUTPUT)
+    return [output, LAST_FINITE + output, INTERRUPTED + output]
+
+
+def save_checkpoint(checkpoint: Checkpoint, path: Path) -> Path:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {field.name: getattr(checkpoint, field.name) for field in dataclasses.fields(checkpoint)}
+    state.update(parameter=checkpoint.parameter.cpu(), best=checkpoint.best.cpu())
+    torch.save(state, path)
+    return path
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    import torch
+
+    from stx.engine.optim import Checkpoint
+
+    try:
+        return Checkpoint(**torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as exc:  # a truncated or foreign file: zip, unpickling (weights_only) or field errors
+        raise StxError(
+            f"the checkpoint {path.name} of this run cannot be read as an stx checkpoint ({type(exc).__name__}: "
+            f"{first_line(exc)[:300]}); it was truncated or replaced. Start a new run instead of resuming this one."
+        ) from exc
+
+
+def download_artifact(
+    client: MlflowClient, run_id: str, path: str, folder: Path, hint: str = "only runs made by stx hold it"
+) -> Path:
+    """Download artifact ``path`` of ``run_id`` into ``folder``; a missing one raises with ``hint``."""
+    try:
+        return Path(client.download_artifacts(run_id, path, str(folder)))
+    except (MlflowException, OSError) as exc:
+        raise StxError(f"run {run_id} has no artifact {path!r} ({exc}); {hint}.") from exc
+
+
+LEGACY_VALUES = {
+    "color": {"_target_": "stx.engine.color.ColorControl"},
+    "schedule.tile": "off",
+    "encoder.softmax": None,
+}
+"""Config keys added after runs were logged without them: the value that does what stx did
+before the key existed, filled in when such a run is reproduced, resumed or promoted."""
+
+
+MOVED_MODULES = {f"stx.{name}": f"stx.{package}.{name}" for package, names in {
+    "engine": ("color", "encoders", "lbfgs", "losses"), "fast": ("transformer",)}.items() for name in names}
+"""Where the modules a logged ``_target_`` names moved when stx was split into layers: runs
+logged before then name ``stx.losses.GramStyleLoss``, now ``stx.engine.losses.GramStyleLoss``."""
+
+
+def read_logged_config(path: Path, run_id: str) -> DictConfig:
+    """A logged ``config.yaml`` read as data: plain YAML (no tags), and no interpolation left in
+    it (stx logs resolved configs, so a ``${…}`` was put there by hand, e.g. ``${oc.env:SECRET}``,
+    which would read this machine's environment into the store)."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise StxError(f"the config logged with run {run_id} ({path.name}) is not plain YAML "
+                       f"({str(exc).splitlines()[0]}); stx reads logged configs as data only.") from exc
+    if not isinstance(data, dict):
+        raise StxError(f"the config logged with run {run_id} ({path.name}) is not a mapping of keys.")
+    for key, value in _leaves(data):
+        if isinstance(value, str) and "${" in value:
+            raise StxError(
+                f"the config logged with run {run_id} has {key}={value!r}: an interpolation, which stx never "
+                f"logs (its configs are resolved) and will not resolve from a store (it could read this "
+                f"machine's environment or files); the artifact was edited. Re-run from your own config instead."
+            )
+    config = OmegaConf.create(data)
+    for key, value in _leaves(data):
+        module, _, name = str(value).rpartition(".")
+        if key.rpartition(".")[2] == "_target_" and module in MOVED_MODULES:
+            OmegaConf.update(config, key, f"{MOVED_MODULES[module]}.{name}")
+    return config
+
+
+def _leaves(node: object, prefix: str = ""):
+    """``(dotted key, value)`` of every leaf of nested dicts and lists."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else None
+    if items is None:
+        yield prefix.rstrip("."), node
+        return
+    for key, value in items:
+        yield from _leaves(value, f"{prefix}{key}.")
+
+
+def load_run_config(client: MlflowClient, run_id: str, folder: Path, runs_dir: str, uri: str) -> DictConfig:
+    """The run's resolved config, checked against stx's schema (keys it predates filled in from
+    :data:`LEGACY_VALUES`), reading its logged input images (downloaded into ``folder/inputs``)
+    and writing to ``runs_dir`` and ``uri``."""
+    loaded = read_logged_config(download_artifact(client, run_id, CONFIG, folder), run_id)
+    if client.get_run(run_id).data.tags.get(TAG_KIND) == "train":
+        raise StxError(f"run {run_id} was made by stx train, not by stx: reproduce, promote and resume here take "
+                       f"image-optimisation runs; continue a training run with stx train resume={run_id}.")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(StxSchema), loaded)
+    except OmegaConfBaseException as exc:
+        raise StxError(f"the config logged with run {run_id} does not fit stx's schema: {exc}") from exc
+    for key, value in LEGACY_VALUES.items():
+        parent, _, name = key.rpartition(".")
+        if OmegaConf.is_missing(OmegaConf.select(cfg, parent) if parent else cfg, name):
+            OmegaConf.update(cfg, key, value)
+    if OmegaConf.is_missing(cfg.judge, "weights"):  # judged before the judge had its own keys
+        cfg.judge.arch, cfg.judge.weights = "vgg19", cfg.encoder.weights
+    download_artifact(client, run_id, INPUTS, folder)
+    (content,) = (folder / content_dir()).iterdir()
+    styles = [next((folder / style_dir(index)).iterdir()) for index in range(len(cfg.images.styles))]
+    cfg.images.content, cfg.images.styles = str(content), [str(style) for style in styles]
+    # artifacts go under this runs folder as the local store puts them, never where a logged path points
+    local = cfg.tracking.artifact_location == f"{cfg.runs_dir}/artifacts"
+    cfg.tracking.artifact_location = f"{runs_dir}/artifacts" if local else None
+    cfg.runs_dir, cfg.tracking.uri = runs_dir, uri
+    return cfg

@@ -1,0 +1,110 @@
+"""Whether the process behind a RUNNING MLflow run is still alive, and closing runs whose process is gone.
+
+Each stx run records the host (``stx.host``), process id (``stx.pid``) and, where ``/proc``
+has it, the process's start time (``stx.pid_start``: clock ticks after boot, which tells a
+reused pid apart), and refreshes ``stx.heartbeat`` (unix time, s) at every metric flush. A
+RUNNING run is dead when, on the same host, its process no longer exists (or the pid now
+belongs to a process started at another time); on another host, when its heartbeat is older
+than :data:`DEAD_AFTER_S`. A sweep's parent run has host and pid but no heartbeat, so it is
+judged only on its own host. Runs without these tags (made by older stx) are never judged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from mlflow.entities import Run, RunStatus
+from mlflow.tracking import MlflowClient
+
+from stx.runs import layout
+
+log = logging.getLogger(__name__)
+
+DEAD_AFTER_S = 600.0
+"""A run on another host is dead when its heartbeat is older than this (s). Heartbeats come at
+every flush (every few seconds while steps complete), so this allows single steps of 10 min."""
+
+
+def process_start(pid: int) -> str | None:
+    """The start time of process ``pid`` in clock ticks after boot (``/proc/<pid>/stat``), or
+    None where there is no such process or no ``/proc``."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the name in (…) may hold spaces
+
+
+def process_tags() -> dict[str, str]:
+    """This process's identity (with its SLURM job, inside one) and a first heartbeat, as run tags."""
+    tags = {layout.TAG_HOST: socket.gethostname(), layout.TAG_PID: str(os.getpid()), **heartbeat()}
+    start = process_start(os.getpid())
+    if start is not None:
+        tags[layout.TAG_PID_START] = start
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    job = f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
+    if job:
+        tags[layout.TAG_SLURM_JOB] = job
+    return tags
+
+
+def heartbeat() -> dict[str, str]:
+    return {layout.TAG_HEARTBEAT: str(int(time.time()))}
+
+
+def _process_gone(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process: it exists
+        pass
+    current = process_start(pid)
+    return start is not None and current is not None and current != start
+
+
+def _last_beat(run: Run) -> float:
+    """Unix time (s) of the run's last heartbeat (its start if it has none)."""
+    return float(run.data.tags.get(layout.TAG_HEARTBEAT, run.info.start_time / 1000))
+
+
+def dead_reason(run: Run) -> str | None:
+    """Why RUNNING ``run``'s process is known to be gone, or None (alive, finished, or unknown)."""
+    tags = run.data.tags
+    if run.info.status != "RUNNING" or layout.TAG_HOST not in tags or layout.TAG_PID not in tags:
+        return None
+    host, pid = tags[layout.TAG_HOST], int(tags[layout.TAG_PID])
+    if host == socket.gethostname():
+        if os.name == "posix" and _process_gone(pid, tags.get(layout.TAG_PID_START)):
+            return f"its process (pid {pid} on {host}) is gone"
+        return None
+    silent = time.time() - _last_beat(run)
+    if layout.TAG_HEARTBEAT in tags and silent > DEAD_AFTER_S:
+        return f"its process (pid {pid} on {host}) sent no heartbeat for {silent:.0f} s (limit {DEAD_AFTER_S:.0f} s)"
+    return None
+
+
+def close_dead_runs(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Close the experiment's RUNNING runs whose process is gone as FAILED, with ``stx.error``
+    saying so and the last heartbeat as end time; return their ids."""
+    closed = []
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=50000):
+        reason = dead_reason(run)
+        if reason is None:
+            continue
+        beat = _last_beat(run)
+        last = datetime.fromtimestamp(beat, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        client.set_tag(run.info.run_id, layout.TAG_ERROR,
+                       f"{reason}: the job ended without closing its run (killed by SIGKILL or the out-of-memory "
+                       f"killer, power loss, or its tracking store failed) after its last heartbeat at {last}; "
+                       f"closed as FAILED by stx (pid {os.getpid()} on {socket.gethostname()}).")
+        client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED), end_time=int(beat * 1000))
+        closed.append(run.info.run_id)
+    if closed:
+        log.warning("closed %d run(s) whose process is gone as FAILED: %s", len(closed), ", ".join(closed))
+    return closed

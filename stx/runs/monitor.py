@@ -1,0 +1,111 @@
+"""The step callback of a tracked job: progress bar, metric and image logging, quality metrics
+every ``tracking.image_every`` steps, the latest image kept for saving on failure, checkpoints
+written to the run dir and the MLflow run, and what the run costs (``perf/…``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from stx.runs import layout
+from stx.engine.optim import Checkpoint, OptimizationCallback, StepInfo
+from stx.runs.tracking import RunTracker
+
+EVAL_PREFIX = "eval/"
+PERF_PREFIX = "perf/"
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this job: CUDA's allocator peak on a GPU, else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class JobMonitor(OptimizationCallback):
+    """Reports each step of a job of ``steps`` steps (starting after ``first_step``) to
+    ``tracker`` and a progress bar, and scores the image with ``evaluate`` (``{metric: value}``,
+    logged as ``eval/<metric>``) every ``tracker.image_every`` steps; use as a context manager
+    around the optimisation. ``present`` turns the optimised image into the job's result (colour
+    control) before it is logged, scored or kept; ``started_at`` (unix time) is when the job's
+    process started."""
+
+    def __init__(
+        self,
+        tracker: RunTracker,
+        run_dir: Path,
+        steps: int,
+        *,
+        evaluate: Callable[[torch.Tensor], Mapping[str, float]],
+        present: Callable[[torch.Tensor], torch.Tensor] = lambda image: image,
+        started_at: float,
+        first_step: int = 0,
+    ) -> None:
+        self.tracker = tracker
+        self.run_dir = run_dir
+        self.steps = steps
+        self.evaluate = evaluate
+        self.present = present
+        self.started_at = started_at
+        self.latest: StepInfo | None = None
+        self.steps_run = 0
+        self.pixels = 0
+        self.judging_s = 0.0
+        self.first_step_at: float | None = None
+        self.optimisation_started = time.perf_counter()
+        # a redrawn bar on a terminal; a line every 30 s in logs (batch jobs, CI)
+        interval = 0.1 if sys.stderr.isatty() else 30.0
+        self.progress = tqdm(total=steps, initial=first_step, desc="stx", unit="step", dynamic_ncols=True,
+                             mininterval=interval)
+
+    def __enter__(self) -> JobMonitor:
+        self.optimisation_started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.progress.close()
+
+    def on_step(self, info: StepInfo) -> None:
+        info = dataclasses.replace(info, image=self.present(info.image))
+        if self.first_step_at is None:
+            self.first_step_at = time.time()
+        self.latest = info
+        self.steps_run += 1
+        self.pixels += info.image.shape[-2] * info.image.shape[-1]
+        self.tracker.log_step(info)
+        every = self.tracker.image_every
+        if every > 0 and 0 < info.step < self.steps and info.step % every == 0:  # the last: the output's
+            self.log_evaluation(info.image, info.step)
+        self.progress.set_postfix(loss=f"{info.values['total']:.4g}", size=info.size, refresh=False)
+        self.progress.update()
+
+    def on_checkpoint(self, checkpoint: Checkpoint) -> None:
+        path = layout.save_checkpoint(checkpoint, self.run_dir / layout.CHECKPOINT_FILE)
+        self.tracker.log_checkpoint(path, checkpoint.step)
+
+    def log_evaluation(self, image: torch.Tensor, step: int) -> dict[str, float]:
+        """Score ``image``, log the scores as ``eval/<metric>`` at ``step`` and return them."""
+        started = time.perf_counter()
+        scores = dict(self.evaluate(image))
+        self.judging_s += time.perf_counter() - started
+        self.tracker.log_metrics({EVAL_PREFIX + name: value for name, value in scores.items()}, step)
+        return scores
+
+    def performance(self, device: torch.device) -> dict[str, float]:
+        """What the optimisation cost, as ``perf/<name>``: seconds per step and pixels per second
+        (optimisation only, quality metrics excluded), peak memory (bytes), and seconds from the
+        process's start to the first step."""
+        seconds = time.perf_counter() - self.optimisation_started - self.judging_s
+        perf = {"peak_memory_bytes": float(peak_memory_bytes(device))}
+        if self.steps_run and seconds > 0:
+            perf.update(seconds_per_step=seconds / self.steps_run, pixels_per_second=self.pixels / seconds)
+        if self.first_step_at is not None:
+            perf["startup_seconds"] = self.first_step_at - self.started_at
+        return {PERF_PREFIX + name: value for name, value in perf.items()}

@@ -1,0 +1,67 @@
+"""The layers: the engine imports no Hydra, OmegaConf or MLflow (so it can be used as a library);
+no module imports from a layer above its own; stx's module-level imports have no cycle."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import stx
+
+PACKAGE = Path(stx.__file__).parent
+LAYERS = {"stx.errors": 0, "stx.engine": 1, "stx.runs": 2, "stx.fast": 3, "stx.cli": 4, "stx.api": 4, "stx.__main__": 4}
+
+
+def module_name(path):
+    return ".".join(("stx", *path.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__")
+
+
+def layer(module):
+    return next(rank for prefix, rank in LAYERS.items() if module == prefix or module.startswith(prefix + "."))
+
+
+def imports(path, top_level_only):
+    """The stx modules ``path`` imports (at module level only, or anywhere)."""
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else ast.walk(tree)
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("stx"):
+            found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in MODULES else node.module for a in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("stx")}
+    return found & set(MODULES)
+
+
+MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py") if "assets" not in p.parts}
+
+
+def test_the_engine_imports_no_hydra_omegaconf_or_mlflow():
+    engine = sorted(m for m in MODULES if m.startswith("stx.engine."))
+    assert len(engine) >= 10
+    code = f"import sys; import {', '.join(engine)}; print(sorted({{m.split('.')[0] for m in sys.modules}}))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert not {"'hydra'", "'omegaconf'", "'mlflow'"} & set(loaded.strip("[]\n").split(", ")), loaded
+
+
+def test_no_module_imports_from_a_layer_above_its_own():
+    upward = [(m, i) for m, p in MODULES.items() for i in imports(p, top_level_only=False) if layer(i) > layer(m)]
+    assert not upward
+
+
+def test_module_level_imports_have_no_cycle():
+    graph = {m: imports(p, top_level_only=True) - {m} for m, p in MODULES.items()}
+    done, active = set(), []
+
+    def visit(module):
+        assert module not in active, f"import cycle: {' -> '.join(active[active.index(module):] + [module])}"
+        if module in done:
+            return
+        active.append(module)
+        for target in graph[module]:
+            visit(target)
+        active.pop()
+        done.add(module)
+
+    for module in graph:
+        visit(module)

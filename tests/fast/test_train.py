@@ -1,0 +1,248 @@
+"""stx train: content folder, training that lowers the loss, tracking, resume, exports and stylize."""
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from conftest import artifact_paths, run_stx
+from stx.fast import data, export
+from stx.errors import ConfigError, StxError
+from stx.runs.schema import CONF_DIR
+from stx.fast.stylize import collect, load_model, stylize
+from stx.fast.train import train
+from stx.fast.transformer import TransformerNet
+
+TINY = [
+    "encoder.weights=random", "model.channels=4", "model.residual_blocks=1",
+    "data.crop=32", "data.eval_size=32", "data.holdout=1", "data.workers=0", "trainer.batch_size=2",
+    "trainer.style_size=32", "trainer.optimizer.lr=0.02", "tracking.image_every=10", "trainer.export=[]",
+]
+"""A training job of well under a second per step: 4-channel model, 32 px crops, random VGG16."""
+
+
+def write_images(folder, count, rng):
+    """``count`` smooth random RGB images of varied sizes and formats, half in a subfolder."""
+    for index in range(count):
+        height, width = 36 + 3 * index, 48
+        base = rng.random((height // 6 + 1, width // 6 + 1, 3))
+        pixels = np.kron(base, np.ones((6, 6, 1)))[:height, :width]
+        path = folder / ("sub" if index % 2 else "") / f"c{index}.{'jpg' if index % 3 == 0 else 'png'}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((pixels * 255).astype(np.uint8)).save(path)
+
+
+@pytest.fixture(scope="module")
+def content_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("content")
+    write_images(folder, 8, np.random.default_rng(0))
+    (folder / "notes.txt").write_text("not an image")
+    Image.new("RGB", (8, 8)).save(folder / "tiny.png")
+    return folder
+
+
+def compose_train(tmp_path, content_dir, *overrides):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"data.content_dir={content_dir}", f"runs_dir={tmp_path / 'runs'}",
+                                          *TINY, *overrides])
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+def run_training(tmp_path, content_dir, name, *overrides, resume=None):
+    cfg = compose_train(tmp_path, content_dir, *overrides, *([f"resume={resume}"] if resume else []))
+    if resume:
+        from stx.fast.train import resumed_config
+
+        cfg, _ = resumed_config(cfg, [f"resume={resume}", *[o for o in overrides if o.startswith("trainer.steps")]],
+                                tmp_path / name)
+    train(cfg, tmp_path / name, {}, resume_run_id=resume)
+    client = MlflowClient(cfg.tracking.uri)
+    (run,) = [r for r in client.search_runs([client.get_experiment_by_name("stx-train").experiment_id])
+              if r.data.tags.get("stx.run_dir") == str(tmp_path / name)]
+    return client, run
+
+
+def test_scan_skips_unreadable_and_tiny_files_and_holds_out_a_fixed_spread(content_dir):
+    found = data.scan(content_dir)
+    assert len(found.paths) == 8 and found.skipped == 2  # notes.txt, the 8×8 image
+    assert any(path.parent.name == "sub" for path in found.paths)
+    train_paths, held = data.split(found.paths, 2)
+    assert [found.paths.index(p) for p in held] == [2, 6]  # evenly spread over the sorted files
+    assert len(train_paths) == 6 and not set(train_paths) & set(held)
+    with pytest.raises(ConfigError, match="data.holdout=8"):
+        data.split(found.paths, 8)
+
+
+def test_crops_are_deterministic_per_seed_epoch_and_index_and_bad_files_drop_from_the_batch(content_dir, tmp_path):
+    paths = data.scan(content_dir).paths
+    dataset = data.ContentCrops(paths, 32, seed=0)
+    first = dataset[3]
+    assert first.shape == (3, 32, 32) and torch.equal(first, dataset[3])
+    dataset.epoch = 1
+    assert not torch.equal(first, dataset[3])
+    broken = tmp_path / "broken.png"
+    broken.write_bytes((content_dir / "sub" / "c1.png").read_bytes()[:200])  # a PNG cut short: header only
+    batch, skipped = data.collate([dataset[0], data.ContentCrops([broken], 32, 0)[0]])
+    assert batch.shape == (1, 3, 32, 32) and skipped == 1
+
+
+def test_transformer_keeps_any_size():
+    model = TransformerNet(channels=4, residual_blocks=1).eval()
+    for shape in ((1, 3, 17, 23), (2, 3, 64, 33)):
+        out = model(torch.rand(shape))
+        assert out.shape == shape and 0 <= out.min() and out.max() <= 1
+    with pytest.raises(ConfigError, match="model.channels=0"):
+        TransformerNet(channels=0)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, content_dir):
+    """One 20-step training run with every export, registered as ``tiny``."""
+    tmp_path = tmp_path_factory.mktemp("trained")
+    client, run = run_training(tmp_path, content_dir, "job", "trainer.steps=20", "trainer.checkpoint_every=10",
+                               "tracking.register_as=tiny", "trainer.export=[torchscript,onnx]")
+    return tmp_path, client, run
+
+
+def test_training_lowers_the_loss_and_is_tracked(trained):
+    tmp_path, client, run = trained
+    totals = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "total"), key=lambda m: m.step)]
+    assert len(totals) == 20
+    assert np.mean(totals[-5:]) < 0.5 * np.mean(totals[:5])
+    assert run.info.status == "FINISHED" and run.data.tags["stx.kind"] == "train"
+    assert {"content", "style", "tv", "style/relu3_3", "lr", "eval/style_distance", "perf/images_per_second",
+            "data/skipped_files"} <= set(run.data.metrics)
+    assert run.data.metrics["data/skipped_files"] == 2 and run.data.metrics["data/held_out_images"] == 1
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/style_distance")] == [10, 20]
+    paths = artifact_paths(client, run.info.run_id)
+    assert {"config.yaml", "checkpoint/checkpoint.pt", "export/model.torchscript.pt", "export/model.onnx",
+            "inputs/style_0/style.png"} <= set(paths)
+    assert sum(path.startswith("images/") and path.endswith(".png") for path in paths) >= 2  # samples at 10 and 20
+    assert run.data.params["model.channels"] == "4"
+
+
+def test_exports_and_logged_model_match_the_eager_model(trained):
+    tmp_path, client, run = trained
+    model = TransformerNet(channels=4, residual_blocks=1)
+    model.load_state_dict(torch.load(tmp_path / "job" / "checkpoint.pt", weights_only=True)["model"])
+    model.eval()
+    image = torch.rand(2, 3, 45, 61, generator=torch.Generator().manual_seed(0))  # odd sizes, not the example's
+    with torch.no_grad():
+        expected = model(image)
+        scripted = export.load_torchscript(tmp_path / "job" / export.TORCHSCRIPT_FILE)(image)
+    onnx = export.OnnxModel(tmp_path / "job" / export.ONNX_FILE)(image)
+    assert (scripted - expected).abs().max() < 1e-4
+    assert (onnx - expected).abs().max() < 1e-4
+    import mlflow.pyfunc
+
+    uri = client._tracking_client.tracking_uri
+    mlflow.set_tracking_uri(uri)
+    for ref in (f"runs:/{run.info.run_id}/model", "models:/tiny/1"):
+        predicted = mlflow.pyfunc.load_model(ref).predict(image.numpy())
+        assert np.abs(predicted - expected.numpy()).max() < 1e-4
+    version = client.get_model_version("tiny", "1")
+    assert version.run_id == run.info.run_id
+    signature = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/model").signature
+    assert signature.inputs.inputs[0].shape == (-1, 3, -1, -1)
+
+
+def test_stylize_loads_each_kind_of_reference_and_writes_every_image(trained, content_dir, tmp_path):
+    tmp, client, run = trained
+    uri = client._tracking_client.tracking_uri
+    items, skipped = collect([str(content_dir)])
+    assert len(items) == 8 and skipped == 2
+    outputs = {}
+    for ref in (run.info.run_id, "tiny", "tiny/1", str(tmp / "job" / export.TORCHSCRIPT_FILE),
+                str(tmp / "job" / export.ONNX_FILE)):
+        model = load_model(ref, uri, torch.device("cpu"))
+        out = tmp_path / ref.replace("/", "_")
+        written = stylize(model, items[:3], out, torch.device("cpu"), size=40, batch_size=2)
+        assert len(written) == 3 and written[0].suffix == ".png"
+        outputs[ref] = np.asarray(Image.open(written[0]), dtype=int)
+    first = next(iter(outputs.values()))
+    assert all(np.abs(o - first).max() <= 1 for o in outputs.values())  # the same model, ±1 rounding level
+    assert Image.open(written[0]).size == (40, 36 * 40 // 48)  # long edge 40, aspect kept
+    with pytest.raises(StxError, match="cannot load the model 'nosuch'"):
+        load_model("nosuch", uri, torch.device("cpu"))
+
+
+class Payload:
+    """A pickle that runs a command when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("form", ["pickle", "torch.save"])
+def test_a_pickle_in_a_shared_store_is_refused_and_never_run(trained, tmp_path, form):
+    _, client, run = trained
+    uri = client._tracking_client.tracking_uri
+    folder = Path(client.download_artifacts(run.info.run_id, "model", str(tmp_path)))
+    marker = tmp_path / "ran"
+    model_file = folder / "data" / "model.pth"
+    if form == "pickle":
+        model_file.write_bytes(pickle.dumps(Payload(marker)))
+    else:
+        torch.save(Payload(marker), model_file)
+    tampered = client.create_run(run.info.experiment_id).info.run_id
+    client.log_artifacts(tampered, str(folder), "model")
+    for ref in (tampered, f"runs:/{tampered}/model", str(folder), str(model_file)):
+        with pytest.raises(StxError, match="is not a TorchScript model.*never pickles"):
+            load_model(ref, uri, torch.device("cpu"))
+    assert not marker.exists()
+
+
+def test_resume_continues_to_the_same_weights_as_an_uninterrupted_run(tmp_path, content_dir):
+    common = ("trainer.checkpoint_every=2", "tracking.image_every=0", "data.holdout=0")
+    _, straight = run_training(tmp_path, content_dir, "straight", "trainer.steps=4", *common)
+    client, first = run_training(tmp_path, content_dir, "first", "trainer.steps=2", *common)
+    _, resumed = run_training(tmp_path, content_dir, "resumed", "trainer.steps=4", *common, resume=first.info.run_id)
+    assert resumed.info.run_id == first.info.run_id and resumed.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(first.info.run_id, "total")] == [1, 2, 3, 4]
+    want = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)["model"]
+    got = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(want[key], got[key]) for key in want)
+
+
+def test_bad_training_config_is_one_paragraph(tmp_path, content_dir):
+    with pytest.raises(ConfigError, match="trainer.batch_size=9 is more than the 7 training image"):
+        train(compose_train(tmp_path, content_dir, "trainer.batch_size=9"), tmp_path / "job", {})
+    with pytest.raises(ConfigError, match="data.content_dir="):
+        train(compose_train(tmp_path, tmp_path / "missing"), tmp_path / "job", {})
+    with pytest.raises(ConfigError, match="model._target_='os.system' is not allowed"):
+        train(compose_train(tmp_path, content_dir, "model._target_=os.system"), tmp_path / "job", {})
+
+
+@pytest.mark.slow
+def test_stx_train_command(tmp_path, content_dir):
+    result = run_stx(tmp_path, "train", f"data.content_dir={content_dir}", *TINY, "trainer.steps=2")
+    assert result.returncode == 0, result.stderr
+    assert "stx: trained 2 steps; model runs:/" in result.stdout
+    assert "Warning" not in result.stderr, result.stderr
+    unset = run_stx(tmp_path, "train")
+    assert unset.returncode == 2 and "stx: error: data.content_dir is not set" in unset.stderr
+
+
+def test_train_resume_of_an_image_optimisation_run_is_one_paragraph(tmp_path, content_dir):
+    from stx.fast.train import resumed_config
+
+    cfg = compose_train(tmp_path, content_dir)
+    client = MlflowClient(cfg.tracking.uri)
+    run = client.create_run(client.create_experiment("stx"))
+    (tmp_path / "config.yaml").write_text("images: {content: cat.jpg}\nschedule: {steps: 10}\n")
+    client.log_artifact(run.info.run_id, str(tmp_path / "config.yaml"))
+    cfg.resume = run.info.run_id
+    with pytest.raises(StxError, match=f"was not made by stx train.*stx resume={run.info.run_id}"):
+        resumed_config(cfg, [f"resume={run.info.run_id}"], tmp_path / "job")

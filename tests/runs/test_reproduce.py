@@ -1,0 +1,73 @@
+"""Runs logged before a config key existed are reproduced as they ran; a tampered logged config
+is refused before anything runs."""
+
+import pytest
+from omegaconf import OmegaConf
+
+from stx import api
+
+from stx.runs import layout
+from stx.errors import StxError
+from stx.runs.reproduce import reproduce
+
+from conftest import FAST, client_for, local_uri
+
+
+def test_a_run_logged_before_new_keys_existed_reproduces_exactly(tmp_path, monkeypatch):
+    monkeypatch.setenv("STX_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.chdir(tmp_path)
+    run_id = api.run(FAST).run_id
+    client = client_for(tmp_path)
+    logged = OmegaConf.load(layout.download_artifact(client, run_id, layout.CONFIG, tmp_path / "logged"))
+    del logged["color"], logged.schedule["tile"], logged.encoder["softmax"], logged["judge"]
+    before_layers = OmegaConf.to_yaml(logged).replace("stx.engine.", "stx.")  # _target_s named stx.losses.…
+    assert "_target_: stx.losses." in before_layers and "_target_: stx.encoders." in before_layers
+    client.log_text(run_id, before_layers, layout.CONFIG)
+    result, difference = reproduce(run_id, local_uri(tmp_path))
+    assert difference == 0
+    original_name = client.get_run(run_id).info.run_name
+    assert client.get_run(result.run_id).info.run_name == f"reproduce of {original_name}"
+    cfg = OmegaConf.load(layout.download_artifact(client, result.run_id, layout.CONFIG, tmp_path / "again"))
+    assert cfg.color == layout.LEGACY_VALUES["color"] and cfg.schedule.tile == "off" and cfg.encoder.softmax is None
+    assert cfg.judge.arch == "vgg19" and cfg.judge.weights == "random"  # the run's encoder.weights, as then
+
+
+@pytest.mark.parametrize("tamper, message", [
+    ("tracking:\n  experiment: ${oc.env:STX_TEST_SECRET}\n", r"has tracking.experiment='\$\{oc.env:STX_TEST_SECRET\}': an interpolation"),
+    ("seed: !!python/object/apply:os.system ['true']\n", "is not plain YAML"),
+])
+def test_a_tampered_logged_config_is_refused_before_anything_runs(tmp_path, monkeypatch, tamper, message):
+    monkeypatch.setenv("STX_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("STX_TEST_SECRET", "secret-value")
+    monkeypatch.chdir(tmp_path)
+    run_id = api.run(FAST).run_id
+    client = client_for(tmp_path)
+    path = layout.download_artifact(client, run_id, layout.CONFIG, tmp_path / "logged")
+    path.write_text(path.read_text() + tamper)
+    client.log_artifact(run_id, str(path))
+    with pytest.raises(StxError, match=message):
+        reproduce(run_id, local_uri(tmp_path))
+    runs = client.search_runs([client.get_experiment_by_name("stx").experiment_id])
+    assert len(runs) == 1 and not client.get_experiment_by_name("secret-value")
+
+
+def test_runs_that_cannot_be_reproduced_are_refused_before_anything_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("STX_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.chdir(tmp_path)
+    client = client_for(tmp_path)
+    killed = api.run(FAST).run_id
+    client.set_terminated(killed, "KILLED")
+    with pytest.raises(StxError, match=f"run {killed} ended KILLED: it has no finished output"):
+        reproduce(killed, local_uri(tmp_path))
+    trained = api.run(FAST).run_id
+    client.set_tag(trained, layout.TAG_KIND, "train")
+    with pytest.raises(StxError, match=f"run {trained} was made by stx train, not by stx"):
+        reproduce(trained, local_uri(tmp_path))
+    assert len(client.search_runs([client.get_experiment_by_name("stx").experiment_id])) == 2
+
+
+def test_a_truncated_checkpoint_is_one_paragraph(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(StxError, match="the checkpoint checkpoint.pt of this run cannot be read as an stx checkpoint"):
+        layout.load_checkpoint(path)

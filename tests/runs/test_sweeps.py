@@ -1,0 +1,214 @@
+"""Sweeps (basic, joblib, submitit-local, Optuna), ``stx compare`` and ``stx reproduce``, end to end."""
+
+import math
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+from conftest import CONTENT, FAST, artifact_paths, local_uri, only_run, run_stx
+from PIL import Image
+
+from stx.runs.compare import CELL, default_out_dir, load_output
+from stx.runs.schema import CONF_DIR
+
+pytestmark = pytest.mark.slow
+
+
+def runs_by_role(uri):
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("stx").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("stx.sweep") == "true"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+def test_sweep_then_compare_then_reproduce(tmp_path):
+    result = run_stx(tmp_path, "-m", *FAST, "schedule.steps=5", "loss.style.score_weight=1e1,1e3,1e5")
+    assert result.returncode == 0, result.stderr
+    client, (parent,), children = runs_by_role(local_uri(tmp_path))
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["stx.sweep.command"].startswith("stx -m encoder.weights=random")
+    sweep_dir = Path(parent.data.tags["stx.sweep.dir"])
+    assert (sweep_dir / "multirun.yaml").is_file() and "multirun.yaml" in artifact_paths(client, parent.info.run_id)
+    assert sorted(c.data.params["loss.style.score_weight"] for c in children) == ["10.0", "1000.0", "100000.0"]
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert sorted(c.info.run_name for c in children) == ["score_weight=10.0", "score_weight=1000.0", "score_weight=100000.0"]
+    assert parent.data.params == {"encoder.weights": "random", "judge.weights": "random", "schedule.size": "32",
+                                  "schedule.steps": "5"}  # fixed overrides
+
+    # the objective is the judge's style + content distance, not the weighted loss (whose
+    # smallest is the smallest score weight's by far)
+    for child in children:
+        metrics = child.data.metrics
+        assert metrics["objective"] == pytest.approx(metrics["eval/style_distance"] + 0.25 * metrics["eval/content_distance"])
+    by_weight = {c.data.params["loss.style.score_weight"]: c for c in children}
+    assert min(children, key=lambda c: c.data.metrics["total"]) is by_weight["10.0"]
+    best = min(children, key=lambda c: c.data.metrics["objective"])
+    assert len({round(c.data.metrics["objective"], 6) for c in children}) == 3  # 5 steps tell the weights apart
+    assert parent.data.tags["stx.sweep.best_run"] == best.info.run_id
+    assert {"compare/table.txt", "compare/contact_sheet.png", "compare/scatter.png"} <= set(artifact_paths(client, parent.info.run_id))
+
+    compared = run_stx(tmp_path, "compare", parent.info.run_id, "--tracking-uri", local_uri(tmp_path))
+    assert compared.returncode == 0, compared.stderr
+    header, *rows = compared.stdout.splitlines()[:4]
+    assert header.split()[:6] == ["run", "status", "front", "loss.style.score_weight", "objective", "eval/style_distance"]
+    objectives = [float(row.split()[4]) for row in rows]
+    assert objectives == sorted(objectives) and rows[0].split()[0] == best.info.run_id[:8]  # best first
+    assert rows[0].split()[2] == "*"  # the best by the sum is on the style/content front
+
+    original = next(c for c in children if c.data.params["loss.style.score_weight"] == "100000.0")
+    reproduced = run_stx(tmp_path, "reproduce", original.info.run_id)
+    assert reproduced.returncode == 0, reproduced.stderr
+    assert "max pixel difference to the original output: 0/255" in reproduced.stdout
+    assert "warning" not in reproduced.stderr  # same commit
+
+    client.set_tag(original.info.run_id, "mlflow.source.git.commit", "0" * 40)
+    again = run_stx(tmp_path, "reproduce", original.info.run_id)
+    assert f"stx: warning: run {original.info.run_id} was made at commit {'0' * 40}" in again.stderr
+    copy, mismatched = sorted(client.search_runs([original.info.experiment_id], filter_string=f"tags.reproduced_from = '{original.info.run_id}'"),
+                              key=lambda r: r.info.start_time)
+    assert "stx.reproduce.commit_mismatch" in mismatched.data.tags and "stx.reproduce.commit_mismatch" not in copy.data.tags
+    moved = {"runs_dir", "images.content", "images.styles.0"}  # the inputs are the run's logged copies
+    assert {k: v for k, v in copy.data.params.items() if k not in moved} == {k: v for k, v in original.data.params.items() if k not in moved}
+    assert copy.data.params["images.content"].endswith("inputs/content/content.png")
+    assert copy.data.metrics["total"] == original.data.metrics["total"]
+    assert copy.data.metrics["reproduce/max_pixel_diff"] == 0
+
+
+def test_failed_job_fails_the_parent_but_not_the_other_jobs(tmp_path):
+    result = run_stx(tmp_path, "-m", *FAST, f"images.content={CONTENT},missing.png")
+    assert result.returncode == 1
+    assert "stx: error: image" in result.stderr and "stx: sweep ended FAILED" in result.stderr
+    _, (parent,), (child,) = runs_by_role(local_uri(tmp_path))
+    assert child.info.status == "FINISHED"
+    assert parent.info.status == "FAILED"
+    assert "missing.png" not in parent.data.tags.get("stx.failed_job.0", "")
+    assert "returned nan" in parent.data.tags["stx.failed_job.1"]
+
+
+def test_a_job_without_steps_finishes_with_the_loss_of_its_starting_image(tmp_path):
+    result = run_stx(tmp_path, "-m", *FAST, "schedule.steps=0,1")
+    assert result.returncode == 0, result.stderr
+    client, (parent,), children = runs_by_role(local_uri(tmp_path))
+    assert parent.info.status == "FINISHED" and all(c.info.status == "FINISHED" for c in children)
+    assert not any(key.startswith("stx.failed_job.") for key in parent.data.tags)
+    history = {c.data.params["schedule.steps"]: client.get_metric_history(c.info.run_id, "total") for c in children}
+    (no_steps,), first_of_one = history["0"], [m for m in history["1"] if m.step == 1]
+    assert no_steps.step == 0 and math.isfinite(no_steps.value)
+    assert [no_steps.value] == [m.value for m in first_of_one]  # step 1 is measured on the starting image too
+
+
+def test_output_name_reaches_reproduce_and_compare_beside_the_store(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    made = run_stx(tmp_path / "a", *FAST, "output=result.png")
+    assert made.returncode == 0, made.stderr
+    client, run = only_run(tmp_path / "a")
+    written = np.asarray(Image.open(Path(run.data.tags["stx.run_dir"]) / "result.png"))
+
+    reproduced = run_stx(tmp_path / "a", "reproduce", run.info.run_id)
+    assert reproduced.returncode == 0, reproduced.stderr
+    assert "max pixel difference to the original output: 0/255" in reproduced.stdout
+
+    store = local_uri(tmp_path / "a")
+    compared = run_stx(tmp_path / "b", "compare", "stx", "--tracking-uri", store)  # from elsewhere
+    assert compared.returncode == 0, compared.stderr
+    sheet_path = tmp_path / "a" / "runs" / "compare" / "stx" / "contact_sheet.png"
+    assert f"stx: contact sheet {sheet_path}" in compared.stdout
+    assert not (tmp_path / "b" / "runs").exists()
+    assert np.array_equal(np.asarray(load_output(client, run, tmp_path / "downloads")), written)
+    sheet = np.asarray(Image.open(sheet_path))
+    assert all(len(np.unique(cell[CELL // 4: 3 * CELL // 4, CELL // 4: 3 * CELL // 4].reshape(-1, 3), axis=0)) > 50
+               for cell in (sheet[:CELL, :CELL], sheet[:CELL, CELL:2 * CELL]))  # both runs drawn, not "no output image"
+
+
+@pytest.mark.parametrize(
+    "uri,folder",
+    [("sqlite:////data/x/mlflow.db", "/data/x"), ("sqlite:///rel/mlflow.db?mode=ro", "{cwd}/rel"),
+     ("file:///data/y/mlruns", "/data/y"), ("http://127.0.0.1:5000", "{runs}"), ("postgresql://u@db/mlflow", "{runs}")],
+)
+def test_compare_writes_beside_the_store_it_reads(tmp_path, monkeypatch, uri, folder):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("STX_RUNS_DIR", str(tmp_path / "runs"))
+    expected = Path(folder.format(cwd=tmp_path, runs=tmp_path / "runs")) / "compare"
+    assert default_out_dir(uri, "0123abcd") == expected / "0123abcd"
+    assert default_out_dir(uri, "team/../exp 1") == expected / "team_.._exp_1"
+
+
+def test_optuna_sweep_returns_finite_objectives(tmp_path):
+    result = run_stx(tmp_path, "-m", *FAST, "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2",
+                     "hydra.sweeper.sampler.seed=0", "loss.style.score_weight=interval(100,10000)")
+    assert result.returncode == 0, result.stderr
+    _, (parent,), children = runs_by_role(local_uri(tmp_path))
+    assert parent.info.status == "FINISHED" and len(children) == 2
+    results = yaml.safe_load((Path(parent.data.tags["stx.sweep.dir"]) / "optimization_results.yaml").read_text())
+    assert math.isfinite(results["best_value"])
+    assert results["best_value"] == pytest.approx(min(c.data.metrics["objective"] for c in children))
+    assert {"multirun.yaml", "optimization_results.yaml"} <= set(artifact_paths(MlflowClient(local_uri(tmp_path)), parent.info.run_id))
+
+
+def test_submitit_launcher_carries_the_parent_into_jobs(tmp_path):
+    result = run_stx(tmp_path, "-m", *FAST, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", "seed=0,1")
+    assert result.returncode == 0, result.stderr
+    _, (parent,), children = runs_by_role(local_uri(tmp_path))
+    assert parent.info.status == "FINISHED"
+    assert sorted(c.data.params["seed"] for c in children) == ["0", "1"]
+
+
+def test_slurm_launcher_config_composes():
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=stx_slurm"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert cfg.hydra.launcher.gpus_per_node == 1
+
+
+@pytest.mark.parametrize("store", ["mlflow_server", "local_sqlite"])
+def test_parallel_joblib_sweep_loses_and_duplicates_no_run(tmp_path, request, store):
+    if store == "mlflow_server":
+        uri = request.getfixturevalue("mlflow_server")
+        tracking = ["tracking=server"]
+    else:
+        uri, tracking = local_uri(tmp_path), []
+    result = run_stx(tmp_path, "-m", *FAST, *tracking, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                     "seed=0,1,2,3", env={"MLFLOW_TRACKING_URI": uri} if tracking else None)
+    assert result.returncode == 0, result.stderr
+    client, (parent,), children = runs_by_role(uri)
+    assert parent.info.status == "FINISHED" and parent.data.tags["stx.sweep.jobs"] == "4"
+    assert sorted(c.data.tags["stx.sweep.job_num"] for c in children) == ["0", "1", "2", "3"]  # each once
+    assert sorted(c.data.params["seed"] for c in children) == ["0", "1", "2", "3"]
+    assert all(c.info.status == "FINISHED" and "output.png" in artifact_paths(client, c.info.run_id) for c in children)
+
+
+def test_unreachable_server_fails_fast_with_the_uri(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.monotonic()
+    result = run_stx(tmp_path, *FAST, "tracking=server", env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"})
+    assert result.returncode == 2
+    assert f"the MLflow server at http://127.0.0.1:{port} does not answer" in result.stderr
+    assert time.monotonic() - started < 60
+
+
+def test_promote_reruns_a_run_larger_from_its_output(tmp_path):
+    small = run_stx(tmp_path, *FAST, "schedule.steps=4")
+    assert small.returncode == 0, small.stderr
+    client = MlflowClient(local_uri(tmp_path))
+    (original,) = client.search_runs([client.get_experiment_by_name("stx").experiment_id])
+    promoted = run_stx(tmp_path, "promote", original.info.run_id, "schedule.size=48", "schedule.steps=3")
+    assert promoted.returncode == 0, promoted.stderr
+    (large,) = client.search_runs([original.info.experiment_id], filter_string=f"tags.promoted_from = '{original.info.run_id}'")
+    assert large.info.status == "FINISHED" and large.data.params["schedule.size"] == "48"
+    assert large.data.params["loss.style.score_weight"] == original.data.params["loss.style.score_weight"]
+    assert large.data.params["schedule.init_image"].endswith("promoted_from/output.png")
+    assert max(Image.open(Path(large.data.tags["stx.run_dir"]) / "output.png").size) == 48
+    assert [m.step for m in client.get_metric_history(large.info.run_id, "total")] == [1, 2, 3]
+
+    refused = run_stx(tmp_path, "promote", original.info.run_id, "schedule.sise=64")
+    assert refused.returncode == 2 and "schedule.sise" in refused.stderr and "Traceback" not in refused.stderr

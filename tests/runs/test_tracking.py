@@ -1,0 +1,263 @@
+"""RunTracker and run liveness against a real sqlite store: store failures, dead runs, resumed runs."""
+
+import csv
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAST, artifact_paths
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+
+import stx.runs.monitor
+import stx.runs.tracking
+from stx.runs import layout
+from stx.runs.compare import compare
+from stx.runs.liveness import DEAD_AFTER_S, close_dead_runs, process_start
+from stx.engine.optim import StepInfo
+from stx.runs.runner import run_tracked
+from stx.runs.tracking import RunTracker, TrackingError
+
+
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory):
+    """An empty sqlite store with MLflow's tables: copying it saves each test the migrations (seconds)."""
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def client(tmp_path, empty_store):
+    """The client of a fresh store in ``tmp_path/runs`` (where ``make_cfg``'s jobs log)."""
+    (tmp_path / "runs").mkdir()
+    shutil.copy(empty_store, tmp_path / "runs" / "mlflow.db")
+    return MlflowClient(f"sqlite:///{tmp_path}/runs/mlflow.db")
+
+
+def tracking(client, **changes):
+    folder = Path(client.tracking_uri.removeprefix("sqlite:///")).parent
+    return OmegaConf.create({"uri": client.tracking_uri, "artifact_location": str(folder / "artifacts"),
+                             "experiment": "stx", "metrics_every": 1, "image_every": 0, "system_metrics": False, **changes})
+
+
+def step(n):
+    return StepInfo(n, 0, 8, {"total": float(n), "style": n / 2}, torch.full((1, 3, 8, 8), n / 10))
+
+
+def steps_logged(client, run_id, key="total"):
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def chattr(path, flag):
+    subprocess.run(["chattr", flag, str(path)], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def freezable(tmp_path_factory):
+    """Skip where a file cannot be made immutable (``chattr +i``: unwritable even for root)."""
+    probe = tmp_path_factory.mktemp("chattr") / "probe"
+    probe.touch()
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(probe)], capture_output=True).returncode:
+        pytest.skip("needs chattr +i (root, on a file system with inode flags)")
+    chattr(probe, "-i")
+
+
+@contextmanager
+def frozen(path):
+    chattr(path, "+i")
+    try:
+        yield
+    finally:
+        chattr(path, "-i")
+
+
+@pytest.fixture
+def no_flush_wait(monkeypatch):
+    monkeypatch.setattr(stx.runs.tracking, "FLUSH_EVERY_S", 0.0)
+
+
+def test_a_failing_store_raises_one_error_skips_later_calls_and_keeps_the_metrics_on_disk(tmp_path, client, freezable, capfd, caplog):
+    job_dir = tmp_path / "job"
+    tracker = RunTracker(tracking(client), job_dir)
+    with pytest.raises(TrackingError) as raised, tracker.open({}) as run_id:
+        tracker.log_step(step(1))
+        tracker.log_step(step(2))
+        tracker.flush()
+        with frozen(tmp_path / "runs" / "mlflow.db"):
+            tracker.log_step(step(3))
+            tracker.flush()
+    assert str(raised.value).startswith(f"the MLflow tracking store {client.tracking_uri} failed while "
+                                        "logging metrics: (sqlite3.OperationalError)")
+    assert raised.value is tracker.failure
+    assert "Traceback" not in capfd.readouterr().err
+    assert not [r for r in caplog.records if r.name.startswith("mlflow") and r.levelno >= logging.ERROR]
+
+    # the store works again, but the tracker made no further call: the run was not closed
+    run = client.get_run(run_id)
+    assert run.info.status == "RUNNING" and layout.TAG_ERROR not in run.data.tags
+    assert steps_logged(client, run_id) == [1, 2]
+    with (job_dir / layout.METRICS_FILE).open() as file:
+        rows = list(csv.DictReader(file))
+    assert [(int(r["step"]), r["key"], float(r["value"])) for r in rows] == [
+        (1, "total", 1.0), (1, "style", 0.5), (2, "total", 2.0), (2, "style", 1.0), (3, "total", 3.0), (3, "style", 1.5)]
+
+
+def test_a_job_whose_store_fails_stops_and_writes_its_image_and_metrics(tmp_path, client, freezable, make_cfg, monkeypatch,
+                                                                        no_flush_wait):
+    cfg = make_cfg(*FAST, "schedule.steps=6", "tracking.image_every=0")
+    db = tmp_path / "runs" / "mlflow.db"
+    report = stx.runs.monitor.JobMonitor.on_step
+
+    def freeze_at_step_3(monitor, info):
+        if info.step == 3:
+            chattr(db, "+i")
+        report(monitor, info)
+
+    monkeypatch.setattr(stx.runs.monitor.JobMonitor, "on_step", freeze_at_step_3)
+    run_dir = tmp_path / "job"
+    try:
+        with pytest.raises(TrackingError) as raised:
+            run_tracked(cfg, run_dir, {})
+    finally:
+        chattr(db, "-i")
+    message = str(raised.value)
+    assert "failed while logging metrics" in message
+    assert f"what the job computed is on disk in {run_dir}: interrupted_output.png, metrics.csv." in message
+    assert (run_dir / "interrupted_output.png").is_file() and not (run_dir / "output.png").exists()
+    with (run_dir / layout.METRICS_FILE).open() as file:
+        assert sorted(int(r["step"]) for r in csv.DictReader(file) if r["key"] == "total") == [1, 2, 3]
+
+    (run,) = client.search_runs([client.get_experiment_by_name("stx").experiment_id])
+    assert run.info.status == "RUNNING" and steps_logged(client, run.info.run_id) == [1, 2]
+    assert close_dead_runs(client, run.info.experiment_id) == []  # its process (this one) is alive
+
+
+def dead_pid():
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_close_dead_runs_closes_only_runs_whose_process_is_gone(tmp_path, client):
+    experiment = client.create_experiment("stx", artifact_location=(tmp_path / "artifacts").as_uri())
+    here, now = socket.gethostname(), time.time()
+    me = {layout.TAG_HOST: here, layout.TAG_PID: str(os.getpid()), layout.TAG_HEARTBEAT: str(int(now) - 3600)}
+    own_start = process_start(os.getpid())
+    assert own_start is not None
+
+    def run(tags, status=None):
+        run_id = client.create_run(experiment, tags=tags).info.run_id
+        if status:
+            client.set_terminated(run_id, status)
+        return run_id
+
+    gone = run({**me, layout.TAG_PID: str(dead_pid()), layout.TAG_HEARTBEAT: "1700000000"})
+    reused = run({**me, layout.TAG_PID_START: str(int(own_start) + 1)})
+    alive = run({**me, layout.TAG_PID_START: own_start})  # silent for an hour, but its process is alive
+    silent = run({layout.TAG_HOST: "elsewhere", layout.TAG_PID: "1", layout.TAG_HEARTBEAT: str(int(now - DEAD_AFTER_S - 5))})
+    beating = run({layout.TAG_HOST: "elsewhere", layout.TAG_PID: "1", layout.TAG_HEARTBEAT: str(int(now - DEAD_AFTER_S + 60))})
+    untagged = run({})
+    finished = run({**me, layout.TAG_PID: str(dead_pid())}, status="FINISHED")
+
+    assert sorted(close_dead_runs(client, experiment)) == sorted([gone, reused, silent])
+    for run_id in gone, reused, silent:
+        closed = client.get_run(run_id)
+        assert closed.info.status == "FAILED"
+        assert "closed as FAILED by stx" in closed.data.tags[layout.TAG_ERROR]
+    assert client.get_run(gone).info.end_time == 1700000000 * 1000  # the last sign of life
+    assert client.get_run(gone).data.tags[layout.TAG_ERROR].startswith(
+        f"its process (pid {client.get_run(gone).data.tags[layout.TAG_PID]} on {here}) is gone: ")
+    assert "sent no heartbeat for" in client.get_run(silent).data.tags[layout.TAG_ERROR]
+    for run_id in alive, beating, untagged:
+        assert client.get_run(run_id).info.status == "RUNNING"
+    assert client.get_run(finished).info.status == "FINISHED" and layout.TAG_ERROR not in client.get_run(finished).data.tags
+
+
+
+def test_compare_shows_a_running_run_whose_process_is_gone_as_dead(tmp_path, client):
+    experiment = client.create_experiment("stx", artifact_location=(tmp_path / "artifacts").as_uri())
+    tags = {layout.TAG_HOST: socket.gethostname(), layout.TAG_HEARTBEAT: str(int(time.time()))}
+    dead = client.create_run(experiment, tags={**tags, layout.TAG_PID: str(dead_pid())}).info.run_id
+    live = client.create_run(experiment, tags={**tags, layout.TAG_PID: str(os.getpid())}).info.run_id
+    table = compare("stx", client.tracking_uri, tmp_path / "compare")[1]
+    statuses = {line.split()[0]: line.split()[1] for line in table.splitlines()[1:]}
+    assert statuses == {dead[:8]: "DEAD", live[:8]: "RUNNING"}
+
+
+def test_a_run_records_its_process_and_each_flush_refreshes_its_heartbeat(tmp_path, client, no_flush_wait):
+    tracker = RunTracker(tracking(client), tmp_path / "job")
+    with tracker.open({}) as run_id:
+        tags = tracker.client.get_run(run_id).data.tags
+        assert (tags[layout.TAG_HOST], tags[layout.TAG_PID]) == (socket.gethostname(), str(os.getpid()))
+        assert tags[layout.TAG_PID_START] == process_start(os.getpid())
+        tracker.client.set_tag(run_id, layout.TAG_HEARTBEAT, "0")
+        before = int(time.time())
+        tracker.log_step(step(1))
+        assert int(tracker.client.get_run(run_id).data.tags[layout.TAG_HEARTBEAT]) >= before
+
+
+def test_a_checkpoint_flushes_the_metrics_before_it(tmp_path, client, monkeypatch):
+    monkeypatch.setattr(stx.runs.tracking, "FLUSH_EVERY_S", 1e9)
+    tracker = RunTracker(tracking(client), tmp_path / "job")
+    checkpoint = tmp_path / "checkpoint.pt"
+    checkpoint.write_bytes(b"state")
+    with tracker.open({}) as run_id:
+        for n in range(1, 6):
+            tracker.log_step(step(n))
+        assert steps_logged(tracker.client, run_id) == []
+        tracker.log_checkpoint(checkpoint, 5)
+        assert steps_logged(tracker.client, run_id) == [1, 2, 3, 4, 5]
+        assert tracker.client.get_run(run_id).data.tags[layout.TAG_CHECKPOINT_STEP] == "5"
+
+
+def test_a_reopened_run_logs_no_step_twice(tmp_path, client, no_flush_wait):
+    first = RunTracker(tracking(client, image_every=2), tmp_path / "job")
+    with pytest.raises(KeyboardInterrupt), first.open({}) as run_id:
+        for n in range(1, 9):
+            first.log_step(step(n))
+        raise KeyboardInterrupt
+    client = first.client
+    assert client.get_run(run_id).info.status == "KILLED"
+
+    resumed = RunTracker(tracking(client, image_every=2), tmp_path / "resumed")
+    with resumed.open({}, run_id=run_id):  # resumed from a checkpoint at step 5
+        assert client.get_run(run_id).info.status == "RUNNING"
+        for n in range(6, 11):
+            resumed.log_step(step(n) if n > 8 else StepInfo(n, 0, 8, {"total": -1.0, "style": -1.0}, step(n).image))
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and layout.TAG_ERROR not in run.data.tags
+    for key in "total", "style":
+        history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        assert [m.step for m in history] == list(range(1, 11))
+        assert min(m.value for m in history) > 0  # steps 6-8 kept their first values
+    images = [p for p in artifact_paths(client, run_id) if p.startswith("images/") and p.endswith(".png")]
+    assert sorted(int(p.split("+step+")[1].split("+")[0]) for p in images) == [2, 4, 6, 8, 10]
+
+
+def test_a_live_run_is_not_reopened(tmp_path, client):
+    tracker = RunTracker(tracking(client), tmp_path / "job")
+    with tracker.open({}) as run_id:
+        with pytest.raises(TrackingError, match=f"run {run_id} is still RUNNING in process {os.getpid()} on "):
+            with RunTracker(tracking(client), tmp_path / "other").open({}, run_id=run_id):
+                pass
+        assert tracker.client.get_run(run_id).info.status == "RUNNING"
+
+
+@pytest.mark.parametrize(("error", "status"), [(None, "FINISHED"), (RuntimeError, "FAILED"), (KeyboardInterrupt, "KILLED")])
+def test_the_log_file_is_logged_whatever_the_outcome(tmp_path, client, error, status):
+    log_file = tmp_path / "stx.log"
+    log_file.write_text("a line the job logged\n")
+    tracker = RunTracker(tracking(client), tmp_path / "job")
+    with pytest.raises(error) if error else nullcontext(), tracker.open({}, log_file=log_file) as run_id:
+        if error:
+            raise error("stopped")
+    assert tracker.client.get_run(run_id).info.status == status
+    assert "stx.log" in artifact_paths(tracker.client, run_id)
