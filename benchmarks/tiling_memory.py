@@ -24,7 +24,8 @@ import torch
 
 from stx.engine import encoders, losses, memory
 from stx.runs.job import resolve_device
-from stx.engine.tiling import TiledObjective, tiled_estimate
+from stx.engine.plan import tiled_estimate
+from stx.engine.tiling import TiledObjective
 
 STYLE_LAYERS = {layer: 0.2 for layer in ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")}
 

@@ -8,7 +8,8 @@ Images are float tensors in [0, 1], ``B×3×H×W``.
   and their weights; :mod:`~stx.engine.hed`: HED's trained VGG16, offline.
 - :mod:`~stx.engine.losses`: the loss terms and the perceptual objective that sums them;
   :mod:`~stx.engine.guidance`: masks for guided Gram losses; :mod:`~stx.engine.color`: colour control.
-- :mod:`~stx.engine.memory`: what a job's images cost in memory; :mod:`~stx.engine.tiling`: tiled
+- :mod:`~stx.engine.memory`: what a job's images cost in memory; :mod:`~stx.engine.plan`: one memory
+  plan (input checks, fit, tiling decision); :mod:`~stx.engine.tiling`: tiled
   objectives for images that do not fit.
 - :mod:`~stx.engine.optim`: the optimisation loop (pyramid levels, bounds, rise guard, checkpoints);
   :mod:`~stx.engine.lbfgs`: stx's L-BFGS.

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from stx.engine import memory
 from stx.engine.encoders import MultiLayerEncoder
 from stx.errors import ConfigError
 from stx.engine.losses import EncodingLoss, PerceptualObjective
@@ -271,61 +270,3 @@ class TiledObjective(nn.Module):
         # The value of the encoding terms with the gradient just computed: (image·g) - (image·g) is 0.
         surrogate = (image * gradient).sum() - (image.detach() * gradient).sum()
         return total + encoded_total.detach() + surrogate, values
-
-
-TILE_CANDIDATES = (4096, 3072, 2048, 1536, 1024, 768, 512, 384, 256, 128, 64)
-"""Tile edges (px) ``schedule.tile=auto`` tries, largest first."""
-
-
-def tiled_estimate(objective: PerceptualObjective, height: int, width: int, tile: int, state_images: int,
-                   styles: int, decoding: int = 0) -> dict[str, int]:
-    """Estimated peak bytes of one tiled evaluation at ``height×width`` (see
-    :func:`stx.engine.memory.estimate_bytes`): the encoder and the loss statistics at one tile with its
-    halo, the whole image, its gradient and the optimiser's state, and the content targets'
-    whole feature maps."""
-    reach = check_tileable(objective)
-    edge = lambda length: min(length, tile + math.ceil(reach.before / reach.align) * reach.align + reach.after)
-    estimate = memory.estimate_bytes(objective, edge(height), edge(width), 0, styles)
-    estimate.pop("image and optimiser")
-    estimate["encoder activations (one tile)"] = estimate.pop("encoder activations")
-    whole = memory.estimate_bytes(objective, height, width, state_images + 1, styles, decoding)  # + the gradient
-    shapes = objective.encoder.layer_shapes(height, width)
-    positional = sum(math.prod(shapes[layer]) for loss in objective.losses.values()
-                     if isinstance(loss, EncodingLoss) and loss.positional for layer in loss.layers)
-    return {**estimate, "image and optimiser": whole["image and optimiser"],
-            "content target maps": positional * memory.FLOAT, **({memory.DECODING: decoding} if decoding else {})}
-
-
-def plan_tiling(setting: str, objective: PerceptualObjective, height: int, width: int, state_images: int,
-                styles: int, decoding: int, device: torch.device, size: int) -> PerceptualObjective | TiledObjective:
-    """The objective to optimise for ``schedule.tile`` = ``setting`` (``off``, ``auto`` or a tile
-    edge in px) at a largest level of ``height×width``, after checking that it fits ``device``
-    (:func:`stx.engine.memory.check_fits`): ``auto`` tiles only when the untiled job does not fit, with
-    the largest of :data:`TILE_CANDIDATES` that does."""
-    setting = str(setting).strip().lower()
-    if setting in ("off", "auto") or objective.encoder is None:
-        untiled = memory.estimate_bytes(objective, height, width, state_images, styles, decoding)
-        try:
-            memory.check_fits(untiled, device, size)
-            return objective
-        except ConfigError as untiled_error:
-            if setting != "auto" or objective.encoder is None:
-                raise
-            try:
-                reach = check_tileable(objective)
-            except ConfigError as reason:
-                raise ConfigError(f"{untiled_error} Tiling (schedule.tile=auto) cannot help here: {reason}") from reason
-            error = untiled_error
-        for tile in (t for t in TILE_CANDIDATES if t % reach.align == 0 and t < max(height, width)):
-            try:
-                memory.check_fits(tiled_estimate(objective, height, width, tile, state_images, styles, decoding),
-                                  device, size)
-                return TiledObjective(objective, tile)
-            except ConfigError as too_large:
-                error = too_large
-        raise error
-    if not setting.isdigit():
-        raise ConfigError(f"schedule.tile={setting!r} is not valid; use off, auto, or a tile edge in px (e.g. 512).")
-    tiled = TiledObjective(objective, int(setting))
-    memory.check_fits(tiled_estimate(objective, height, width, tiled.tile, state_images, styles, decoding), device, size)
-    return tiled

@@ -1,5 +1,6 @@
-"""Assemble one job from a composed config, in the order of the pipeline:
-images → losses → encoder → schedule → memory check.
+"""Assemble one job from a composed config, top to bottom: input paths → objective (losses and
+their encoder) → schedule → one memory plan (input checks, fit, tiling) → images, masks and
+init image, read once → the judge.
 
 Everything is built with ``_target_`` + ``hydra.utils.instantiate`` after its ``_target_``
 is checked against an allow-list *by name*, before anything is imported. Each value is
@@ -23,14 +24,14 @@ from hydra.utils import get_object, instantiate, to_absolute_path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from stx.engine import color, encoders, guidance, losses, memory, tiling
-
-from stx.runs import layout, plugins
-from stx.errors import ConfigError
-from stx.engine.image import image_shape, long_edge_shape, read_image
+from stx.engine import color, encoders, guidance, losses, tiling
+from stx.engine.image import read_image
 from stx.engine.judge import EVAL_SIZE, Judge, judge_encoder, judge_name, resolve_judge
-from stx.runs.objectives import Objective
 from stx.engine.optim import PyramidLevel, Schedule
+from stx.engine.plan import plan_memory
+from stx.errors import ConfigError
+from stx.runs import layout, plugins
+from stx.runs.objectives import Objective
 
 log = logging.getLogger(__name__)
 
@@ -208,45 +209,50 @@ def build_job(cfg: DictConfig) -> Job:
     device = resolve_device(cfg.device)
     objective = Objective(metrics=dict(cfg.objective.metrics), pareto=cfg.objective.pareto)
 
+    content_path, style_paths = input_paths(cfg)
+    weights = style_weights(cfg.images)
+    loss = build_objective(cfg).to(device)
+    schedule = build_schedule(cfg)
+    schedule.autocast(device)
+    plan = plan_memory(cfg.schedule.tile, loss, schedule, content_path, style_paths, device)
+    if max(plan.content_shape) < schedule.size:
+        log.warning("stx: warning: images.content is %d×%d px; it is upscaled to a %d px long edge (schedule.size), "
+                    "which adds no detail", plan.content_shape[1], plan.content_shape[0], schedule.size)
+    loss = plan.apply(loss)
+
+    guidance.load_guides(loss, schedule, content_path, device)
+    control = build(cfg.color, "color", "color")
+    content, styles = control.prepare(read_image(content_path, schedule.size).to(device),
+                                      [read_image(path, schedule.style_edge(schedule.size)).to(device) for path in style_paths])
+    initial = None
+    if cfg.schedule.init_image is not None:
+        initial = control.start(read_image(to_absolute_path(cfg.schedule.init_image), schedule.size).to(device))
+
+    judge = build_judge(cfg, device)
+    references = [read_image(path, judge.size).to(device) for path in (content_path, *style_paths)]
+    judge.set_references(references[0], references[1:], weights)
+    return Job(loss, content, styles, weights, schedule, device, content_path, style_paths, judge, objective,
+               control, initial)
+
+
+def input_paths(cfg: DictConfig) -> tuple[Path, list[Path]]:
+    """The absolute paths of ``images.content`` and ``images.styles`` (relative ones are taken from
+    the folder stx started in); a URL is refused."""
     given = {"images.content": cfg.images.content,
              **{f"images.styles.{index}": path for index, path in enumerate(cfg.images.styles)}}
     for key, path in given.items():
         if "://" in str(path):
             raise ConfigError(f"{key}={path!r} is a URL; stx reads image files on this machine: download it first "
                               f"and give its path.")
-    content_path = Path(to_absolute_path(cfg.images.content))
-    style_paths = [Path(to_absolute_path(path)) for path in cfg.images.styles]
-    weights = style_weights(cfg.images)
+    return Path(to_absolute_path(cfg.images.content)), [Path(to_absolute_path(path)) for path in cfg.images.styles]
 
+
+def build_objective(cfg: DictConfig) -> losses.PerceptualObjective:
+    """The loss set of ``cfg.loss`` over an encoder of ``cfg.encoder`` built with just the layers it reads."""
     loss_set = {str(name): build(node, f"loss.{name}", "loss") for name, node in cfg.loss.items()}
     layers = frozenset().union(*(loss.layers for loss in loss_set.values()))
     encoder = build(cfg.encoder, "encoder", "encoder")(layers=layers) if layers else None
     if encoder is not None and not isinstance(encoder, encoders.MultiLayerEncoder):
         raise ConfigError(f"encoder._target_={cfg.encoder._target_!r} returned a {type(encoder).__name__}, "
                           f"not a stx.engine.encoders.MultiLayerEncoder.")
-    loss = losses.PerceptualObjective(encoder, loss_set).to(device)
-
-    schedule = build_schedule(cfg)
-    schedule.autocast(device)
-
-    decoding = memory.check_inputs(loss, schedule, content_path, style_paths)
-    content_shape = image_shape(content_path)
-    if max(content_shape) < schedule.size:
-        log.warning("stx: warning: images.content is %d×%d px; it is upscaled to a %d px long edge (schedule.size), "
-                    "which adds no detail", content_shape[1], content_shape[0], schedule.size)
-    height, width = long_edge_shape(*content_shape, schedule.size)
-    loss = tiling.plan_tiling(cfg.schedule.tile, loss, height, width, schedule.state_images, len(style_paths),
-                              decoding, device, schedule.size)
-    guidance.load_guides(loss, schedule, content_path, device)
-    content = read_image(content_path, schedule.size).to(device)
-    styles = [read_image(path, schedule.style_edge(schedule.size)).to(device) for path in style_paths]
-    control = build(cfg.color, "color", "color")
-    content, styles = control.prepare(content, styles)
-    evaluation = build_judge(cfg, device)
-    references = [read_image(path, EVAL_SIZE).to(device) for path in (content_path, *style_paths)]
-    evaluation.set_references(references[0], references[1:], weights)
-    initial = None
-    if cfg.schedule.init_image is not None:
-        initial = control.start(read_image(to_absolute_path(cfg.schedule.init_image), schedule.size).to(device))
-    return Job(loss, content, styles, weights, schedule, device, content_path, style_paths, evaluation, objective,
-               control, initial)
+    return losses.PerceptualObjective(encoder, loss_set)
