@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.func import functional_call
-from torchvision import models
 
 from stx.errors import ConfigError, WeightsError
 
@@ -125,7 +124,19 @@ ARCHITECTURES = {
     "resnet50": Architecture(resnet_trunk, resnet_stages, prefix=""),
     "efficientnet_b0": Architecture(_features, efficientnet_stages, max_pooling=False),
 }
-VGG_CONFIGS = {"vgg16": "D", "vgg19": "E"}
+VGG_LAYERS = {
+    "vgg16": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"),
+    "vgg19": (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"),
+}
+"""VGG's ``features`` stacks (torchvision's configurations D and E): output channels of each
+3×3 convolution (each followed by a ReLU), ``M`` a 2×2 max pooling."""
+IMAGENET_FILES = {
+    "vgg16": "vgg16-397923af.pth", "vgg19": "vgg19-dcbb9e9d.pth", "alexnet": "alexnet-owt-7be5be79.pth",
+    "resnet50": "resnet50-0676ba61.pth", "efficientnet_b0": "efficientnet_b0_rwightman-7f5810bc.pth",
+}
+"""torchvision's IMAGENET1K_V1 weights of each architecture, as named in the torch hub cache
+(``tests/engine/test_encoders.py`` checks them against torchvision's)."""
+IMAGENET_URL = "https://download.pytorch.org/models/"
 
 
 def check_layers(layers: Collection[str], available: list[str], hint: str = "") -> None:
@@ -306,12 +317,26 @@ def init_weights(trunk: nn.Module) -> None:
             module.reset_running_stats()
 
 
-def vgg_features(arch: str) -> nn.Sequential:
-    """torchvision's ``features`` stack for ``arch`` with torchvision's initialisation scheme.
+def vgg_stack(arch: str) -> nn.Sequential:
+    """VGG's ``features`` stack for ``arch`` (module for module torchvision's), built from
+    :data:`VGG_LAYERS` without importing torchvision, with PyTorch's default initialisation.
 
     Only the convolutional part is built: the classifier (120M parameters) is never used.
     """
-    features = models.vgg.make_layers(models.vgg.cfgs[VGG_CONFIGS[arch]])
+    layers: list[nn.Module] = []
+    channels = 3
+    for item in VGG_LAYERS[arch]:
+        if item == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            layers += [nn.Conv2d(channels, item, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+            channels = item
+    return nn.Sequential(*layers)
+
+
+def vgg_features(arch: str) -> nn.Sequential:
+    """:func:`vgg_stack` with torchvision's initialisation scheme (:func:`init_weights`)."""
+    features = vgg_stack(arch)
     init_weights(features)
     return features
 
@@ -319,12 +344,16 @@ def vgg_features(arch: str) -> nn.Sequential:
 def _skeleton(arch: str) -> nn.Module:
     """The trunk of ``arch`` on the meta device: its structure, without memory or weights."""
     with torch.device("meta"):
+        if arch in VGG_LAYERS:  # not initialised: torch initialises meta tensors through torch._dynamo
+            return vgg_stack(arch)
+        from torchvision import models  # a second or two of imports: only for the other architectures
+
         return ARCHITECTURES[arch].trunk(models.get_model(arch))
 
 
 def _imagenet_file(arch: str) -> Path:
     """Where torchvision keeps ``arch``'s IMAGENET1K_V1 weights (the torch hub cache)."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(models.get_model_weights(arch).IMAGENET1K_V1.url).name
+    return Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_FILES[arch]
 
 
 def imagenet_cached(arch: str) -> bool:
@@ -335,17 +364,16 @@ def imagenet_cached(arch: str) -> bool:
 def _load_imagenet(arch: str) -> nn.Module:
     """The trunk with torchvision's IMAGENET1K_V1 weights, from the torch hub cache (downloaded
     when missing); the state dict is loaded into the trunk alone, so the head is never built."""
-    weights = models.get_model_weights(arch).IMAGENET1K_V1
-    cached = _imagenet_file(arch)
+    url, cached = IMAGENET_URL + IMAGENET_FILES[arch], _imagenet_file(arch)
     try:
-        state = _download_timeout(lambda: weights.get_state_dict(progress=True, check_hash=True))
+        state = _download_timeout(lambda: torch.hub.load_state_dict_from_url(url, progress=True, check_hash=True))
         return _trunk_from_state(arch, state)
     except Exception as exc:  # urllib, socket, hash and loading errors all mean "could not get the file"
         raise WeightsError(
             f"could not load the ImageNet weights for {arch} ({type(exc).__name__}: {exc}). "
-            f"torchvision looks for them at {cached} and downloads them from {weights.url} when "
+            f"torchvision looks for them at {cached} and downloads them from {url} when "
             f"missing. When offline, copy that file there (or set TORCH_HOME), pass a local file "
-            f"with encoder.weights=/path/to/{Path(weights.url).name}, or use "
+            f"with encoder.weights=/path/to/{IMAGENET_FILES[arch]}, or use "
             f"encoder.weights=random for tests."
         ) from exc
 
@@ -398,7 +426,7 @@ def _random_features(arch: str, seed: int) -> nn.Module:
     """The trunk of ``arch`` with :func:`init_weights` drawn under ``seed`` (no head is built)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if arch in VGG_CONFIGS:  # built on the CPU as before: the same random weights as earlier stx
+        if arch in VGG_LAYERS:  # built on the CPU as before: the same random weights as earlier stx
             return vgg_features(arch)
         trunk = _skeleton(arch).to_empty(device="cpu")
         init_weights(trunk)
@@ -470,7 +498,7 @@ def build_encoder(
     if pooling == "avg" and not spec.max_pooling:
         raise ConfigError(f"encoder.pooling='avg' does not apply to {arch}: it has no max poolings; use 'max'.")
     check_softmax(softmax)
-    hint = "" if arch in VGG_CONFIGS else (
+    hint = "" if arch in VGG_LAYERS else (
         f" stx's loss options name VGG layers (loss=gatys, mrf, …) unless named after an encoder: "
         f"with encoder={arch} use loss=gatys_{arch}, or a loss option of your own naming {arch} layers."
     )

@@ -20,10 +20,10 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
 from stx.errors import ImageError
 
@@ -180,7 +180,7 @@ def read_image(path: str | Path, size: int | None = None) -> torch.Tensor:
             factor = reduction_factor(max(working.size), size)
             if factor > 1:
                 working = working.reduce(factor)
-            image = pil_to_tensor(working).unsqueeze(0).to(torch.float32, memory_format=torch.contiguous_format)
+            image = _to_tensor(working).unsqueeze(0).to(torch.float32, memory_format=torch.contiguous_format)
         except ImageError:
             raise
         except Exception as exc:
@@ -195,9 +195,17 @@ def read_image(path: str | Path, size: int | None = None) -> torch.Tensor:
     return image.expand(-1, 3, -1, -1).contiguous()
 
 
+def _to_tensor(pil: Image.Image) -> torch.Tensor:
+    """A Pillow image as a ``C×H×W`` tensor of its own dtype (uint8, uint16, int32 or float32)."""
+    array = np.array(pil, copy=True)
+    return torch.from_numpy(array.reshape(pil.height, pil.width, -1)).permute(2, 0, 1)
+
+
 def to_pil(image: torch.Tensor) -> Image.Image:
-    """The first image of a ``B×3×H×W`` tensor in [0, 1] as an 8-bit RGB Pillow image."""
-    return to_pil_image(image[0].detach().float().clamp(0.0, 1.0).cpu())
+    """The first image of a ``B×3×H×W`` tensor in [0, 1] as an 8-bit RGB Pillow image (values
+    × 255, truncated, as torchvision's ``to_pil_image``)."""
+    pixels = image[0].detach().float().clamp(0.0, 1.0).cpu().mul(255).byte()
+    return Image.fromarray(pixels.permute(1, 2, 0).contiguous().numpy())
 
 
 def write_image(image: torch.Tensor, path: str | Path) -> Path:

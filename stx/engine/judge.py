@@ -40,7 +40,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.functional import rgb_to_grayscale
 
 from stx.engine import encoders, hed
 from stx.engine.encoders import MultiLayerEncoder, vgg16, vgg19
@@ -89,6 +88,12 @@ SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 SSIM_K1, SSIM_K2 = 0.01, 0.03
 """SSIM constants (Wang et al. 2004), for a data range of 1."""
+
+
+def grey(image: torch.Tensor) -> torch.Tensor:
+    """``B×3×H×W`` RGB → ``B×1×H×W`` luma (ITU-R 601-2, the weights torchvision uses)."""
+    red, green, blue = image.unbind(dim=-3)
+    return (0.2989 * red + 0.587 * green + 0.114 * blue).to(image.dtype).unsqueeze(-3)
 
 
 def srgb_to_lab(colors: torch.Tensor) -> torch.Tensor:
@@ -309,7 +314,7 @@ class Judge:
                 content_shape=tuple(content.shape[-2:]),
                 shape=shape,
                 content_features=content_features,
-                content_grey=rgb_to_grayscale(content_eval),
+                content_grey=grey(content_eval),
                 content_colors=self._color_quantiles([content_eval], [1.0]),
                 style_grams=style_grams,
                 style_colors=self._color_quantiles(styles_eval, weights),
@@ -333,7 +338,7 @@ class Judge:
                 "content_distance": relative_distance(features[CONTENT_LAYER], refs.content_features),
                 "color_distance_style": sliced_wasserstein(colors, refs.style_colors),
                 "color_distance_content": sliced_wasserstein(colors, refs.content_colors),
-                "ssim_content": ssim(rgb_to_grayscale(image), refs.content_grey, self.ssim_profile),
+                "ssim_content": ssim(grey(image), refs.content_grey, self.ssim_profile),
             }
         return dict(zip(values, torch.stack([v.double() for v in values.values()]).tolist()))
 

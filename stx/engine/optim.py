@@ -220,6 +220,9 @@ class Checkpoint:
 class OptimizationCallback:
     """Hooks called from the optimisation loop; subclass and override what you need."""
 
+    def on_start(self) -> None:
+        """Once, just before the first step (the first level's targets are set)."""
+
     def on_step(self, info: StepInfo) -> None:
         """After every optimiser step."""
 
@@ -277,6 +280,8 @@ def optimise_image(
             image = torch.nn.functional.interpolate(
                 image, size=level_content.shape[-2:], mode="bicubic", align_corners=False
             ).clamp_(0, 1)
+        if step + done == (start.step if start is not None else 0):
+            callback.on_start()
         image = optimise_level(
             objective, image, schedule=schedule, level=index, steps=level.steps - done, first_step=step + done,
             resume=resume, amp=amp, callback=callback,

@@ -72,10 +72,11 @@ class JobMonitor(OptimizationCallback):
     def __exit__(self, *exc_info: object) -> None:
         self.progress.close()
 
+    def on_start(self) -> None:
+        self.first_step_at = time.time()
+
     def on_step(self, info: StepInfo) -> None:
         info = dataclasses.replace(info, image=self.present(info.image))
-        if self.first_step_at is None:
-            self.first_step_at = time.time()
         self.latest = info
         self.steps_run += 1
         self.pixels += info.image.shape[-2] * info.image.shape[-1]
@@ -101,7 +102,7 @@ class JobMonitor(OptimizationCallback):
     def performance(self, device: torch.device) -> dict[str, float]:
         """What the optimisation cost, as ``perf/<name>``: seconds per step and pixels per second
         (optimisation only, quality metrics excluded), peak memory (bytes), and seconds from the
-        process's start to the first step."""
+        process's start to the start of the first step (imports, config, job, store, targets)."""
         seconds = time.perf_counter() - self.optimisation_started - self.judging_s
         perf = {"peak_memory_bytes": float(peak_memory_bytes(device))}
         if self.steps_run and seconds > 0:

@@ -1,7 +1,7 @@
 """Trusted plugins: modules outside stx whose losses and encoders a config may name.
 
 A module is trusted when the user says so in a way a run's config cannot: an installed package
-declares it in the entry-point group ``stx.runs.plugins`` (in its ``pyproject.toml``:
+declares it in the entry-point group ``stx.plugins`` (in its ``pyproject.toml``:
 ``[project.entry-points."stx.plugins"] myproject = "myproject.losses"``), or the environment
 variable ``STX_PLUGINS`` lists it (comma-separated module names). Only the names are read here;
 nothing is imported until a ``_target_`` inside a trusted module is built.

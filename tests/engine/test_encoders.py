@@ -293,3 +293,22 @@ def test_job_with_new_encoder_runs_and_is_logged(arch, monkeypatch, tmp_path):
     assert params["encoder._target_"] == f"stx.engine.encoders.{arch}" and params["encoder.softmax"] == "1.0"
     history = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}").get_metric_history(result.run_id, "total")
     assert [m.step for m in history] == [1, 2] and history[-1].value < history[0].value
+
+
+@pytest.mark.parametrize("arch", ["vgg16", "vgg19"])
+def test_vgg_built_without_torchvision_equals_torchvision_module_for_module(arch):
+    """stx builds VGG's stack from its layer list; torchvision's, drawn under the same seed, is
+    the same modules with the same weights (so random-weight runs are unchanged)."""
+    torch.manual_seed(3)
+    ours = encoders.vgg_features(arch)
+    torch.manual_seed(3)
+    theirs = models.vgg.make_layers(models.vgg.cfgs[{"vgg16": "D", "vgg19": "E"}[arch]])
+    encoders.init_weights(theirs)
+    assert [repr(m) for m in ours] == [repr(m) for m in theirs]
+    for (key, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items(), strict=True):
+        assert torch.equal(a, b), key
+
+
+@pytest.mark.parametrize("arch", sorted(encoders.IMAGENET_FILES))
+def test_imagenet_urls_are_torchvisions(arch):
+    assert encoders.IMAGENET_URL + encoders.IMAGENET_FILES[arch] == models.get_model_weights(arch).IMAGENET1K_V1.url

@@ -65,3 +65,21 @@ def test_module_level_imports_have_no_cycle():
 
     for module in graph:
         visit(module)
+
+
+def test_a_vgg_job_is_built_without_importing_torchvision(tmp_path):
+    """torchvision's import (models, ops, transforms) costs seconds of every job's start-up; a VGG
+    job builds its encoder from the layer list and reads images with Pillow and torch only."""
+    code = (
+        "import sys\n"
+        "from hydra import compose, initialize_config_dir\n"
+        "from stx.runs.schema import CONF_DIR\n"
+        "from stx.runs.job import build_job\n"
+        "import stx.runs.runner\n"
+        "with initialize_config_dir(str(CONF_DIR), version_base='1.3'):\n"
+        "    cfg = compose('config', overrides=['encoder.weights=random', 'judge.weights=random', 'schedule.size=64'])\n"
+        "job = build_job(cfg)\n"
+        "print(job.judge.name, sorted(m for m in sys.modules if m.startswith('torchvision')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+    assert out.split() == ["vgg19/random", "[]"], out

@@ -24,10 +24,14 @@ class Recorder(OptimizationCallback):
     """Keeps every step's info and every checkpoint."""
 
     def __init__(self):
-        self.steps, self.checkpoints = [], []
+        self.steps, self.checkpoints, self.events = [], [], []
+
+    def on_start(self):
+        self.events.append("start")
 
     def on_step(self, info):
         self.steps.append(info)
+        self.events.append(info.step)
 
     def on_checkpoint(self, checkpoint):
         self.checkpoints.append(copy.deepcopy(checkpoint))
@@ -141,8 +145,11 @@ def test_resume_from_any_checkpoint_matches_uninterrupted_run(vgg19_random, opti
     full = optimise(checkpoint_every=3, callback=recorder)
     assert [(c.step, c.level) for c in recorder.checkpoints] == [(3, 0), (6, 1), (9, 1)]
     assert torch.equal(optimise(), full)  # checkpointing does not change the result
+    assert recorder.events[:2] == ["start", 1] and recorder.events.count("start") == 1  # start-up ends here
     for checkpoint in recorder.checkpoints:
-        assert torch.equal(optimise(start=checkpoint), full), checkpoint.step
+        resumed = Recorder()
+        assert torch.equal(optimise(start=checkpoint, callback=resumed), full), checkpoint.step
+        assert resumed.events[:2] == ["start", checkpoint.step + 1] and resumed.events.count("start") == 1
 
 
 def gatys_on_samples(size):
