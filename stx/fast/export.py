@@ -8,8 +8,11 @@ serve``) needs torch and mlflow but no stx code. Its signature is one unnamed fl
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -104,19 +107,33 @@ def signature():
     return ModelSignature(inputs=Schema([image]), outputs=Schema([image]))
 
 
+@contextlib.contextmanager
+def tracking_uri_set(uri: str) -> Iterator[None]:
+    """MLflow's global tracking URI (and ``$MLFLOW_TRACKING_URI``, which it sets for subprocesses)
+    is ``uri`` inside the block and what it was before after it."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)  # None unsets both
+
+
 def log_model(model: nn.Module, run_id: str, tracking_uri: str, registered_name: str | None = None) -> str:
     """Log ``model`` (scripted) to run ``run_id`` as the MLflow model ``model``, registered as
     ``registered_name`` when given; returns the model's URI."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri)
     # MLflow warns that the "pickle" format can run code when loaded; a scripted module is saved as
     # a TorchScript archive, which stx loads with torch.jit.load only (stx.fast.stylize.load_model)
     flavour_log = logging.getLogger("mlflow.pytorch")
     level = flavour_log.level
     flavour_log.setLevel(logging.ERROR)
     try:
-        with mlflow.start_run(run_id=run_id, log_system_metrics=False), warnings.catch_warnings():
+        with tracking_uri_set(tracking_uri), mlflow.start_run(run_id=run_id, log_system_metrics=False), \
+                warnings.catch_warnings():
             # MLflow loads the model back to check the input example, with torch.load, which warns that it
             # dispatches to torch.jit.load, which torch has deprecated: neither is the user's concern
             warnings.filterwarnings("ignore", "'torch.load' received a zip file", UserWarning)

@@ -57,12 +57,10 @@ def load_model(ref: str, tracking_uri: str, device: torch.device) -> Model:
 
 def _download_model(ref: str, uri: str, tracking_uri: str) -> Path:
     """The local folder of the MLflow model at ``uri`` (downloaded from the store when remote)."""
-    import mlflow
     import mlflow.artifacts
 
-    mlflow.set_tracking_uri(tracking_uri)
     try:
-        with warnings.catch_warnings():
+        with export.tracking_uri_set(tracking_uri), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except Exception as exc:  # mlflow raises MlflowException, OSError or its own registry errors

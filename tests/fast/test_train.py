@@ -119,6 +119,7 @@ def test_training_lowers_the_loss_and_is_tracked(trained):
     assert len(totals) == 20
     assert np.mean(totals[-5:]) < 0.5 * np.mean(totals[:5])
     assert run.info.status == "FINISHED" and run.data.tags["stx.kind"] == "train"
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # logging the model leaves no store to later commands
     assert {"content", "style", "tv", "style/relu3_3", "lr", "eval/style_distance", "perf/images_per_second",
             "data/skipped_files"} <= set(run.data.metrics)
     assert run.data.metrics["data/skipped_files"] == 2 and run.data.metrics["data/held_out_images"] == 1
