@@ -15,6 +15,7 @@ read; each is said in one log line.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import warnings
 from collections.abc import Iterator
@@ -23,11 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageCms, ImageOps
 
 from stx.errors import ImageError
 
 log = logging.getLogger(__name__)
+_SRGB = ImageCms.createProfile("sRGB")
 
 MIN_SIZE = 16
 """Smallest long edge (px) stx accepts: VGG needs a few pixels left after its pooling layers."""
@@ -107,10 +109,27 @@ def open_image(path: str | Path) -> Iterator[Image.Image]:
             yield pil
 
 
+EXIF_ORIENTATION = 0x0112
+TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
+"""EXIF orientations that turn the stored image by a quarter (phone photos held upright)."""
+
+
+def _shape(pil: Image.Image) -> tuple[int, int]:
+    """``(H, W)`` of the image as it is meant to be seen: its EXIF orientation applied."""
+    turned = pil.getexif().get(EXIF_ORIENTATION) in TRANSPOSED_ORIENTATIONS
+    return (pil.width, pil.height) if turned else (pil.height, pil.width)
+
+
+def _upright(pil: Image.Image) -> Image.Image:
+    """The loaded image turned and flipped as its EXIF orientation says (itself when upright)."""
+    return pil if pil.getexif().get(EXIF_ORIENTATION, 1) == 1 else ImageOps.exif_transpose(pil)
+
+
 def image_shape(path: str | Path) -> tuple[int, int]:
-    """``(H, W)`` of an image file, from its header (nothing is decoded)."""
+    """``(H, W)`` of an image file as it is meant to be seen (EXIF orientation applied), from its
+    header (nothing is decoded)."""
     with open_image(path) as pil:
-        return pil.height, pil.width
+        return _shape(pil)
 
 
 def reduction_factor(long_edge: int, size: int | None) -> int:
@@ -140,8 +159,27 @@ def _working_image(pil: Image.Image, path: Path) -> tuple[Image.Image, float]:
     pil.info.pop("transparency", None)  # alpha is dropped; Pillow would warn converting palette transparency
     pil = pil.convert(PREMULTIPLIED[pil.mode]) if pil.mode in PREMULTIPLIED else pil
     pil = pil.convert(WITHOUT_ALPHA[pil.mode]) if pil.mode in WITHOUT_ALPHA else pil
+    pil = _to_srgb(pil, path)
     mode = "L" if pil.mode in ("1", "L") else "RGB"
     return (pil if pil.mode == mode else pil.convert(mode)), 255.0
+
+
+def _to_srgb(pil: Image.Image, path: Path) -> Image.Image:
+    """An 8-bit RGB or CMYK image with an embedded ICC profile (Display P3, Adobe RGB, a printer's
+    CMYK, …) converted to sRGB, which is what stx's encoders and outputs assume (relative
+    colorimetric intent); images without a profile, or tagged sRGB, are taken as they are."""
+    icc = pil.info.get("icc_profile")
+    if not icc or pil.mode not in ("RGB", "CMYK"):
+        return pil
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if pil.mode == "RGB" and "srgb" in ImageCms.getProfileDescription(source).lower().replace(" ", ""):
+            return pil
+        return ImageCms.profileToProfile(pil, source, _SRGB, renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC,
+                                         outputMode="RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError) as exc:
+        log.warning("image %s: its ICC colour profile could not be read (%s); its colours are taken as sRGB.", path, exc)
+        return pil
 
 
 def _dropped(pil: Image.Image) -> str | None:
@@ -169,14 +207,14 @@ def read_image(path: str | Path, size: int | None = None) -> torch.Tensor:
     if size is not None:
         check_size(size)
     with open_image(path) as pil:
-        shape = pil.height, pil.width
+        shape = _shape(pil)
         try:
             if size is not None:
-                height, width = long_edge_shape(*shape, 2 * size)
+                height, width = long_edge_shape(pil.height, pil.width, 2 * size)
                 pil.draft(None, (width, height))  # JPEG only; a no-op for other formats
             dropped = _dropped(pil)
             pil.load()
-            working, one = _working_image(pil, path)
+            working, one = _working_image(_upright(pil), path)
             factor = reduction_factor(max(working.size), size)
             if factor > 1:
                 working = working.reduce(factor)

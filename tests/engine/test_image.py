@@ -366,3 +366,81 @@ def test_image_just_thick_enough_for_the_layers_is_accepted(make_cfg, tmp_path):
     Image.new("RGB", (32, 16), (10, 20, 30)).save(tmp_path / "wide.png")  # 16 px short edge: relu5_1 is 1×2 px
     job = build_job(make_cfg(*FAST, f"images.content={tmp_path / 'wide.png'}"))
     assert job.content.shape == (1, 3, 16, 32) and job.content.is_contiguous()
+
+
+@pytest.mark.parametrize("orientation,turn", [(3, Image.Transpose.ROTATE_180), (6, Image.Transpose.ROTATE_270),
+                                              (8, Image.Transpose.ROTATE_90), (5, Image.Transpose.TRANSPOSE)])
+def test_exif_orientation_is_applied_as_a_phone_photo_is_meant_to_be_seen(tmp_path, rng, orientation, turn):
+    stored = Image.fromarray((torch.rand(24, 40, 3, generator=rng) * 255).byte().numpy())
+    exif = Image.Exif()
+    exif[stx_image.EXIF_ORIENTATION] = orientation
+    stored.save(tmp_path / "phone.png", exif=exif)
+    stored.transpose(turn).save(tmp_path / "upright.png")
+    upright = read_image(tmp_path / "upright.png")
+    assert image_shape(tmp_path / "phone.png") == tuple(upright.shape[-2:]) == ((24, 40) if orientation == 3 else (40, 24))
+    assert torch.equal(read_image(tmp_path / "phone.png"), upright)
+    assert torch.equal(read_image(tmp_path / "phone.png", 20), read_image(tmp_path / "upright.png", 20))
+
+
+def test_a_rotated_jpeg_reads_upright_at_any_size(tmp_path):
+    stored = Image.new("RGB", (64, 32), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 16, 16))  # red top-left corner as stored
+    exif = Image.Exif()
+    exif[stx_image.EXIF_ORIENTATION] = 6  # shown turned 90° clockwise: the red corner goes top-right
+    stored.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    for size in (None, 32):
+        image = read_image(tmp_path / "phone.jpg", size)
+        height, width = image.shape[-2:]
+        assert height == 2 * width
+        assert image[0, 0, 2, -3] > 0.9 and image[0, 2, 2, -3] < 0.1  # red, top right
+        assert image[0, 0, 2, 2] < 0.1 and image[0, 2, 2, 2] > 0.9  # blue, top left
+
+
+def display_p3_profile():
+    """An ICC v2 matrix/TRC profile of Display P3 (D65 primaries adapted to the D50 PCS with
+    Bradford), with a plain 2.2 gamma so the expected colours can be computed by hand."""
+    p3_to_xyz_d65 = np.array([[0.48657095, 0.26566769, 0.19821729], [0.22897456, 0.69173852, 0.07928691],
+                              [0.0, 0.04511338, 1.04394437]])
+    bradford_d65_to_d50 = np.array([[1.0478112, 0.0228866, -0.0501270], [0.0295424, 0.9904844, -0.0170491],
+                                    [-0.0092345, 0.0150436, 0.7521316]])
+    primaries = bradford_d65_to_d50 @ p3_to_xyz_d65
+    s15 = lambda values: b"".join(struct.pack(">i", round(v * 65536)) for v in values)
+    xyz = lambda values: b"XYZ \0\0\0\0" + s15(values)
+    text = b"Display P3 (test)\0"
+    tags = {b"desc": b"desc\0\0\0\0" + struct.pack(">I", len(text)) + text + b"\0" * 12 + b"\0" * 67,
+            b"wtpt": xyz((0.9642, 1.0, 0.8249)), b"cprt": b"text\0\0\0\0no copyright\0",
+            b"rXYZ": xyz(primaries[:, 0]), b"gXYZ": xyz(primaries[:, 1]), b"bXYZ": xyz(primaries[:, 2]),
+            **{kind: b"curv\0\0\0\0" + struct.pack(">IH", 1, round(2.2 * 256)) for kind in (b"rTRC", b"gTRC", b"bTRC")}}
+    table, body, offset = b"", b"", 128 + 4 + 12 * len(tags)
+    for kind, data in tags.items():
+        data += b"\0" * (-len(data) % 4)
+        table += kind + struct.pack(">II", offset + len(body), len(data))
+        body += data
+    size = offset + len(body)
+    header = (struct.pack(">I", size) + b"lcms" + bytes([2, 0x10, 0, 0]) + b"mntrRGB XYZ " + b"\0" * 12 + b"acsp"
+              + b"\0" * 24 + struct.pack(">I", 0) + s15((0.9642, 1.0, 0.8249)) + b"\0" * 48)
+    return header + struct.pack(">I", len(tags)) + table + body, p3_to_xyz_d65
+
+
+def test_a_display_p3_image_is_converted_to_srgb(tmp_path):
+    profile, p3_to_xyz = display_p3_profile()
+    colours = np.array([[153, 77, 51], [51, 153, 77], [128, 128, 128], [90, 60, 160]], dtype=np.uint8)
+    pixels_p3 = Image.fromarray(np.repeat(colours[None], 4, axis=0))
+    pixels_p3.save(tmp_path / "p3.png", icc_profile=profile)
+    pixels_p3.save(tmp_path / "untagged.png")
+    xyz_to_srgb = np.linalg.inv(np.array([[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750],
+                                          [0.0193339, 0.1191920, 0.9503041]]))
+    linear = np.clip((colours / 255.0) ** 2.2 @ p3_to_xyz.T @ xyz_to_srgb.T, 0, 1)
+    expected = np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
+    read = read_image(tmp_path / "p3.png")[0, :, 0].T.numpy()
+    assert np.abs(read - expected).max() < 2.5 / 255
+    assert np.abs(read_image(tmp_path / "untagged.png")[0, :, 0].T.numpy() - colours / 255).max() < 1e-6
+    assert np.abs(colours / 255 - expected).max() > 10 / 255  # the conversion matters for these colours
+
+
+def test_an_unreadable_icc_profile_is_taken_as_srgb_with_a_warning(tmp_path, caplog):
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(tmp_path / "bad.png", icc_profile=b"not a profile")
+    with caplog.at_level(logging.WARNING):
+        image = read_image(tmp_path / "bad.png")
+    assert same(image, (np.array([10, 200, 30]) / 255)[:, None, None])
+    assert any("ICC colour profile could not be read" in r.getMessage() for r in stx_records(caplog))
