@@ -1,6 +1,7 @@
 """The ``stx`` command.
 
-* ``stx key=value …`` runs one job, ``stx -m key=a,b …`` a sweep (a Hydra app; ``stx --help``).
+* ``stx key=value …`` runs one job, ``stx -m key=a,b …`` a sweep (a Hydra app); ``stx --help`` lists
+  the commands and config groups, ``stx --version`` the versions.
 * ``stx compare <parent-run-id | experiment>``: contact sheet and table of a sweep's runs.
 * ``stx reproduce <run-id>``: re-run a logged run and report the max pixel difference.
 * ``stx promote <run-id> key=value …``: re-run a run with changes (a larger size) from its output.
@@ -43,16 +44,22 @@ class _Task:
 
 @hydra.main(config_path=f"pkg://{CONF_PACKAGE}", config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> float:
-    from stx.runs.runner import hydra_task  # torch & mlflow load after Hydra has parsed the command line
+    def task(cfg: DictConfig) -> float:
+        from stx.runs.runner import hydra_task  # torch & mlflow load after the command line is checked
 
-    return run_task(hydra_task, cfg)
+        return hydra_task(cfg)
+
+    return run_task(task, cfg)
 
 
 @hydra.main(config_path=f"pkg://{CONF_PACKAGE}", config_name="train", version_base="1.3")
 def train_main(cfg: DictConfig) -> float:
-    from stx.fast.train import hydra_task
+    def task(cfg: DictConfig) -> float:
+        from stx.fast.train import hydra_task
 
-    return run_task(hydra_task, cfg)
+        return hydra_task(cfg)
+
+    return run_task(task, cfg)
 
 
 def log_to_file(message: str) -> None:
@@ -68,6 +75,7 @@ def run_task(task: Callable[[DictConfig], float], cfg: DictConfig) -> float:
     """Run a Hydra app's ``task`` with stx's reports of mistakes and interrupts."""
     _Task.started = True
     try:
+        check_choices()
         return task(cfg)
     except (StxError, OmegaConfBaseException) as error:  # the latter: a value that cannot be resolved
         log_to_file(f"stx: error: {error}")
@@ -148,7 +156,8 @@ def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{runs_dir()}/mlflow.db"
 
 
-def tool_main(argv: list[str]) -> None:
+def tool_parser() -> argparse.ArgumentParser:
+    """The parser of stx's commands other than a job and ``train`` (see :data:`COMMANDS`)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--tracking-uri", default=default_tracking_uri(),
                         help="MLflow store (default: $MLFLOW_TRACKING_URI, else the local runs/mlflow.db)")
@@ -191,7 +200,11 @@ def tool_main(argv: list[str]) -> None:
     serve_parser.add_argument("--workers", type=int, default=2, help="requests processed at once (default 2)")
     serve_parser.add_argument("--queue", type=int, default=8,
                               help="requests that may wait for a worker; more get 503 + Retry-After (default 8)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def tool_main(argv: list[str]) -> None:
+    args = tool_parser().parse_args(argv)
     try:
         if args.command == "stylize":
             from stx.fast.stylize import command
@@ -233,6 +246,62 @@ def tool_main(argv: list[str]) -> None:
         fail(str(error))
 
 
+LAUNCHERS = "hydra/launcher=joblib|submitit_local|submitit_slurm|stx_slurm, hydra/sweeper=optuna"
+
+
+def overview(primary: str = "config") -> str:
+    """``stx --help`` (``primary="config"``) or ``stx train --help`` (``"train"``): the commands
+    and the config groups of that primary config, each option named (``*``: the default)."""
+    import yaml
+
+    from stx.runs.schema import CONF_DIR
+
+    defaults = yaml.safe_load((CONF_DIR / f"{primary}.yaml").read_text())["defaults"]
+    groups = {group: choice for entry in defaults if isinstance(entry, dict) for group, choice in entry.items()}
+    width = max(map(len, groups))
+    lines = []
+    for group, choice in groups.items():
+        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
+        shown = [f"{o}*" if o == choice else o for o in options]
+        lines.append(f"  {group:<{width}}  {', '.join(shown)}{'' if choice else '  (default: none)'}")
+    if primary == "train":
+        head = ("usage: stx train [group=option ...] [key=value ...]   train a feed-forward stylisation model\n"
+                "       stx train -m key=a,b ...                        a sweep of trainings\n"
+                "       stx train resume=<run id>                       continue a training run\n")
+    else:
+        actions = tool_parser()._subparsers._group_actions[0]._choices_actions
+        commands = [(a.dest, a.help) for a in actions] + [("train", "train a feed-forward model (stx train --help)")]
+        name_width = max(len(name) for name, _ in commands)
+        head = ("usage: stx [group=option ...] [key=value ...]   one job: an image optimised, tracked in MLflow\n"
+                "       stx -m key=a,b,c ...                      a sweep: a parent MLflow run, a child run per job\n"
+                "       stx <command> ...\n\ncommands (stx <command> --help for each):\n"
+                + "".join(f"  {name:<{name_width}}  {text}\n" for name, text in commands))
+    return (f"{head}\nconfig groups (group=option; * the default):\n" + "\n".join(lines) + "\n\n"
+            f"launchers and sweepers: {LAUNCHERS}\n"
+            f"any key: key=value (stx{' train' if primary == 'train' else ''} --cfg job prints them all); "
+            f"Hydra's own help: --hydra-help; documentation: docs/index.md")
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version as installed
+
+    def of(name: str) -> str:
+        try:
+            return installed(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"stx {of('stx')} (torch {of('torch')}, hydra-core {of('hydra-core')}, mlflow {of('mlflow')})"
+
+
+def check_choices() -> None:
+    """Refuse a private config file (a shared base such as ``schedule=_base``) chosen as an option."""
+    for group, choice in HydraConfig.get().runtime.choices.items():
+        if isinstance(choice, str) and choice.rpartition("/")[2].startswith("_") and not group.startswith("hydra"):
+            raise StxError(f"{group}={choice} is a shared base of the {group} group, not an option; "
+                           f"stx --help lists the options.")
+
+
 def app_main(app: Callable[[], object] = hydra_main) -> None:
     """A Hydra app, with Hydra's and OmegaConf's reports of command-line mistakes in stx's form."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # raise them here rather than print them
@@ -260,10 +329,15 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ[MAIN_PID_ENV] = str(os.getpid())
     interrupts.stop_on_signals()
+    first, second = (sys.argv[1:3] + ["", ""])[:2]
     try:
-        if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
+        if first in ("-h", "--help") or (first == "train" and second in ("-h", "--help")):
+            print(overview("train" if first == "train" else "config"))
+        elif first in ("-V", "--version"):
+            print(version())
+        elif first in COMMANDS:
             tool_main(sys.argv[1:])
-        elif len(sys.argv) > 1 and sys.argv[1] == "train":
+        elif first == "train":
             sys.argv = [sys.argv[0], *sys.argv[2:]]  # Hydra reads sys.argv
             app_main(train_main)
         else:

@@ -176,3 +176,27 @@ def test_an_error_inside_a_job_is_printed_once_and_kept_in_its_log(tmp_path):
     assert output.count("does not exist or is not a file") == 1 and "[ERROR]" not in output, output
     (log,) = (tmp_path / "runs").glob("*/*/stx.log")
     assert "stx: error: image" in log.read_text()
+
+
+def test_help_introduces_the_commands_and_each_primary_configs_own_groups():
+    from stx import cli
+
+    main, train = cli.overview("config"), cli.overview("train")
+    for command in (*cli.COMMANDS, "train"):
+        assert f"\n  {command} " in main
+    assert "\n  encoder     alexnet, efficientnet_b0, resnet50, vgg16, vgg19*\n" in main
+    assert "_base" not in main and "_base" not in train
+    assert "\n  experiment " in main and "\n  experiment " not in train  # each lists its own groups only
+    assert "\n  trainer " in train and "\n  trainer " not in main
+    assert cli.version().startswith("stx 0.1.0 (torch ")
+
+
+@pytest.mark.slow
+def test_help_version_and_a_private_config_file_from_the_command_line(tmp_path):
+    helped = run_stx(tmp_path, "--help")
+    assert helped.returncode == 0 and "commands (stx <command> --help for each):" in helped.stdout
+    assert run_stx(tmp_path, "--version").stdout.startswith("stx 0.1.0")
+    base = run_stx(tmp_path, "schedule=_base")
+    assert base.returncode == 2 and base.stderr.strip() == (
+        "stx: error: schedule=_base is a shared base of the schedule group, not an option; stx --help lists the options.")
+    assert not (tmp_path / "runs" / "mlflow.db").exists()  # refused before any run was opened
