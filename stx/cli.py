@@ -204,7 +204,12 @@ def tool_parser() -> argparse.ArgumentParser:
 
 
 def tool_main(argv: list[str]) -> None:
-    args = tool_parser().parse_args(argv)
+    parser = tool_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in word and not word.startswith("-") for word in extra):
+        args.overrides += extra  # key=value given after an option (stx promote ID --tracking-uri U key=value)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "stylize":
             from stx.fast.stylize import command

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from stx.engine import files
 from stx.errors import ConfigError, WeightsError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -387,9 +388,9 @@ def _load_file(arch: str, path: Path) -> nn.Module:
     prefix = ARCHITECTURES[arch].prefix
     part = f" or its '{prefix.rstrip('.')}' part" if prefix else ""
     try:
-        return _trunk_from_state(arch, torch.load(path, map_location="cpu", weights_only=True))
+        return _trunk_from_state(arch, files.load_tensors(path))
     except Exception as exc:
-        problems = str(exc) if isinstance(exc, WeightsError) else f"{type(exc).__name__}: {exc}"
+        problems = str(exc) if isinstance(exc, WeightsError) else files.problem(exc)
         raise WeightsError(
             f"encoder weights file {str(path)!r} could not be loaded as a {arch} state dict "
             f"({problems}); give a torchvision {arch} .pth file (whole model{part})."

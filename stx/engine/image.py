@@ -114,15 +114,26 @@ TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
 """EXIF orientations that turn the stored image by a quarter (phone photos held upright)."""
 
 
+def _orientation(pil: Image.Image) -> int:
+    """The image's EXIF orientation (1: upright), read from its header only (Pillow would decode a
+    whole PNG to look for an EXIF chunk after the pixels); 1 for unreadable EXIF data."""
+    if pil.format == "PNG" and "exif" not in pil.info:
+        return 1
+    try:
+        return int(pil.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 - malformed EXIF takes many forms; the pixels are still readable
+        return 1
+
+
 def _shape(pil: Image.Image) -> tuple[int, int]:
     """``(H, W)`` of the image as it is meant to be seen: its EXIF orientation applied."""
-    turned = pil.getexif().get(EXIF_ORIENTATION) in TRANSPOSED_ORIENTATIONS
+    turned = _orientation(pil) in TRANSPOSED_ORIENTATIONS
     return (pil.width, pil.height) if turned else (pil.height, pil.width)
 
 
 def _upright(pil: Image.Image) -> Image.Image:
     """The loaded image turned and flipped as its EXIF orientation says (itself when upright)."""
-    return pil if pil.getexif().get(EXIF_ORIENTATION, 1) == 1 else ImageOps.exif_transpose(pil)
+    return pil if _orientation(pil) == 1 else ImageOps.exif_transpose(pil)
 
 
 def image_shape(path: str | Path) -> tuple[int, int]:

@@ -34,14 +34,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from omegaconf import DictConfig, OmegaConf
 
 from stx.errors import ImageError, StxError
 from stx.engine.image import MIN_SIZE, image_shape, long_edge_shape, read_image, to_pil
 from stx.engine.losses import PerceptualObjective
-from stx.fast.stylize import Model
+from stx.fast.stylize import Model, checked_output
 
 CACHE_ENTRIES = 64
 """Style targets kept (least recently used dropped first)."""
@@ -192,7 +193,7 @@ def read_upload(upload: UploadFile, what: str, limits: Limits, size: int,
         try:
             height, width = image_shape(file.name)
         except ImageError:
-            raise HTTPException(400, f"the {what} upload ({len(body)} bytes, {upload.filename!r}) is not an image "
+            raise HTTPException(400, f"the {what} file ({len(body)} bytes, {upload.filename!r}) is not an image "
                                      f"Pillow can read; send a PNG, JPEG, WebP, TIFF or other image file.") from None
         if height * width > limits.max_pixels:
             raise HTTPException(413, f"the {what} image is {width}×{height} = {height * width} pixels; this service "
@@ -266,6 +267,14 @@ def create_app(models: Mapping[str, Model], limits: Limits, device: torch.device
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
     admission = Admission(limits.workers, limits.queue)
 
+    @app.exception_handler(RequestValidationError)
+    async def one_paragraph(request: Request, error: RequestValidationError) -> JSONResponse:
+        """A missing or malformed field or parameter: stx's one paragraph, not FastAPI's list."""
+        problems = "; ".join(f"{'.'.join(str(part) for part in e['loc'][1:]) or e['loc'][0]}: {e['msg']}"
+                             for e in error.errors())
+        return JSONResponse({"detail": f"the request to {request.url.path} is not valid ({problems}); see /docs for "
+                                       f"the fields and parameters it takes."}, 422)
+
     @app.get("/health")
     async def health() -> dict[str, Any]:  # on the event loop: never waits behind the thread pool's work
         cache = optimizer.cache if optimizer else None
@@ -280,9 +289,12 @@ def create_app(models: Mapping[str, Model], limits: Limits, device: torch.device
         if model is None:
             raise HTTPException(404, f"no model {name!r} is loaded; loaded models: {', '.join(sorted(models))}.")
         with admission:
-            tensor, _ = read_upload(image, "image", limits, size or limits.max_size, shrink_only=size is None)
+            tensor, _ = read_upload(image, "uploaded", limits, size or limits.max_size, shrink_only=size is None)
             with torch.no_grad():
-                return png(model(tensor.to(device)).clamp(0, 1))
+                try:
+                    return png(checked_output(model(tensor.to(device)), tensor))
+                except StxError as exc:
+                    raise HTTPException(500, f"model {name!r}: {exc}") from None
 
     @app.post("/optimize", response_class=Response)
     def optimize(content: UploadFile = File(...), style: UploadFile = File(...),

@@ -27,6 +27,8 @@ from stx.engine.image import MIN_SIZE, check_size, read_image, write_image
 Model = Callable[[torch.Tensor], torch.Tensor]
 """A stylisation model: ``B×3×H×W`` images in [0, 1] in, the same shape out."""
 RUN_ID = re.compile(r"[0-9a-f]{32}")
+MODEL_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript", ".onnx")
+"""Suffixes that make a model reference a file's path (never a registered model's name)."""
 
 
 def load_model(ref: str, tracking_uri: str, device: torch.device) -> Model:
@@ -39,8 +41,15 @@ def load_model(ref: str, tracking_uri: str, device: torch.device) -> Model:
     path = Path(ref).expanduser()
     if path.is_file():
         if path.suffix.lower() == ".onnx":
-            return export.OnnxModel(path, device)
+            try:
+                return export.OnnxModel(path, device)
+            except Exception as exc:  # onnxruntime's own types (InvalidProtobuf, Fail, …)
+                raise StxError(f"model file {str(path)!r} is not an ONNX model ONNX Runtime can run ({first_line(exc)}); "
+                               f"give {export.ONNX_FILE} as stx train exported it.") from exc
         return _load_torchscript(path, device, f"model file {str(path)!r}")
+    if path.suffix.lower() in MODEL_SUFFIXES:
+        raise StxError(f"model file {str(path)!r} does not exist: give the path of a TorchScript or ONNX file, a run id "
+                       f"of stx train, runs:/<id>/model, models:/<name>/<version> or a registered model name.")
     if path.is_dir() and (path / "MLmodel").is_file():
         uri, folder = str(path), path
     else:
@@ -78,10 +87,10 @@ def _model_file(folder: Path, ref: str) -> Path:
     try:
         meta = yaml.safe_load((folder / "MLmodel").read_text())
         data = meta["flavors"]["pytorch"]["model_data"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, yaml.YAMLError, KeyError, TypeError) as exc:  # ValueError: not UTF-8
         raise StxError(
             f"the model {ref!r} has no readable pytorch flavour in {folder / 'MLmodel'} ({type(exc).__name__}: "
-            f"{exc}); give a model logged by stx train."
+            f"{first_line(exc)}); give a model logged by stx train."
         ) from exc
     file = (folder / str(data) / "model.pth").resolve()
     if not file.is_relative_to(folder.resolve()):
@@ -123,7 +132,23 @@ def collect(inputs: Sequence[str]) -> tuple[list[Item], int]:
             items.append(Item(path, Path(path.name).with_suffix(".png")))
         else:
             raise StxError(f"{given!r} is neither an image file nor a folder: give images or folders of images.")
-    return items, skipped
+    return _distinct_targets(items), skipped
+
+
+def _distinct_targets(items: list[Item]) -> list[Item]:
+    """Items whose results would overwrite each other (``a.png`` and ``a.jpg``) get distinct
+    targets, the later ones named after their format too (``a_jpg.png``)."""
+    seen: set[Path] = set()
+    distinct = []
+    for item in items:
+        target, number = item.target, 1
+        while target in seen:
+            suffix = item.source.suffix.lstrip(".").lower()
+            target = item.target.with_name(f"{item.target.stem}_{suffix}{'' if number == 1 else number}.png")
+            number += 1
+        seen.add(target)
+        distinct.append(Item(item.source, target))
+    return distinct
 
 
 def batches(items: Sequence[Item], size: int | None, batch_size: int) -> Iterator[tuple[list[Item], torch.Tensor]]:
@@ -143,6 +168,20 @@ def batches(items: Sequence[Item], size: int | None, batch_size: int) -> Iterato
         yield [i for i, _ in pending], torch.cat([t for _, t in pending])
 
 
+def checked_output(outputs: object, images: torch.Tensor) -> torch.Tensor:
+    """A model's output for ``images`` (``B×3×H×W``) clamped to [0, 1], once it is seen to be
+    ``B`` finite RGB (or grey) images; else :class:`StxError`."""
+    batch = images.shape[0]
+    if not isinstance(outputs, torch.Tensor) or outputs.dim() != 4 or outputs.shape[:1] != (batch,) \
+            or outputs.shape[1] not in (1, 3):
+        got = f"a {tuple(outputs.shape)} tensor" if isinstance(outputs, torch.Tensor) else f"a {type(outputs).__name__}"
+        raise StxError(f"the model returned {got} for {batch} image(s); a stylisation model returns B×3×H×W images.")
+    if not torch.isfinite(outputs).all():
+        raise StxError("the model returned NaN or infinite values: it is broken (a diverged training?); "
+                       "nothing was written for these images.")
+    return outputs.clamp(0, 1)
+
+
 @torch.no_grad()
 def stylize(model: Model, items: Sequence[Item], out: Path, device: torch.device, *, size: int | None = None,
             batch_size: int = 4) -> list[Path]:
@@ -154,7 +193,7 @@ def stylize(model: Model, items: Sequence[Item], out: Path, device: torch.device
     written = []
     with tqdm(total=len(items), desc="stx stylize", unit="image", dynamic_ncols=True) as progress:
         for group, images in batches(items, size, batch_size):
-            outputs = model(images.to(device)).clamp(0, 1)
+            outputs = checked_output(model(images.to(device)), images)
             for item, output in zip(group, outputs):
                 written.append(write_image(output[None], out / item.target))
             progress.update(len(group))

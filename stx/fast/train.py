@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
+from stx.engine import files
 from stx.fast import data, export
 
 from stx.runs import interrupts, layout
@@ -327,9 +328,16 @@ class Loop:
 
 def load_state(job: Training, path: Path) -> int:
     """Load a training checkpoint into ``job``; return the step it was taken at."""
-    state = torch.load(path, map_location=job.device, weights_only=True)
-    job.model.load_state_dict(state["model"])
-    job.optimizer.load_state_dict(state["optimizer"])
-    if job.scheduler is not None and state["scheduler"] is not None:
-        job.scheduler.load_state_dict(state["scheduler"])
-    return int(state["step"])
+    try:
+        state = files.load_tensors(path, job.device)
+        job.model.load_state_dict(state["model"])
+        job.optimizer.load_state_dict(state["optimizer"])
+        if job.scheduler is not None and state["scheduler"] is not None:
+            job.scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"its step {step!r} is not a count of steps")
+    except Exception as exc:  # a truncated or foreign file: zip, unpickling (weights_only), keys or shapes
+        raise StxError(f"the checkpoint {path.name} of this training run cannot be resumed from ({files.problem(exc)}); "
+                       f"it was truncated or replaced. Start a new training run instead.") from exc
+    return step

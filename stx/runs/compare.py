@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import tempfile
 import urllib.parse
 from dataclasses import dataclass
@@ -18,9 +19,11 @@ from mlflow.tracking import MlflowClient
 from PIL import Image, ImageDraw, ImageFont
 
 from stx.runs import layout
-from stx.errors import StxError
+from stx.engine.image import open_image
+from stx.errors import StxError, first_line
 from stx.runs.liveness import dead_reason
 from stx.runs.schema import runs_dir
+from stx.runs.tracking import existing_store
 
 CELL = 256
 LABEL_LINE = 14
@@ -39,18 +42,17 @@ class Row:
 
 def find_runs(client: MlflowClient, target: str) -> tuple[list[Run], Run | None]:
     """The child runs of parent run ``target``, else the runs of experiment ``target`` (name or id)."""
-    try:
-        parent = client.get_run(target)
-    except MlflowException:
-        parent = None
-    if parent is not None:
-        runs = client.search_runs(
-            [parent.info.experiment_id], filter_string=f"tags.{layout.TAG_PARENT} = '{target}'", max_results=10000
-        )
-    else:
-        experiment = client.get_experiment_by_name(target)
-        if experiment is None and target.isdigit():
+    experiment = client.get_experiment_by_name(target)
+    if experiment is None and target.isdigit():
+        try:
             experiment = client.get_experiment(target)
+        except MlflowException:
+            experiment = None
+    parent = layout.find_run(client, target) if experiment is None else None
+    if parent is not None:
+        runs = client.search_runs([parent.info.experiment_id], max_results=10000,
+                                  filter_string=f"tags.{layout.TAG_PARENT} = '{parent.info.run_id}'")
+    else:
         if experiment is None:
             raise StxError(f"{target!r} is neither a run id nor an experiment in {client.tracking_uri}; give a sweep's parent run id (printed when the sweep starts) or an experiment name such as 'stx'.")
         runs = [r for r in client.search_runs([experiment.experiment_id], max_results=10000) if layout.TAG_SWEEP not in r.data.tags]
@@ -61,7 +63,7 @@ def find_runs(client: MlflowClient, target: str) -> tuple[list[Run], Run | None]
 
 
 def check_one_judge(runs: list[Run], target: str) -> None:
-    """Refuse to rank runs whose eval/ metrics come from different judges (tag ``stx.engine.judge``):
+    """Refuse to rank runs whose eval/ metrics come from different judges (tag ``stx.judge``):
     their distances are in different feature spaces and do not compare."""
     judges: dict[str, int] = {}
     for run in runs:
@@ -90,12 +92,24 @@ def swept_values(runs: list[Run]) -> list[dict[str, str]]:
 
 
 def load_output(client: MlflowClient, run: Run, folder: Path) -> Image.Image | None:
+    """The run's output image, or None when it has none or it cannot be read (a warning says why;
+    its cell on the contact sheet says "no output image")."""
     names = {item.path for item in client.list_artifacts(run.info.run_id)}
-    for name in layout.output_names(run):
+    try:
+        wanted = layout.output_names(run)
+    except StxError as error:
+        print(f"stx: warning: {error}", file=sys.stderr)
+        return None
+    for name in wanted:
         if name in names:
             path = client.download_artifacts(run.info.run_id, name, str(folder / run.info.run_id))
-            with Image.open(path) as image:
-                return image.convert("RGB")
+            try:
+                with open_image(path) as image:
+                    return image.convert("RGB")
+            except Exception as exc:  # noqa: BLE001 - Pillow's decoders raise many types on bad bytes
+                print(f"stx: warning: run {run.info.run_id}'s output {name} cannot be read "
+                      f"({first_line(exc)}); it is left out of the contact sheet.", file=sys.stderr)
+                return None
     return None
 
 
@@ -219,7 +233,7 @@ def compare(target: str, uri: str, out_dir: Path) -> tuple[Path, str]:
     ``out_dir``, best first; for a parent run, log them to it under ``compare/`` and tag it with
     the best child (``stx.sweep.best_run``, lowest ``objective``) or the Pareto set
     (``stx.sweep.pareto_runs``). Returns the sheet's path and the table."""
-    client = MlflowClient(uri)
+    client = existing_store(uri)
     runs, parent = find_runs(client, target)
     front = pareto_front(runs)
     with tempfile.TemporaryDirectory() as downloads:

@@ -8,12 +8,14 @@ Used by the runner (writing), the sweep callback, ``stx compare``, ``stx reprodu
 from __future__ import annotations
 
 import dataclasses
+import re
 import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
 
+from mlflow.entities import Run, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
@@ -118,7 +120,11 @@ def check_output(name: str) -> None:
 
 def parse_overrides(text: str) -> dict[str, str]:
     """The ``hydra.overrides`` tag's text as ``{key: value}``."""
-    pairs = (item.split("=", 1) for item in shlex.split(text) if "=" in item)
+    try:
+        items = shlex.split(text)
+    except ValueError:  # an unbalanced quote: a tag edited by hand
+        items = text.split()
+    pairs = (item.split("=", 1) for item in items if "=" in item)
     return {key: value for key, value in pairs}
 
 
@@ -126,6 +132,11 @@ def output_names(run: Run) -> list[str]:
     """Artifact names the run's output image may have, best first: the finished output, then
     the images kept by a run that stopped early."""
     output = run.data.tags.get(TAG_OUTPUT, DEFAULT_OUTPUT)
+    try:
+        check_output(output)
+    except ConfigError as exc:
+        raise StxError(f"run {run.info.run_id} has the tag {TAG_OUTPUT}={output!r}, which is not a plain output file "
+                       f"name: the store was edited, and stx reads no artifact through it.") from exc
     return [output, LAST_FINITE + output, INTERRUPTED + output]
 
 
@@ -140,16 +151,15 @@ def save_checkpoint(checkpoint: Checkpoint, path: Path) -> Path:
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
-    import torch
-
+    from stx.engine import files
     from stx.engine.optim import Checkpoint
 
     try:
-        return Checkpoint(**torch.load(path, map_location="cpu", weights_only=True))
+        return Checkpoint(**files.load_tensors(path))
     except Exception as exc:  # a truncated or foreign file: zip, unpickling (weights_only) or field errors
         raise StxError(
-            f"the checkpoint {path.name} of this run cannot be read as an stx checkpoint ({type(exc).__name__}: "
-            f"{first_line(exc)[:300]}); it was truncated or replaced. Start a new run instead of resuming this one."
+            f"the checkpoint {path.name} of this run cannot be read as an stx checkpoint ({files.problem(exc)}); "
+            f"it was truncated or replaced. Start a new run instead of resuming this one."
         ) from exc
 
 
@@ -178,13 +188,32 @@ MOVED_MODULES = {f"stx.{name}": f"stx.{package}.{name}" for package, names in {
 logged before then name ``stx.losses.GramStyleLoss``, now ``stx.engine.losses.GramStyleLoss``."""
 
 
+def find_run(client: MlflowClient, ref: str) -> Run | None:
+    """The run whose id is ``ref``, else the one whose id starts with it (the 8-character ids
+    ``stx compare`` prints), else None; :class:`StxError` when several ids start with it."""
+    try:
+        return client.get_run(ref)
+    except MlflowException:
+        pass
+    matches = []
+    if re.fullmatch(r"[0-9a-f]{4,31}", ref):
+        for experiment in client.search_experiments(view_type=ViewType.ALL):
+            runs = client.search_runs([experiment.experiment_id], run_view_type=ViewType.ALL, max_results=50000)
+            matches += [run for run in runs if run.info.run_id.startswith(ref)]
+    if len(matches) > 1:
+        ids = ", ".join(run.info.run_id for run in matches[:5])
+        raise StxError(f"run id {ref!r} is the start of {len(matches)} runs' ids in {client.tracking_uri} ({ids}"
+                       f"{', …' if len(matches) > 5 else ''}); give more of it.")
+    return matches[0] if matches else None
+
+
 def read_logged_config(path: Path, run_id: str) -> DictConfig:
     """A logged ``config.yaml`` read as data: plain YAML (no tags), and no interpolation left in
     it (stx logs resolved configs, so a ``${…}`` was put there by hand, e.g. ``${oc.env:SECRET}``,
     which would read this machine's environment into the store)."""
     try:
         data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise StxError(f"the config logged with run {run_id} ({path.name}) is not plain YAML "
                        f"({str(exc).splitlines()[0]}); stx reads logged configs as data only.") from exc
     if not isinstance(data, dict):
@@ -214,6 +243,16 @@ def _leaves(node: object, prefix: str = ""):
         yield from _leaves(value, f"{prefix}{key}.")
 
 
+def _logged_input(folder: Path, run_id: str) -> Path:
+    """The one image file a run logged in ``folder`` (``inputs/content``, ``inputs/style_<i>``)."""
+    files = sorted(path for path in folder.iterdir() if path.is_file()) if folder.is_dir() else []
+    if len(files) != 1:
+        found = ", ".join(path.name for path in files) or "nothing"
+        raise StxError(f"run {run_id} logged {found} in {folder.parent.name}/{folder.name}, where stx logs exactly one "
+                       f"input image: the artifacts do not match its config.yaml (edited?).")
+    return files[0]
+
+
 def load_run_config(client: MlflowClient, run_id: str, folder: Path, runs_dir: str, uri: str) -> DictConfig:
     """The run's resolved config, checked against stx's schema (keys it predates filled in from
     :data:`LEGACY_VALUES`), reading its logged input images (downloaded into ``folder/inputs``)
@@ -225,16 +264,21 @@ def load_run_config(client: MlflowClient, run_id: str, folder: Path, runs_dir: s
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(StxSchema), loaded)
     except OmegaConfBaseException as exc:
-        raise StxError(f"the config logged with run {run_id} does not fit stx's schema: {exc}") from exc
+        raise StxError(f"the config logged with run {run_id} does not fit stx's schema: "
+                       f"{str(exc).splitlines()[0]}; the artifact was edited or is not stx's.") from exc
     for key, value in LEGACY_VALUES.items():
         parent, _, name = key.rpartition(".")
         if OmegaConf.is_missing(OmegaConf.select(cfg, parent) if parent else cfg, name):
             OmegaConf.update(cfg, key, value)
     if OmegaConf.is_missing(cfg.judge, "weights"):  # judged before the judge had its own keys
         cfg.judge.arch, cfg.judge.weights = "vgg19", cfg.encoder.weights
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise StxError(f"the config logged with run {run_id} lacks {', '.join(missing)}, which every stx run logs: "
+                       f"the artifact was edited or is not stx's.")
     download_artifact(client, run_id, INPUTS, folder)
-    (content,) = (folder / content_dir()).iterdir()
-    styles = [next((folder / style_dir(index)).iterdir()) for index in range(len(cfg.images.styles))]
+    content = _logged_input(folder / content_dir(), run_id)
+    styles = [_logged_input(folder / style_dir(index), run_id) for index in range(len(cfg.images.styles))]
     cfg.images.content, cfg.images.styles = str(content), [str(style) for style in styles]
     # artifacts go under this runs folder as the local store puts them, never where a logged path points
     local = cfg.tracking.artifact_location == f"{cfg.runs_dir}/artifacts"

@@ -68,9 +68,24 @@ def _process_gone(pid: int, start: str | None) -> bool:
     return start is not None and current is not None and current != start
 
 
-def _last_beat(run: Run) -> float:
-    """Unix time (s) of the run's last heartbeat (its start if it has none)."""
-    return float(run.data.tags.get(layout.TAG_HEARTBEAT, run.info.start_time / 1000))
+def _last_beat(run: Run) -> float | None:
+    """Unix time (s) of the run's last heartbeat (its start if it has none), or None for a tag
+    that is not a time stx could have written (edited by hand)."""
+    started = run.info.start_time / 1000
+    try:
+        beat = float(run.data.tags.get(layout.TAG_HEARTBEAT, started))
+    except ValueError:
+        return None
+    return beat if started - 1 <= beat <= time.time() + DEAD_AFTER_S else None
+
+
+def _pid(tags: dict[str, str]) -> int | None:
+    """The run's process id, or None for a tag that is not one (edited by hand)."""
+    try:
+        pid = int(tags[layout.TAG_PID])
+    except ValueError:
+        return None
+    return pid if 0 < pid < 2**31 else None
 
 
 def dead_reason(run: Run) -> str | None:
@@ -78,13 +93,16 @@ def dead_reason(run: Run) -> str | None:
     tags = run.data.tags
     if run.info.status != "RUNNING" or layout.TAG_HOST not in tags or layout.TAG_PID not in tags:
         return None
-    host, pid = tags[layout.TAG_HOST], int(tags[layout.TAG_PID])
+    host, pid = tags[layout.TAG_HOST], _pid(tags)
+    if pid is None:
+        return None  # unknown: a run is never closed on the word of a tag stx did not write
     if host == socket.gethostname():
         if os.name == "posix" and _process_gone(pid, tags.get(layout.TAG_PID_START)):
             return f"its process (pid {pid} on {host}) is gone"
         return None
-    silent = time.time() - _last_beat(run)
-    if layout.TAG_HEARTBEAT in tags and silent > DEAD_AFTER_S:
+    beat = _last_beat(run)
+    silent = None if beat is None else time.time() - beat
+    if layout.TAG_HEARTBEAT in tags and silent is not None and silent > DEAD_AFTER_S:
         return f"its process (pid {pid} on {host}) sent no heartbeat for {silent:.0f} s (limit {DEAD_AFTER_S:.0f} s)"
     return None
 
@@ -97,7 +115,7 @@ def close_dead_runs(client: MlflowClient, experiment_id: str) -> list[str]:
         reason = dead_reason(run)
         if reason is None:
             continue
-        beat = _last_beat(run)
+        beat = _last_beat(run) or run.info.start_time / 1000  # a local run's tag may be unreadable
         last = datetime.fromtimestamp(beat, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
         client.set_tag(run.info.run_id, layout.TAG_ERROR,
                        f"{reason}: the job ended without closing its run (killed by SIGKILL or the out-of-memory "

@@ -9,8 +9,6 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
@@ -20,7 +18,7 @@ from stx.errors import StxError
 from stx.engine.image import MIN_SIZE
 from stx.runs.runner import JobResult, run_tracked
 from stx.runs.schema import runs_dir
-from stx.runs.tracking import source_tags
+from stx.runs.tracking import existing_store, source_tags
 
 COPIED_TAGS = ("hydra.", layout.TAG_JOB_NUM)
 
@@ -34,11 +32,11 @@ def max_pixel_difference(a: Path, b: Path) -> int:
 
 def reproduce(run_id: str, uri: str) -> tuple[JobResult, int]:
     """Re-run ``run_id`` as a new run tagged ``reproduced_from``; return it and the max pixel difference."""
-    client = MlflowClient(uri)
-    try:
-        original = client.get_run(run_id)
-    except MlflowException as exc:
-        raise StxError(f"run {run_id!r} is not in {uri}: give a run id from the MLflow UI or the summary line of stx.") from exc
+    client = existing_store(uri)
+    original = layout.find_run(client, run_id)
+    if original is None:
+        raise StxError(f"run {run_id!r} is not in {uri}: give a run id from the MLflow UI, stx compare or the summary line of stx.")
+    run_id = original.info.run_id
     if original.info.status != "FINISHED":
         raise StxError(f"run {run_id} ended {original.info.status}: it has no finished output to compare a reproduction "
                        f"with. Continue it with stx resume={run_id} (when it kept checkpoints), or reproduce a "
@@ -65,11 +63,11 @@ def promote(run_id: str, uri: str, overrides: list[str]) -> JobResult:
     """Re-run ``run_id``'s exact config with ``overrides`` (``key=value``, e.g. a larger
     ``schedule.size``), starting from its output image, as a new run tagged ``promoted_from``:
     sweep small, pick the best, render it large."""
-    client = MlflowClient(uri)
-    try:
-        original = client.get_run(run_id)
-    except MlflowException as exc:
-        raise StxError(f"run {run_id!r} is not in {uri}: give a run id from the MLflow UI or stx compare.") from exc
+    client = existing_store(uri)
+    original = layout.find_run(client, run_id)
+    if original is None:
+        raise StxError(f"run {run_id!r} is not in {uri}: give a run id from the MLflow UI or stx compare.")
+    run_id = original.info.run_id
     run_dir = Path(runs_dir()) / "promote" / run_id / datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
     cfg = layout.load_run_config(client, run_id, run_dir, runs_dir(), uri)
     before = cfg.schedule.size, cfg.schedule.steps

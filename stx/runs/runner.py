@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from stx.runs import interrupts, layout
 from stx.errors import NonFiniteLossError, StxError
-from stx.engine.image import write_image
+from stx.engine.image import image_shape, long_edge_shape, write_image
 from stx.runs.job import build_job, build_schedule
 from stx.runs.monitor import JobMonitor
 from stx.engine.optim import Checkpoint, optimise_image
@@ -99,6 +99,7 @@ def resume(cfg: DictConfig, run_dir: Path, log_file: Path | None = None, overrid
     path = layout.download_artifact(client, run_id, layout.CHECKPOINT, run_dir / "resumed_from",
                                     hint="it ran without schedule.checkpoint_every, so there is nothing to resume from")
     start = layout.load_checkpoint(path)
+    _check_checkpoint(start, original, run_id)
     updates = _resume_updates(run_id, original, cfg, changed, start.step, start.level)
     if updates:
         note = "; ".join(f"{key} {OmegaConf.select(original, key)} -> {value}" for key, value in updates.items())
@@ -109,6 +110,30 @@ def resume(cfg: DictConfig, run_dir: Path, log_file: Path | None = None, overrid
     log.info("resuming run %s at step %d", run_id, start.step)
     tags = {layout.TAG_RESUMED_AT_STEP: str(start.step)}
     return run_tracked(original, run_dir, tags, log_file=log_file, resume_run_id=run_id, start=start)
+
+
+def _check_checkpoint(start: Checkpoint, cfg: DictConfig, run_id: str) -> None:
+    """Refuse a checkpoint that does not fit the run's config: its level, its step within that
+    level, and its image (``1×3×H×W`` at the level's size)."""
+    levels = build_schedule(cfg).levels
+    whole = lambda value: isinstance(value, int) and not isinstance(value, bool)
+    problem = None
+    if not (whole(start.step) and whole(start.level) and isinstance(start.best_loss, (int, float))
+            and isinstance(start.parameter, torch.Tensor) and isinstance(start.best, torch.Tensor)):
+        problem = "its step, level, loss or images are not of the types stx writes"
+    elif not 0 <= start.level < len(levels):
+        problem = f"it is at pyramid level {start.level}, but the run has {len(levels)} level(s)"
+    else:
+        first = sum(level.steps for level in levels[:start.level])
+        last = first + levels[start.level].steps
+        shape = (1, 3, *long_edge_shape(*image_shape(cfg.images.content), levels[start.level].size))
+        if not first <= start.step <= last:
+            problem = f"its step {start.step} is outside its level's steps {first}–{last}"
+        elif tuple(start.parameter.shape) != shape or tuple(start.best.shape) != shape:
+            problem = f"its images are {tuple(start.parameter.shape)}, not {shape} as the level's size makes them"
+    if problem:
+        raise StxError(f"the checkpoint of run {run_id} does not fit the run's config: {problem}; it was edited or "
+                       f"replaced. Start a new run (stx reproduce {run_id}) instead of resuming this one.")
 
 
 def _resume_overrides(run_id: str, overrides: Sequence[str]) -> list[str]:

@@ -98,6 +98,19 @@ def open_sqlite_store(uri: str) -> None:
             ) from exc
 
 
+def existing_store(uri: str) -> MlflowClient:
+    """A client of the store at ``uri`` for a command that reads runs from it: a local sqlite
+    store that does not exist is not created, and one that cannot be read (corrupt, locked,
+    half-created) gets one paragraph."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///").split("?")[0])
+        if not path.is_file():
+            raise TrackingError(f"there is no MLflow store at {path} ({uri}): give the store your runs are in with "
+                                f"--tracking-uri (or $MLFLOW_TRACKING_URI), or run stx in the folder whose runs/ holds it.")
+        open_sqlite_store(uri)
+    return MlflowClient(uri)
+
+
 def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
     """Id of experiment ``name``, created (with its artifact root) if it does not exist yet."""
     experiment = client.get_experiment_by_name(name)

@@ -115,7 +115,13 @@ def test_bad_uploads_get_clear_4xx(server):
                          files={"image": ("x.png", png_bytes(random_image(20, 90, 0)))}, timeout=60)
     assert thin.status_code == 400 and "both edges must be at least" in thin.json()["detail"]
     missing = requests.post(f"{server}/stylize/tiny", timeout=60)
-    assert missing.status_code == 422
+    assert missing.status_code == 422 and missing.json()["detail"] == (
+        "the request to /stylize/tiny is not valid (image: Field required); see /docs for the fields and parameters "
+        "it takes.")
+    bad_size = requests.post(f"{server}/stylize/tiny", params={"size": "abc"},
+                             files={"image": ("x.png", png_bytes(random_image(32, 32, 0)))}, timeout=60)
+    assert bad_size.status_code == 422 and bad_size.json()["detail"].startswith(
+        "the request to /stylize/tiny is not valid (size: Input should be a valid integer")
     assert requests.get(f"{server}/health", timeout=10).status_code == 200  # still serving
 
 

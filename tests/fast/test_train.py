@@ -113,6 +113,14 @@ def trained(tmp_path_factory, content_dir):
     return tmp_path, client, run
 
 
+def logged_model_folder(client, run, folder):
+    """The run's logged MLflow model, downloaded into ``folder``."""
+    import mlflow.artifacts
+
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{run.info.run_id}/model", dst_path=str(folder),
+                                                    tracking_uri=client._tracking_client.tracking_uri))
+
+
 def test_training_lowers_the_loss_and_is_tracked(trained):
     tmp_path, client, run = trained
     totals = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "total"), key=lambda m: m.step)]
@@ -190,7 +198,7 @@ class Payload:
 def test_a_pickle_in_a_shared_store_is_refused_and_never_run(trained, tmp_path, form):
     _, client, run = trained
     uri = client._tracking_client.tracking_uri
-    folder = Path(client.download_artifacts(run.info.run_id, "model", str(tmp_path)))
+    folder = logged_model_folder(client, run, tmp_path)
     marker = tmp_path / "ran"
     model_file = folder / "data" / "model.pth"
     if form == "pickle":
@@ -247,3 +255,66 @@ def test_train_resume_of_an_image_optimisation_run_is_one_paragraph(tmp_path, co
     cfg.resume = run.info.run_id
     with pytest.raises(StxError, match=f"was not made by stx train.*stx resume={run.info.run_id}"):
         resumed_config(cfg, [f"resume={run.info.run_id}"], tmp_path / "job")
+
+
+class Scalar(torch.nn.Module):
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return image.mean()
+
+
+class NotANumber(torch.nn.Module):
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return image * float("nan")
+
+
+@pytest.mark.parametrize("module, message", [
+    (Scalar(), r"the model returned a \(\) tensor for 1 image\(s\); a stylisation model returns B×3×H×W images"),
+    (NotANumber(), "the model returned NaN or infinite values"),
+])
+def test_a_model_returning_no_images_is_one_paragraph_and_writes_nothing(tmp_path, content_dir, module, message):
+    path = tmp_path / "model.pt"
+    export.export_torchscript(module, path)
+    model = load_model(str(path), "sqlite:///unused.db", torch.device("cpu"))
+    items, _ = collect([str(content_dir / "c2.png")])
+    with pytest.raises(StxError, match=message):
+        stylize(model, items, tmp_path / "out", torch.device("cpu"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_files_that_are_not_models_are_one_paragraph(trained, tmp_path):
+    _, client, run = trained
+    folder = logged_model_folder(client, run, tmp_path)
+    (folder / "MLmodel").write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(StxError, match="has no readable pytorch flavour"):
+        load_model(str(folder), "sqlite:///unused.db", torch.device("cpu"))
+    (tmp_path / "garbage.onnx").write_bytes(b"not a protobuf")
+    with pytest.raises(StxError, match="is not an ONNX model ONNX Runtime can run"):
+        load_model(str(tmp_path / "garbage.onnx"), "sqlite:///unused.db", torch.device("cpu"))
+    with pytest.raises(StxError, match=f"model file '{tmp_path / 'missing.pt'}' does not exist"):
+        load_model(str(tmp_path / "missing.pt"), "sqlite:///unused.db", torch.device("cpu"))
+
+
+def test_images_whose_results_share_a_name_are_all_written(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "a.jpg"):
+        Image.fromarray((rng.random((32, 40, 3)) * 255).astype(np.uint8)).save(tmp_path / name)
+    items, _ = collect([str(tmp_path)])
+    targets = {str(item.source.name): str(item.target) for item in items}
+    assert len(set(targets.values())) == 2 and "a.png" in targets.values()
+    assert targets["a.jpg"] in ("a.png", "a_jpg.png") and targets["a.png"] in ("a.png", "a_png.png")
+
+
+@pytest.mark.parametrize("tamper", ["truncated", "no model", "pickle"])
+def test_a_bad_training_checkpoint_is_one_paragraph(tmp_path, content_dir, tamper):
+    from stx.fast.train import build_training, load_state
+
+    path = tmp_path / "checkpoint.pt"
+    if tamper == "truncated":
+        path.write_bytes(b"PK\x03\x04 truncated")
+    elif tamper == "no model":
+        torch.save({"optimizer": {}, "scheduler": None, "step": 2}, path)
+    else:
+        torch.save({"model": Path("x")}, path)
+    job = build_training(compose_train(tmp_path, content_dir))
+    with pytest.raises(StxError, match="the checkpoint checkpoint.pt of this training run cannot be resumed from"):
+        load_state(job, path)
