@@ -118,7 +118,9 @@ def tracking_uri_set(uri: str) -> Iterator[None]:
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(before)  # None unsets both
+        mlflow.set_tracking_uri(before)
+        if before is None:  # set_tracking_uri(None) leaves the variable when MLflow's global was reset inside
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 def log_model(model: nn.Module, run_id: str, tracking_uri: str, registered_name: str | None = None) -> str:

@@ -117,8 +117,9 @@ def logged_model_folder(client, run, folder):
     """The run's logged MLflow model, downloaded into ``folder``."""
     import mlflow.artifacts
 
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{run.info.run_id}/model", dst_path=str(folder),
-                                                    tracking_uri=client._tracking_client.tracking_uri))
+    with export.tracking_uri_set(client._tracking_client.tracking_uri):  # MLflow finds logged models through it
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{run.info.run_id}/model",
+                                                        dst_path=str(folder)))
 
 
 def test_training_lowers_the_loss_and_is_tracked(trained):
@@ -153,15 +154,14 @@ def test_exports_and_logged_model_match_the_eager_model(trained):
     assert (onnx - expected).abs().max() < 1e-4
     import mlflow.pyfunc
 
-    uri = client._tracking_client.tracking_uri
-    mlflow.set_tracking_uri(uri)
-    for ref in (f"runs:/{run.info.run_id}/model", "models:/tiny/1"):
-        predicted = mlflow.pyfunc.load_model(ref).predict(image.numpy())
-        assert np.abs(predicted - expected.numpy()).max() < 1e-4
-    version = client.get_model_version("tiny", "1")
-    assert version.run_id == run.info.run_id
-    signature = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/model").signature
+    with export.tracking_uri_set(client._tracking_client.tracking_uri):
+        for ref in (f"runs:/{run.info.run_id}/model", "models:/tiny/1"):
+            predicted = mlflow.pyfunc.load_model(ref).predict(image.numpy())
+            assert np.abs(predicted - expected.numpy()).max() < 1e-4
+        signature = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/model").signature
     assert signature.inputs.inputs[0].shape == (-1, 3, -1, -1)
+    assert client.get_model_version("tiny", "1").run_id == run.info.run_id
+    assert "MLFLOW_TRACKING_URI" not in os.environ
 
 
 def test_stylize_loads_each_kind_of_reference_and_writes_every_image(trained, content_dir, tmp_path):
