@@ -25,6 +25,7 @@ from typing import Callable, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import to_absolute_path
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -76,6 +77,7 @@ def run_task(task: Callable[[DictConfig], float], cfg: DictConfig) -> float:
     _Task.started = True
     try:
         check_choices()
+        check_input_files(cfg)
         return task(cfg)
     except (StxError, OmegaConfBaseException) as error:  # the latter: a value that cannot be resolved
         log_to_file(f"stx: error: {error}")
@@ -305,6 +307,19 @@ def check_choices() -> None:
         if isinstance(choice, str) and choice.rpartition("/")[2].startswith("_") and not group.startswith("hydra"):
             raise StxError(f"{group}={choice} is a shared base of the {group} group, not an option; "
                            f"stx --help lists the options.")
+
+
+def check_input_files(cfg: DictConfig) -> None:
+    """Refuse, before anything heavy loads, an input image path that names no file (the key named);
+    what the files hold is checked when the job is built."""
+    images = cfg.get("images") or {}
+    given = {f"images.styles.{i}": path for i, path in enumerate(images.get("styles") or [])}
+    if "trainer" not in cfg:  # stx train reads its content images from data.content_dir
+        given.update({"images.content": images.get("content"), "schedule.init_image": cfg.schedule.get("init_image")})
+    for key, path in given.items():
+        if isinstance(path, str) and "://" not in path and not Path(to_absolute_path(path)).is_file():
+            raise StxError(f"{key}={path!r}: no such file (relative paths are taken from the folder stx was started "
+                           f"in, {os.getcwd()}); give the path of an image file.")
 
 
 def app_main(app: Callable[[], object] = hydra_main) -> None:

@@ -81,6 +81,7 @@ class MlflowSweepCallback(Callback):
         self.sweep_dir: str | None = None
         self.swept_keys: list[str] = []
         self.sweep_config: DictConfig | None = None
+        self.jobs: int | None = None
         self._closed = False
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -108,12 +109,15 @@ class MlflowSweepCallback(Callback):
         overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
         self.swept_keys = [o.key_or_group for o in overrides if o.is_sweep_override()]
         self.swept_keys += [str(key) for key in (config.hydra.sweeper.get("params") or {})]
+        self.jobs = sweep_size(config, overrides)
         fixed = {o.key_or_group: o.get_value_element_as_str() for o in overrides if not o.is_sweep_override()}
         client.log_batch(self.parent_run_id, params=[Param(key, value) for key, value in fixed.items()])
         atexit.register(self.finish)
         print(f"stx: sweep parent MLflow run {self.parent_run_id} ({self.uri})", flush=True)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        task = " ".join(config.hydra.overrides.task)
+        print(f"stx: job {config.hydra.job.num + 1}/{self.jobs or '?'}: {task}", flush=True)
         if self.parent_run_id:
             os.environ[layout.PARENT_RUN_ENV] = self.parent_run_id
             os.environ[layout.SWEPT_KEYS_ENV] = ",".join(self.swept_keys)
@@ -135,6 +139,8 @@ class MlflowSweepCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         status = self.finish(completed=True)
+        if status is not None:
+            self.report(status)
         if status != "FINISHED":
             if status is not None:
                 print(f"stx: sweep ended {status}: see the jobs' errors above and MLflow run {self.parent_run_id}", file=sys.stderr)
@@ -206,6 +212,26 @@ class MlflowSweepCallback(Callback):
                 client.set_terminated(child.info.run_id, "KILLED")
         return client.search_runs([experiment_id], filter_string=search, max_results=50000)
 
+    def report(self, status: str) -> None:
+        """The sweep's result in a few lines: its status, the best run (or the Pareto set) and
+        where its table, contact sheet and scatter plot are."""
+        try:
+            parent = MlflowClient(self.uri).get_run(self.parent_run_id)
+        except (MlflowException, OSError):
+            return
+        tags, lines = parent.data.tags, [f"stx: sweep {status}: MLflow run {self.parent_run_id} ({self.uri})"]
+        if layout.TAG_BEST_RUN in tags:
+            objective = parent.data.metrics.get(layout.OBJECTIVE_METRIC)
+            shown = f" (objective {objective:.4g})" if objective is not None else ""
+            lines.append(f"stx: best run {tags[layout.TAG_BEST_RUN]}{shown}")
+        elif layout.TAG_PARETO_RUNS in tags:  # objective=pareto: no single best
+            lines.append(f"stx: Pareto set: {tags[layout.TAG_PARETO_RUNS].replace(',', ', ')}")
+        folder = Path(self.sweep_dir) / "compare"
+        files = [folder / name for name in ("table.txt", "contact_sheet.png", "scatter.png") if (folder / name).is_file()]
+        if files:
+            lines.append("stx: " + ", ".join(str(path) for path in files))
+        print("\n".join(lines), flush=True)
+
     def summarize(self) -> None:
         """The sweep's table, contact sheet and scatter plot on the parent, with its best child
         (``stx compare`` of the parent); a failure here is reported, never fails the sweep."""
@@ -215,6 +241,23 @@ class MlflowSweepCallback(Callback):
             compare(self.parent_run_id, self.uri, Path(self.sweep_dir) / "compare")
         except Exception as exc:  # noqa: BLE001 - the sweep's own status must still be recorded
             print(f"stx: warning: the sweep summary could not be made ({type(exc).__name__}: {exc})", file=sys.stderr)
+
+
+def sweep_size(config: DictConfig, overrides: list) -> int | None:
+    """How many jobs the sweep runs: Optuna's ``n_trials``, else the product of the swept values'
+    counts (None when a sweep is a range or interval that the basic sweeper cannot count)."""
+    trials = config.hydra.sweeper.get("n_trials")
+    if trials:
+        return int(trials)
+    params = OverridesParser.create().parse_overrides(
+        [f"{key}={value}" for key, value in (config.hydra.sweeper.get("params") or {}).items()])
+    total = 1
+    for override in [*overrides, *params]:
+        if override.is_sweep_override():
+            if not override.is_discrete_sweep():
+                return None
+            total *= len(list(override.sweep_string_iterator()))
+    return total
 
 
 def _store_failure(uri: str | None, exc: Exception) -> str:

@@ -9,11 +9,12 @@ import math
 import re
 import sys
 import tempfile
+import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlflow.entities import Run
+from mlflow.entities import Metric, Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from PIL import Image, ImageDraw, ImageFont
@@ -252,6 +253,11 @@ def compare(target: str, uri: str, out_dir: Path) -> tuple[Path, str]:
         best = rows[0].run
         if layout.OBJECTIVE_METRIC in best.data.metrics:
             client.set_tag(parent.info.run_id, layout.TAG_BEST_RUN, best.info.run_id)
+            # the best run's objective and quality metrics on the parent, so sweeps compare in the UI's table
+            now = int(time.time() * 1000)
+            client.log_batch(parent.info.run_id, metrics=[
+                Metric(key, value, now, 0) for key, value in best.data.metrics.items()
+                if key == layout.OBJECTIVE_METRIC or key.startswith("eval/")])
         if front:
             client.set_tag(parent.info.run_id, layout.TAG_PARETO_RUNS, ",".join(sorted(front)))
     return written[1], text

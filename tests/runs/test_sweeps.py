@@ -53,6 +53,13 @@ def test_sweep_then_compare_then_reproduce(tmp_path):
     assert len({round(c.data.metrics["objective"], 6) for c in children}) == 3  # 5 steps tell the weights apart
     assert parent.data.tags["stx.sweep.best_run"] == best.info.run_id
     assert {"compare/table.txt", "compare/contact_sheet.png", "compare/scatter.png"} <= set(artifact_paths(client, parent.info.run_id))
+    assert {k: v for k, v in best.data.metrics.items() if k == "objective" or k.startswith("eval/")} == \
+        parent.data.metrics  # the parent carries its best run's objective and quality metrics
+    jobs = [line for line in result.stdout.splitlines() if line.startswith("stx: job ")]
+    assert [(line[:13], line.rpartition("=")[2]) for line in jobs] == [
+        ("stx: job 1/3:", "10.0"), ("stx: job 2/3:", "1000.0"), ("stx: job 3/3:", "100000.0")]
+    assert f"stx: best run {best.info.run_id} (objective {best.data.metrics['objective']:.4g})" in result.stdout
+    assert f"stx: {sweep_dir / 'compare' / 'table.txt'}, {sweep_dir / 'compare' / 'contact_sheet.png'}" in result.stdout
 
     compared = run_stx(tmp_path, "compare", parent.info.run_id, "--tracking-uri", local_uri(tmp_path))
     assert compared.returncode == 0, compared.stderr
