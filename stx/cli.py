@@ -205,13 +205,20 @@ def tool_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def tool_main(argv: list[str]) -> None:
+def parse_tool_args(argv: list[str]) -> argparse.Namespace:
+    """``argv`` (``compare …``, ``promote …``) parsed; ``key=value`` overrides may also follow
+    options (``stx promote ID --tracking-uri U key=value``)."""
     parser = tool_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and hasattr(args, "overrides") and all("=" in word and not word.startswith("-") for word in extra):
-        args.overrides += extra  # key=value given after an option (stx promote ID --tracking-uri U key=value)
+        args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def tool_main(argv: list[str]) -> None:
+    args = parse_tool_args(argv)
     try:
         if args.command == "stylize":
             from stx.fast.stylize import command
