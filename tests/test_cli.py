@@ -28,6 +28,8 @@ def test_job_is_tracked_in_mlflow(tmp_path):
     params = run.data.params
     assert params["loss.style.score_weight"] == "1000.0"
     assert params["schedule.levels.0.steps"] == "4" and params["encoder.weights"] == "random"
+    assert params["choice/loss"] == "gatys_tv" and params["choice/color"] == "none"  # plottable in the UI
+    assert run.info.run_name == "weights=random size=48 loss=gatys_tv steps=4"  # short; no runs_dir, no tracking
     tags = run.data.tags
     assert tags["hydra.choice.loss"] == "gatys_tv" and tags["hydra.choice.encoder"] == "vgg19"
     assert "schedule.steps=4" in tags["hydra.overrides"]

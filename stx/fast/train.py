@@ -197,7 +197,7 @@ def train(
     try:
         with tracker.open(tags, run_id=resume_run_id, log_file=log_file) as run_id:
             if resume_run_id is None:
-                tracker.log_config(cfg, run_dir)
+                tracker.log_config(cfg, run_dir, tags)
                 for index, style in enumerate(job.style_paths):
                     tracker.log_artifact(style, layout.style_dir(index))
                 tracker.log_metrics({"data/skipped_files": job.skipped_files, "data/train_images": len(job.dataset),

@@ -270,7 +270,7 @@ class RunTracker:
         if parent_run_id is not None:
             tags[layout.TAG_PARENT] = parent_run_id
         run = self._store("starting the run", self.client.create_run, self.experiment_id,
-                          run_name=tags.get(layout.TAG_RUN_NAME) or tags.get(layout.TAG_OVERRIDES) or None,
+                          run_name=tags.get(layout.TAG_RUN_NAME) or None,
                           tags=resolve_tags(tags))
         return run.info.run_id
 
@@ -295,10 +295,14 @@ class RunTracker:
             self._store("logging the job's log", self.client.log_artifact, self.run_id, str(log_file))
         self._store("closing the run", self.client.set_terminated, self.run_id, RunStatus.to_string(status))
 
-    def log_config(self, cfg: DictConfig, run_dir: Path) -> None:
-        """Params (flattened resolved config), ``config.yaml`` and the ``.hydra/`` folder."""
+    def log_config(self, cfg: DictConfig, run_dir: Path, tags: Mapping[str, str] | None = None) -> None:
+        """Params (the flattened resolved config, and each config group's choice from the
+        ``hydra.choice.<group>`` ``tags`` as ``choice/<group>``, e.g. ``choice/color=luminance``),
+        ``config.yaml`` and the ``.hydra/`` folder."""
         resolved = OmegaConf.to_container(cfg, resolve=True)
         params = [Param(key, str(value)) for key, value in flatten(resolved).items()]
+        params += [Param(f"choice/{key.removeprefix(layout.TAG_CHOICE)}", value) for key, value in (tags or {}).items()
+                   if key.startswith(layout.TAG_CHOICE)]
         self._store("logging the config", self.client.log_batch, self.run_id, params=params)
         self._store("logging the config", self.client.log_dict, self.run_id, resolved, layout.CONFIG)
         if (run_dir / ".hydra").is_dir():

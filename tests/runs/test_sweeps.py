@@ -38,7 +38,7 @@ def test_sweep_then_compare_then_reproduce(tmp_path):
     assert sorted(c.data.params["loss.style.score_weight"] for c in children) == ["10.0", "1000.0", "100000.0"]
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     assert all(c.info.status == "FINISHED" for c in children)
-    assert sorted(c.info.run_name for c in children) == ["score_weight=10.0", "score_weight=1000.0", "score_weight=100000.0"]
+    assert sorted(c.info.run_name for c in children) == ["sw=10", "sw=1000", "sw=1e5"]
     assert parent.data.params == {"encoder.weights": "random", "judge.weights": "random", "schedule.size": "32",
                                   "schedule.steps": "5"}  # fixed overrides
 
