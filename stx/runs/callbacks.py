@@ -116,9 +116,9 @@ class MlflowSweepCallback(Callback):
         print(f"stx: sweep parent MLflow run {self.parent_run_id} ({self.uri})", flush=True)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        task = " ".join(config.hydra.overrides.task)
-        print(f"stx: job {config.hydra.job.num + 1}/{self.jobs or '?'}: {task}", flush=True)
-        if self.parent_run_id:
+        if self.parent_run_id:  # a sweep's job (Hydra calls this for a single run too)
+            task = " ".join(config.hydra.overrides.task)
+            print(f"stx: job {config.hydra.job.num + 1}/{self.jobs or '?'}: {task}", flush=True)
             os.environ[layout.PARENT_RUN_ENV] = self.parent_run_id
             os.environ[layout.SWEPT_KEYS_ENV] = ",".join(self.swept_keys)
 

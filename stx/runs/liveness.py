@@ -76,7 +76,7 @@ def _last_beat(run: Run) -> float | None:
         beat = float(run.data.tags.get(layout.TAG_HEARTBEAT, started))
     except ValueError:
         return None
-    return beat if started - 1 <= beat <= time.time() + DEAD_AFTER_S else None
+    return beat if 0 <= beat <= time.time() + DEAD_AFTER_S else None  # NaN, -1e300, 1e300: not a time
 
 
 def _pid(tags: dict[str, str]) -> int | None:
