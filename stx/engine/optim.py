@@ -28,7 +28,7 @@ import torch
 from torch.optim import Optimizer
 
 from stx.errors import ConfigError, NonFiniteLossError
-from stx.engine.image import MIN_SIZE, check_size, resize
+from stx.engine.image import MAX_SIZE, MIN_SIZE, check_size, resize
 from stx.engine.lbfgs import LBFGS
 from stx.engine.losses import PerceptualObjective
 
@@ -130,6 +130,12 @@ class Schedule:
             raise ConfigError(f"schedule.max_rise={self.max_rise!r} is not valid: use 0 (off) or a factor > 1, e.g. 2.")
         if not (isinstance(self.style_scale, (int, float)) and 0 < self.style_scale < float("inf")):
             raise ConfigError(f"schedule.style_scale={self.style_scale!r} is not valid: use a number > 0.")
+        largest = max(level.size for level in self.levels)
+        if isinstance(largest, int) and self.style_edge(largest) > MAX_SIZE:
+            raise ConfigError(
+                f"schedule.style_scale={self.style_scale!r} makes the style images {self.style_edge(largest)} px at the "
+                f"{largest} px level, more than stx handles ({MAX_SIZE} px); use a scale of at most "
+                f"{MAX_SIZE / largest:.3g} for this size, e.g. 1.")
         if self.checkpoint_every < 0:
             raise ConfigError(
                 f"schedule.checkpoint_every={self.checkpoint_every} is not valid: use 0 (off) or a number of steps."

@@ -104,6 +104,8 @@ def test_non_finite_loss_stops_with_last_finite_image(vgg19_random, rng):
         ({"init": "noise"}, r"schedule.init='noise' is not valid; use one of content, random, style"),
         ({"levels": ()}, r"schedule.levels is empty"),
         ({"style_scale": 0.0}, r"schedule.style_scale=0.0 is not valid"),
+        ({"style_scale": 27397080.0}, r"schedule.style_scale=27397080.0 makes the style images 876706560 px at the "
+                                      r"32 px level, more than stx handles \(8192 px\); use a scale of at most 256"),
         ({"checkpoint_every": -1}, r"schedule.checkpoint_every=-1 is not valid"),
         ({"precision": "fp8"}, r"precision='fp8' is not valid"),
         ({"optimizer": functools.partial(torch.optim.Adam, lr=-1)}, r"schedule.optimizer is not valid: Invalid learning rate"),
