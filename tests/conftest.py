@@ -17,6 +17,7 @@ from hydra.core.global_hydra import GlobalHydra
 from mlflow.tracking import MlflowClient
 
 from stx.engine import encoders
+from stx.engine.optim import OptimizationCallback
 from stx.runs.schema import ASSETS_DIR, CONF_DIR
 
 FAST = ["encoder.weights=random", "judge.weights=random", "schedule.size=32", "schedule.steps=2"]
@@ -126,3 +127,13 @@ def mlflow_server(tmp_path_factory):
     """The URI of an ``mlflow server`` shared by a test module."""
     with mlflow_server_at(tmp_path_factory.mktemp("mlflow_server")) as (_, uri):
         yield uri
+
+
+class Totals(OptimizationCallback):
+    """Keeps each step's total loss."""
+
+    def __init__(self):
+        self.totals = []
+
+    def on_step(self, info):
+        self.totals.append(info.values["total"])

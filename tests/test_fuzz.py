@@ -5,13 +5,12 @@ target size) are read into [0, 1] or refused in one paragraph naming the file, a
 import numpy as np
 import pytest
 import torch
-from conftest import FAST
+from conftest import FAST, Totals
 from hydra.errors import HydraException
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
-from test_image import Totals
 
 from stx.engine import encoders, losses
 from stx.errors import ConfigError, ImageError, StxError

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from stx.errors import ConfigError, StxError, first_line
+from stx.errors import ConfigError, StxError
 from stx.runs.schema import StxSchema
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, only_run, run_stx
+from conftest import FAST, Totals, only_run, run_stx
 from PIL import Image
 
 from stx.engine import image as stx_image
@@ -16,7 +16,7 @@ from stx.engine import losses, memory
 from stx.errors import ConfigError, ImageError
 from stx.engine.image import image_shape, read_image, resize, write_image
 from stx.runs.job import build_job, build_schedule
-from stx.engine.optim import OptimizationCallback, optimise_image
+from stx.engine.optim import optimise_image
 
 ALPHA_DROPPED = "its alpha channel is dropped"
 
@@ -89,16 +89,6 @@ def test_read_image_is_contiguous(tmp_path, width, height, size):
     image = read_image(tmp_path / "a.png", size)
     expected = (height, width) if size is None else stx_image.long_edge_shape(height, width, size)
     assert image.shape == (1, 3, *expected) and image.is_contiguous()
-
-
-class Totals(OptimizationCallback):
-    """Keeps each step's total loss."""
-
-    def __init__(self):
-        self.totals = []
-
-    def on_step(self, info):
-        self.totals.append(info.values["total"])
 
 
 @pytest.mark.parametrize("width,height,size", [(64, 40, 64), (1, 1, 16)])

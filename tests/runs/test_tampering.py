@@ -2,7 +2,6 @@
 a traceback, never a file outside the store, and one bad tag never blocks the other runs."""
 
 import shutil
-import time
 from pathlib import Path
 
 import pytest
