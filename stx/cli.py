@@ -25,14 +25,14 @@ from typing import Callable, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import to_absolute_path
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
+from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from stx.runs import interrupts
 from stx.errors import StxError
+from stx.runs import interrupts
 from stx.runs.schema import CONF_PACKAGE, runs_dir
 
 log = logging.getLogger("stx")
@@ -297,7 +297,8 @@ def overview(primary: str = "config") -> str:
 
 
 def version() -> str:
-    from importlib.metadata import PackageNotFoundError, version as installed
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
 
     def of(name: str) -> str:
         try:

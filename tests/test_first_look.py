@@ -24,9 +24,9 @@ from torchvision.transforms.functional import rgb_to_grayscale
 
 from stx import api
 from stx.engine.image import resize_to
-from stx.runs.job import build_job
 from stx.engine.judge import gaussian_profile, srgb_to_lab, ssim
 from stx.engine.optim import optimise_image
+from stx.runs.job import build_job
 
 FIRST_COMMAND = ["encoder=vgg16", "encoder.weights=hed"]
 JUDGE = ["judge.arch=vgg16", "judge.weights=hed"]  # what judge.weights=auto takes where ImageNet's are not cached

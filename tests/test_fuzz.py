@@ -13,11 +13,11 @@ from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
 
 from stx.engine import encoders, losses
-from stx.errors import ConfigError, ImageError, StxError
 from stx.engine.image import long_edge_shape, read_image
-from stx.runs.job import build_job, build_schedule
 from stx.engine.memory import check_encodable
 from stx.engine.optim import optimise_image
+from stx.errors import ConfigError, ImageError, StxError
+from stx.runs.job import build_job, build_schedule
 from stx.runs.schema import ASSETS_DIR
 
 KEYS = [

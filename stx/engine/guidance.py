@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from stx.errors import ConfigError, ImageError
 from stx.engine.image import image_shape, long_edge_shape, read_image, read_mask, resize_mask
 from stx.engine.losses import Guide, GuidedGramStyleLoss, PerceptualObjective, Region
 from stx.engine.memory import check_encodable, layer_shapes
 from stx.engine.optim import Schedule
+from stx.errors import ConfigError, ImageError
 
 ASPECT_TOLERANCE = 0.01
 """Largest relative difference of width/height between a mask and the image it guides."""

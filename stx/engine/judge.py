@@ -43,10 +43,9 @@ import torch.nn.functional as F
 
 from stx.engine import encoders, hed
 from stx.engine.encoders import MultiLayerEncoder, vgg16, vgg19
-from stx.errors import ConfigError, ImageError, WeightsError
 from stx.engine.image import MIN_SIZE, check_size, long_edge_shape, resize
 from stx.engine.losses import gram_matrix
-
+from stx.errors import ConfigError, ImageError, WeightsError
 
 EVAL_SIZE = 224
 """Long edge (px) at which every image is judged."""

@@ -48,8 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from stx.engine.encoders import MultiLayerEncoder
-from stx.errors import ConfigError
 from stx.engine.image import resize, resize_mask
+from stx.errors import ConfigError
 
 
 def gram_matrix(features: torch.Tensor) -> torch.Tensor:

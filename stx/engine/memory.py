@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from stx.engine.encoders import MultiLayerEncoder
-from stx.errors import ConfigError
 from stx.engine.image import image_shape, long_edge_shape, reduction_factor
 from stx.engine.losses import MRFStyleLoss, PerceptualObjective
 from stx.engine.optim import Schedule
+from stx.errors import ConfigError
 
 FLOAT = 4
 ACTIVATION_FACTOR = 1.25

@@ -17,20 +17,20 @@ graph (:class:`CapturedStep`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
-from collections.abc import Callable, Sequence
-import dataclasses
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch.optim import Optimizer
 
-from stx.errors import ConfigError, NonFiniteLossError
 from stx.engine.image import MAX_SIZE, MIN_SIZE, check_size, resize
 from stx.engine.lbfgs import LBFGS
 from stx.engine.losses import PerceptualObjective
+from stx.errors import ConfigError, NonFiniteLossError
 
 log = logging.getLogger(__name__)
 

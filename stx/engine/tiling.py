@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from stx.engine.encoders import MultiLayerEncoder
-from stx.errors import ConfigError
 from stx.engine.losses import EncodingLoss, PerceptualObjective
+from stx.errors import ConfigError
 
 LOCAL_MODULES = (nn.ReLU, nn.BatchNorm2d, nn.Identity, nn.Dropout)
 """Modules that act on each position on its own (in eval mode)."""

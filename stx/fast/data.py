@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from stx.errors import ConfigError, ImageError
 from stx.engine.image import MIN_SIZE, image_shape, read_image
+from stx.errors import ConfigError, ImageError
 
 log = logging.getLogger(__name__)
 

@@ -39,9 +39,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from omegaconf import DictConfig, OmegaConf
 
-from stx.errors import ImageError, StxError
 from stx.engine.image import MIN_SIZE, image_shape, long_edge_shape, read_image, to_pil
 from stx.engine.losses import PerceptualObjective
+from stx.errors import ImageError, StxError
 from stx.fast.stylize import Model, checked_output
 
 CACHE_ENTRIES = 64
@@ -323,8 +323,8 @@ def run(models: Mapping[str, Model], limits: Limits, device: torch.device, optim
 
 def command(args: argparse.Namespace) -> None:
     """``stx serve`` with its parsed arguments: load the models, then serve until stopped."""
-    from stx.runs.job import resolve_device
     from stx.fast.stylize import load_model
+    from stx.runs.job import resolve_device
 
     device = resolve_device(args.device)
     if not args.model and not args.optimize:

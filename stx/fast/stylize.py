@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from stx.fast import data, export
-from stx.errors import StxError, first_line
 from stx.engine.image import MIN_SIZE, check_size, read_image, write_image
+from stx.errors import StxError, first_line
+from stx.fast import data, export
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 """A stylisation model: ``B×3×H×W`` images in [0, 1] in, the same shape out."""

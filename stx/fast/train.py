@@ -31,15 +31,13 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from stx.engine import files
-from stx.fast import data, export
-
-from stx.runs import interrupts, layout
-from stx.errors import ConfigError, NonFiniteLossError, StxError
 from stx.engine.image import check_size, read_image
-from stx.runs.job import build, resolve_device, style_weights
 from stx.engine.judge import Judge
-from stx.runs.job import build_judge
 from stx.engine.losses import PerceptualObjective
+from stx.errors import ConfigError, NonFiniteLossError, StxError
+from stx.fast import data, export
+from stx.runs import interrupts, layout
+from stx.runs.job import build, build_judge, resolve_device, style_weights
 from stx.runs.monitor import EVAL_PREFIX, PERF_PREFIX, peak_memory_bytes
 from stx.runs.objectives import Objective
 from stx.runs.schema import TrainSchema

@@ -36,8 +36,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from stx.runs import interrupts, layout
 from stx.errors import StxError, first_line
+from stx.runs import interrupts, layout
 from stx.runs.liveness import process_tags
 from stx.runs.tracking import ensure_experiment, source_tags, tracking_uri
 

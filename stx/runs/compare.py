@@ -19,9 +19,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from PIL import Image, ImageDraw, ImageFont
 
-from stx.runs import layout
 from stx.engine.image import open_image
 from stx.errors import StxError, first_line
+from stx.runs import layout
 from stx.runs.liveness import dead_reason
 from stx.runs.schema import runs_dir
 from stx.runs.tracking import existing_store

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from stx.runs import layout
 from stx.engine.optim import Checkpoint, OptimizationCallback, StepInfo
+from stx.runs import layout
 from stx.runs.tracking import RunTracker
 
 EVAL_PREFIX = "eval/"

@@ -11,8 +11,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from stx.errors import ConfigError
 from stx.engine.judge import METRICS
+from stx.errors import ConfigError
 from stx.runs.layout import OBJECTIVE_METRIC
 
 

@@ -13,9 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
 
-from stx.runs import layout
-from stx.errors import StxError
 from stx.engine.image import MIN_SIZE
+from stx.errors import StxError
+from stx.runs import layout
 from stx.runs.runner import JobResult, run_tracked
 from stx.runs.schema import runs_dir
 from stx.runs.tracking import existing_store, source_tags

@@ -20,13 +20,21 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from stx.runs import interrupts, layout
-from stx.errors import NonFiniteLossError, StxError
 from stx.engine.image import image_shape, long_edge_shape, write_image
+from stx.engine.optim import Checkpoint, optimise_image
+from stx.errors import NonFiniteLossError, StxError
+from stx.runs import interrupts, layout
 from stx.runs.job import build_job, build_schedule
 from stx.runs.monitor import JobMonitor
-from stx.engine.optim import Checkpoint, optimise_image
-from stx.runs.tracking import RunTracker, TrackingError, check_not_running, device_tags, hydra_tags, source_tags, tracking_uri
+from stx.runs.tracking import (
+    RunTracker,
+    TrackingError,
+    check_not_running,
+    device_tags,
+    hydra_tags,
+    source_tags,
+    tracking_uri,
+)
 
 log = logging.getLogger(__name__)
 

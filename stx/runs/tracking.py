@@ -33,11 +33,11 @@ from mlflow.tracking import MlflowClient
 from mlflow.tracking.context.registry import resolve_tags
 from omegaconf import DictConfig, OmegaConf
 
-from stx.runs import layout
-from stx.errors import StxError, first_line
 from stx.engine.image import to_pil
-from stx.runs.liveness import DEAD_AFTER_S, close_dead_runs, dead_reason, heartbeat, process_tags
 from stx.engine.optim import StepInfo
+from stx.errors import StxError, first_line
+from stx.runs import layout
+from stx.runs.liveness import DEAD_AFTER_S, close_dead_runs, dead_reason, heartbeat, process_tags
 
 SOURCE_DIR = Path(__file__).resolve().parents[2]
 FLUSH_EVERY_S = 5.0

@@ -4,15 +4,13 @@ original colours, and a whole job with ``color=luminance``."""
 import numpy as np
 import pytest
 import torch
+from conftest import FAST
 from PIL import Image
 
 from stx import api
-
 from stx.engine import color
 from stx.errors import ConfigError
 from stx.runs.job import build_job
-
-from conftest import FAST
 
 
 def mid_range(generator: torch.Generator, tint: tuple[float, float, float], size: int = 16) -> torch.Tensor:

@@ -10,11 +10,10 @@ import pytest
 import torch
 
 from stx.engine import losses, memory, optim
-
-from stx.runs import monitor, tracking
 from stx.engine.judge import Judge
 from stx.engine.lbfgs import LBFGS
 from stx.engine.optim import OptimizationCallback, PyramidLevel, Schedule, optimise_image
+from stx.runs import monitor, tracking
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine); "
                                 "run `pytest tests/engine/test_gpu.py` on a GPU machine")

@@ -4,15 +4,14 @@ import functools
 
 import pytest
 import torch
+from conftest import FAST
 from PIL import Image
 from torch.autograd import gradcheck
 
 from stx.engine import losses
+from stx.engine.optim import PyramidLevel, Schedule, optimise_image
 from stx.errors import ConfigError
 from stx.runs.job import build_job
-from stx.engine.optim import PyramidLevel, Schedule, optimise_image
-
-from conftest import FAST
 
 
 def identity_encoder(image, layers):

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from stx.engine import encoders, hed
-from stx.errors import WeightsError
 from stx.engine.image import read_image
+from stx.errors import WeightsError
 from stx.runs.schema import ASSETS_DIR
 
 

@@ -13,10 +13,10 @@ from PIL import Image
 
 from stx.engine import image as stx_image
 from stx.engine import losses, memory
-from stx.errors import ConfigError, ImageError
 from stx.engine.image import image_shape, read_image, resize, write_image
-from stx.runs.job import build_job, build_schedule
 from stx.engine.optim import optimise_image
+from stx.errors import ConfigError, ImageError
+from stx.runs.job import build_job, build_schedule
 
 ALPHA_DROPPED = "its alpha channel is dropped"
 

@@ -3,11 +3,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import CONTENT, STYLE
+
 from stx.engine import encoders, judge
-from stx.errors import ConfigError, ImageError, WeightsError
 from stx.engine.image import read_image, resize
+from stx.errors import ConfigError, ImageError, WeightsError
 from stx.runs.job import build_judge
 
 SIZE = 64
@@ -245,8 +245,8 @@ def test_judge_errors(make_judge, vgg19_random, content, style, tmp_path):
 def test_compare_refuses_runs_judged_differently(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from stx.runs.compare import find_runs
     from stx.errors import StxError
+    from stx.runs.compare import find_runs
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.create_experiment("mixed")

@@ -6,8 +6,8 @@ import torch
 
 import stx.engine.lbfgs
 from stx.engine import losses
-from stx.errors import ConfigError, NonFiniteLossError
 from stx.engine.optim import OptimizationCallback, PyramidLevel, Schedule, optimise_image
+from stx.errors import ConfigError, NonFiniteLossError
 
 LBFGS = functools.partial(stx.engine.lbfgs.LBFGS, lr=1.0)
 TORCH_LBFGS = functools.partial(torch.optim.LBFGS, lr=1.0, max_iter=1)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from stx.engine import encoders, losses
-from stx.errors import ConfigError
 from stx.engine.tiling import TiledObjective, encoder_reach, tile_grid
+from stx.errors import ConfigError
 
 LAYERS = {"relu1_1": 0.2, "relu2_1": 0.2, "relu3_1": 0.2, "relu4_1": 0.2, "relu5_1": 0.2}
 
@@ -98,6 +98,7 @@ def test_what_cannot_be_tiled_is_refused():
 
 def test_auto_tiles_only_what_does_not_fit(make_cfg, monkeypatch):
     from conftest import FAST
+
     from stx.engine import memory
     from stx.runs.job import build_job
 
@@ -118,6 +119,7 @@ def test_auto_tiles_only_what_does_not_fit(make_cfg, monkeypatch):
 @pytest.mark.parametrize("value, message", [("big", "schedule.tile='big' is not valid"), ("24", "multiple of 16")])
 def test_bad_tile_settings_are_refused(make_cfg, value, message):
     from conftest import FAST
+
     from stx.runs.job import build_job
 
     with pytest.raises(ConfigError, match=message):

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import requests
 import torch
+from conftest import STX
 from PIL import Image
 
-from conftest import STX
 from stx.fast import export
 from stx.fast.transformer import TransformerNet
 

@@ -7,18 +7,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import artifact_paths, run_stx
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import artifact_paths, run_stx
-from stx.fast import data, export
 from stx.errors import ConfigError, StxError
-from stx.runs.schema import CONF_DIR
+from stx.fast import data, export
 from stx.fast.stylize import collect, load_model, stylize
 from stx.fast.train import train
 from stx.fast.transformer import TransformerNet
+from stx.runs.schema import CONF_DIR
 
 TINY = [
     "encoder.weights=random", "model.channels=4", "model.residual_blocks=1",

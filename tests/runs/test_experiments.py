@@ -1,11 +1,10 @@
 """The paper presets of conf/experiment/ compose, state their paper, and build a job."""
 
 import pytest
+from conftest import options
 
 from stx.runs.job import build_job
 from stx.runs.schema import CONF_DIR
-
-from conftest import options
 
 PAPERS = {"gatys2016": "CVPR 2016", "li_wand2016": "CVPR 2016", "luminance_transfer": "CVPR 2017",
           "color_histogram": "CVPR 2017", "spatial_control": "CVPR 2017", "wang2021": "CVPR 2021"}

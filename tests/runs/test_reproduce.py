@@ -2,15 +2,13 @@
 is refused before anything runs."""
 
 import pytest
+from conftest import FAST, client_for, local_uri
 from omegaconf import OmegaConf
 
 from stx import api
-
-from stx.runs import layout
 from stx.errors import StxError
+from stx.runs import layout
 from stx.runs.reproduce import reproduce
-
-from conftest import FAST, client_for, local_uri
 
 
 def test_a_run_logged_before_new_keys_existed_reproduces_exactly(tmp_path, monkeypatch):

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import CONTENT, FAST, artifact_paths, local_uri, only_run, run_stx
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
-from conftest import CONTENT, FAST, artifact_paths, local_uri, only_run, run_stx
 from PIL import Image
 
 from stx.runs.compare import CELL, default_out_dir, load_output

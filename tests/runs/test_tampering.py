@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import local_uri
 from mlflow.tracking import MlflowClient
 
 from stx.errors import StxError
@@ -15,8 +16,6 @@ from stx.runs.compare import compare
 from stx.runs.reproduce import promote, reproduce
 from stx.runs.runner import resume, run_tracked
 from stx.runs.tracking import TrackingError, existing_store
-
-from conftest import local_uri
 
 JOB = ["encoder.weights=random", "judge.weights=random", "schedule.size=32", "tracking.image_every=0"]
 

@@ -18,10 +18,10 @@ from omegaconf import OmegaConf
 
 import stx.runs.monitor
 import stx.runs.tracking
+from stx.engine.optim import StepInfo
 from stx.runs import layout
 from stx.runs.compare import compare
 from stx.runs.liveness import DEAD_AFTER_S, close_dead_runs, process_start
-from stx.engine.optim import StepInfo
 from stx.runs.runner import run_tracked
 from stx.runs.tracking import RunTracker, TrackingError
 
