@@ -54,6 +54,13 @@ CURVATURE_EPS = 1e-10
 """A pair is kept only when ``sᵀy > CURVATURE_EPS·‖s‖‖y‖`` (its curvature is positive)."""
 
 
+def _plain(method: Callable) -> Callable:
+    """``method`` of ``torch.optim.Optimizer`` without torch's ``_disable_dynamo`` wrapper, whose first
+    call imports ``torch._dynamo``: about 3 s of every job's start-up. stx never compiles the
+    optimiser (a step is replayed from a CUDA graph instead), so the wrapper has nothing to do."""
+    return getattr(method, "__wrapped__", method)
+
+
 class LBFGS(Optimizer):
     """L-BFGS with one evaluation per ``step(closure)`` (see the module's docstring); the state's
     ``backtracks`` counts the trials taken back.
@@ -84,6 +91,10 @@ class LBFGS(Optimizer):
             raise ValueError("LBFGS takes one parameter group")
         self._params: list[torch.Tensor] = self.param_groups[0]["params"]
 
+    add_param_group = _plain(Optimizer.add_param_group)
+    zero_grad = _plain(Optimizer.zero_grad)
+    state_dict = _plain(Optimizer.state_dict)
+
     @property
     def started(self) -> bool:
         """Whether the first step was taken: every later step is free of host synchronisation."""
@@ -100,7 +111,7 @@ class LBFGS(Optimizer):
         state["n_iter"] = 0
 
     def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
+        _plain(Optimizer.load_state_dict)(self, state_dict)
         state = self.state[self._params[0]]
         if "history" in state:  # Optimizer.load_state_dict casts every tensor to the parameter's dtype
             state["kept"], state["head"] = state["kept"].bool(), state["head"].long()

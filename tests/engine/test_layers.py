@@ -67,19 +67,30 @@ def test_module_level_imports_have_no_cycle():
         visit(module)
 
 
-def test_a_vgg_job_is_built_without_importing_torchvision(tmp_path):
-    """torchvision's import (models, ops, transforms) costs seconds of every job's start-up; a VGG
-    job builds its encoder from the layer list and reads images with Pillow and torch only."""
+def test_a_vgg_job_imports_neither_torchvision_nor_dynamo(tmp_path):
+    """torchvision's import (models, ops, transforms) and torch._dynamo's (which torch.optim's
+    wrapped methods import on first use) cost seconds of every job's start-up; a VGG job builds its
+    encoder from the layer list, reads images with Pillow and torch, and steps stx's L-BFGS
+    (checkpoints included) without either."""
     code = (
         "import sys\n"
         "from hydra import compose, initialize_config_dir\n"
         "from stx.runs.schema import CONF_DIR\n"
         "from stx.runs.job import build_job\n"
+        "from stx.engine.optim import OptimizationCallback, optimise_image\n"
         "import stx.runs.runner\n"
         "with initialize_config_dir(str(CONF_DIR), version_base='1.3'):\n"
-        "    cfg = compose('config', overrides=['encoder.weights=random', 'judge.weights=random', 'schedule.size=64'])\n"
+        "    cfg = compose('config', overrides=['encoder.weights=random', 'judge.weights=random', 'schedule.size=32',\n"
+        "                                       'schedule.steps=3', 'schedule.checkpoint_every=1'])\n"
         "job = build_job(cfg)\n"
-        "print(job.judge.name, sorted(m for m in sys.modules if m.startswith('torchvision')))\n"
+        "class Keep(OptimizationCallback):\n"
+        "    def on_checkpoint(self, checkpoint): self.last = checkpoint\n"
+        "keep = Keep()\n"
+        "optimise_image(job.loss, content=job.content, styles=job.styles, style_weights=job.style_weights,\n"
+        "               schedule=job.schedule, callback=keep)\n"
+        "optimise_image(job.loss, content=job.content, styles=job.styles, style_weights=job.style_weights,\n"
+        "               schedule=job.schedule, start=keep.last)\n"
+        "print(job.judge.name, sorted(m for m in sys.modules if m.startswith(('torchvision', 'torch._dynamo'))))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path).stdout
     assert out.split() == ["vgg19/random", "[]"], out
