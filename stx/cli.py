@@ -32,10 +32,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from stx.errors import StxError
-from stx.runs import interrupts
+from stx.runs import interrupts, joblog
 from stx.runs.schema import CONF_PACKAGE, runs_dir
 
-log = logging.getLogger("stx")
 COMMANDS = ("compare", "reproduce", "promote", "init", "stylize", "serve")
 
 
@@ -63,15 +62,6 @@ def train_main(cfg: DictConfig) -> float:
     return run_task(task, cfg)
 
 
-def log_to_file(message: str) -> None:
-    """Record ``message`` as an error in the job's log file (``stx.log``) only: the terminal
-    gets it once, from the caller's own print, not a second time through Hydra's console log."""
-    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.handle(record)
-
-
 def run_task(task: Callable[[DictConfig], float], cfg: DictConfig) -> float:
     """Run a Hydra app's ``task`` with stx's reports of mistakes and interrupts."""
     _Task.started = True
@@ -80,7 +70,7 @@ def run_task(task: Callable[[DictConfig], float], cfg: DictConfig) -> float:
         check_input_files(cfg)
         return task(cfg)
     except (StxError, OmegaConfBaseException) as error:  # the latter: a value that cannot be resolved
-        log_to_file(f"stx: error: {error}")
+        joblog.to_file(f"stx: error: {error}", logging.ERROR)
         print(f"stx: error: {error}", file=sys.stderr, flush=True)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             return float("nan")  # the other jobs go on; the sweep callback fails the parent run

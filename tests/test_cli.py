@@ -51,6 +51,13 @@ def test_job_is_tracked_in_mlflow(tmp_path):
 
     run_dir = Path(tags["stx.run_dir"])
     assert run_dir.parent.parent == tmp_path / "runs"
+    story = (run_dir / "stx.log").read_text()  # the run's whole story: what it was, how it went, what came out
+    for line in ("job 'weights=random size=48 loss=gatys_tv steps=4': overrides: encoder.weights=random",
+                 "  choices: color=none, encoder=vgg19, images=sample, judge=default, loss=gatys_tv, objective=balanced, "
+                 "schedule=lbfgs, tracking=local", "  size: 48 px, steps: 4, device: auto",
+                 "step 1/4 (48 px): total ", "step 4/4 (48 px): total ", "result: output " + str(run_dir / "output.png")):
+        assert line in story, story
+    assert story.count("] - step ") == 4 and "step " not in result.stderr.replace("step/s", "")
     written = np.asarray(Image.open(run_dir / "output.png"))
     logged = np.asarray(Image.open(client.download_artifacts(run.info.run_id, "output.png", str(tmp_path))))
     assert written.shape == (32, 48, 3) and np.array_equal(written, logged)

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from stx.engine.optim import Checkpoint, OptimizationCallback, StepInfo
-from stx.runs import layout
+from stx.runs import joblog, layout
 from stx.runs.tracking import RunTracker
 
 EVAL_PREFIX = "eval/"
@@ -86,6 +86,8 @@ class JobMonitor(OptimizationCallback):
             self.log_evaluation(info.image, info.step)
         self.progress.set_postfix(loss=f"{info.values['total']:.4g}", size=info.size, refresh=False)
         self.progress.update()
+        if info.step % max(1, self.steps // 10) == 0 or info.step == self.steps:  # ten lines a run in stx.log
+            joblog.to_file(f"step {info.step}/{self.steps} ({info.size} px): total {info.values['total']:.6g}")
 
     def on_checkpoint(self, checkpoint: Checkpoint) -> None:
         path = layout.save_checkpoint(checkpoint, self.run_dir / layout.CHECKPOINT_FILE)

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from stx.engine.image import image_shape, long_edge_shape, write_image
 from stx.engine.optim import Checkpoint, optimise_image
 from stx.errors import NonFiniteLossError, StxError
-from stx.runs import interrupts, layout
+from stx.runs import interrupts, joblog, layout
 from stx.runs.job import build_job, build_schedule
 from stx.runs.monitor import JobMonitor
 from stx.runs.tracking import (
@@ -259,6 +259,7 @@ def run_tracked(
                 tracker.log_config(cfg, run_dir, tags)
                 tracker.log_inputs(job.content_path, job.style_paths)
             log.info("MLflow run %s in %s; %d steps on %s", run_id, tracker.uri, job.schedule.steps, job.device)
+            joblog.to_file(summary(cfg, tags))
             with JobMonitor(tracker, run_dir, job.schedule.steps, evaluate=job.judge, present=job.color.finish,
                             started_at=started_at, first_step=start.step if start else 0) as monitor:
                 try:
@@ -278,6 +279,8 @@ def run_tracked(
             tracker.log_metrics(monitor.performance(job.device), job.schedule.steps)
             objective = job.objective(evaluation)
             tracker.log_metrics(job.objective.logged(objective), job.schedule.steps)
+            joblog.to_file(f"result: output {output}; " + ", ".join(f"{k} {v:.4g}" for k, v in evaluation.items())
+                           + f"; objective {objective}")
     except TrackingError as error:
         if tracker.run_id is None:
             raise
@@ -297,6 +300,15 @@ def run_tracked(
         flush=True,
     )
     return JobResult(run_id, output, total, evaluation, objective)
+
+
+def summary(cfg: DictConfig, tags: dict[str, str]) -> str:
+    """The job in a few lines for its log file: name, overrides, config choices, images, size and steps."""
+    choices = ", ".join(sorted(f"{key.removeprefix(layout.TAG_CHOICE)}={value}" for key, value in tags.items()
+                               if key.startswith(layout.TAG_CHOICE)))
+    return (f"job {tags.get(layout.TAG_RUN_NAME, '')!r}: overrides: {tags.get(layout.TAG_OVERRIDES) or '(none)'}\n"
+            f"  choices: {choices}\n  content: {cfg.images.content}\n  styles: {', '.join(cfg.images.styles)}\n"
+            f"  size: {cfg.schedule.size} px, steps: {cfg.schedule.steps}, device: {cfg.device}, seed: {cfg.seed}")
 
 
 def _save(tracker: RunTracker, image: torch.Tensor, path: Path, step: int) -> Path:
