@@ -2,6 +2,7 @@
 
 Endpoints:
 
+* ``GET /`` — a page to try it in a browser: upload a photo, pick a model, see and download the result.
 * ``GET /health`` — ``{"status": "ok", "models": [...], "optimize": bool, "style_cache": {...}}``.
 * ``POST /stylize/{model}`` — multipart field ``image`` (optional query ``size``: long edge, px);
   answers the stylised image as PNG. Models are loaded once at start (:func:`stx.fast.stylize.load_model`).
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import html
 import io
 import tempfile
 import threading
@@ -36,7 +38,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from omegaconf import DictConfig, OmegaConf
 
 from stx.engine.image import MIN_SIZE, image_shape, long_edge_shape, read_image, to_pil
@@ -259,6 +261,40 @@ class _TooLarge(Exception):
     pass
 
 
+PNG_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"image/png": {}}, "description": "the result, a PNG image"},
+    503: {"description": "every worker is busy and the queue is full: try again after Retry-After seconds"},
+}
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>stx serve</title>
+<style>body{font:16px sans-serif;max-width:44em;margin:2em auto;padding:0 1em}img{max-width:100%}
+#error{color:#b00}</style></head><body>
+<h1>stx serve</h1>
+<form id="form"><p><label>Photo <input type="file" name="image" accept="image/*" required></label></p>
+<p><label>Model <select name="model">{options}</select></label>
+<label>Long edge (px, optional) <input type="number" name="size" min="16"></label></p>
+<p><button>Stylise</button></p></form>
+<p id="error"></p><p><img id="result" alt=""></p><p><a id="download" download="stylised.png" hidden>Download</a></p>
+<p><a href="/docs">API</a> · <a href="/health">health</a></p>
+<script>
+document.getElementById("form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const form = new FormData(event.target), body = new FormData(), error = document.getElementById("error");
+  body.append("image", form.get("image"));
+  const size = form.get("size") ? "?size=" + encodeURIComponent(form.get("size")) : "";
+  error.textContent = "working…";
+  const answer = await fetch("/stylize/" + encodeURIComponent(form.get("model")) + size, {method: "POST", body});
+  if (!answer.ok) { error.textContent = (await answer.json()).detail; return; }
+  const url = URL.createObjectURL(await answer.blob());
+  error.textContent = "";
+  document.getElementById("result").src = url;
+  const link = document.getElementById("download"); link.href = url; link.hidden = false;
+});
+</script></body></html>
+"""
+"""The page at ``/``: one form, its script inline (nothing is fetched from elsewhere)."""
+
+
 def create_app(models: Mapping[str, Model], limits: Limits, device: torch.device,
                optimizer: ImageOptimizer | None = None) -> FastAPI:
     """The service's FastAPI app over the loaded ``models`` (name → model) and, when given, the
@@ -275,16 +311,29 @@ def create_app(models: Mapping[str, Model], limits: Limits, device: torch.device
         return JSONResponse({"detail": f"the request to {request.url.path} is not valid ({problems}); see /docs for "
                                        f"the fields and parameters it takes."}, 422)
 
-    @app.get("/health")
+    @app.get("/", response_class=HTMLResponse, summary="A page to try the service in a browser")
+    async def page() -> str:
+        """Upload a photo, pick a loaded model, see and download the result (no scripts from elsewhere)."""
+        return PAGE.replace("{options}", "".join(f"<option>{html.escape(name)}</option>" for name in sorted(models)))
+
+    @app.get("/health", summary="Whether the service is up, what it serves and how busy it is")
     async def health() -> dict[str, Any]:  # on the event loop: never waits behind the thread pool's work
+        """Answers at once, even while every worker is busy: the loaded models, the device, whether
+        ``/optimize`` is on, the style cache's counts, requests in flight and requests turned away."""
         cache = optimizer.cache if optimizer else None
         counts = {"hits": cache.hits, "misses": cache.misses, "entries": len(cache.items)} if cache else None
         return {"status": "ok", "models": sorted(models), "device": str(device), "optimize": optimizer is not None,
                 "style_cache": counts, "in_flight": admission.admitted, "rejected": admission.rejected}
 
-    @app.post("/stylize/{name}", response_class=Response)
-    def stylize(name: str, image: UploadFile = File(...),
-                size: int | None = Query(None, ge=MIN_SIZE, le=limits.max_size)) -> Response:
+    @app.post("/stylize/{name}", response_class=Response, responses=PNG_RESPONSE,
+              summary="Stylise an uploaded image with a loaded model")
+    def stylize(name: str, image: UploadFile = File(..., description="the photo: PNG, JPEG or another format Pillow "
+                                                                      "reads"),
+                size: int | None = Query(None, ge=MIN_SIZE, le=limits.max_size,
+                                         description="long edge of the result, px (default: as uploaded, at most "
+                                                     "the service's --max-size)")) -> Response:
+        """The result as PNG. 404: no such model; 400: not an image, or too thin; 413: too many
+        pixels or bytes; 503: the queue is full (see Retry-After)."""
         model = models.get(name)
         if model is None:
             raise HTTPException(404, f"no model {name!r} is loaded; loaded models: {', '.join(sorted(models))}.")
@@ -296,10 +345,14 @@ def create_app(models: Mapping[str, Model], limits: Limits, device: torch.device
                 except StxError as exc:
                     raise HTTPException(500, f"model {name!r}: {exc}") from None
 
-    @app.post("/optimize", response_class=Response)
-    def optimize(content: UploadFile = File(...), style: UploadFile = File(...),
-                 steps: int = Query(50, ge=0, le=limits.max_steps),
-                 size: int = Query(256, ge=MIN_SIZE, le=limits.max_size)) -> Response:
+    @app.post("/optimize", response_class=Response, responses=PNG_RESPONSE,
+              summary="Optimise an image to a content photo and a style image (stx serve --optimize)")
+    def optimize(content: UploadFile = File(..., description="the content photo"),
+                 style: UploadFile = File(..., description="the style image"),
+                 steps: int = Query(50, ge=0, le=limits.max_steps, description="optimisation steps"),
+                 size: int = Query(256, ge=MIN_SIZE, le=limits.max_size, description="long edge, px")) -> Response:
+        """The result as PNG, with ``X-Style-Cache: hit`` when the style was seen before (its
+        targets are reused). 404 when the service runs without ``--optimize``."""
         if optimizer is None:
             raise HTTPException(404, "image optimisation is off on this service; start it with stx serve --optimize.")
         with admission:

@@ -174,3 +174,16 @@ def test_admission_turns_work_beyond_its_queue_away_with_503():
     assert admission.admitted == 0 and admission.rejected == 1
     with admission:  # room again
         assert admission.admitted == 1
+
+
+def test_the_page_and_the_api_description_say_what_the_service_does(server):
+    page = requests.get(f"{server}/", timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "<option>tiny</option>" in page.text and 'fetch("/stylize/"' in page.text
+    assert "http" not in page.text.replace('href="/', "")  # nothing is fetched from elsewhere
+    api = requests.get(f"{server}/openapi.json", timeout=10).json()
+    for path in ("/stylize/{name}", "/optimize"):
+        post = api["paths"][path]["post"]
+        assert "image/png" in post["responses"]["200"]["content"] and post["summary"] and post["description"]
+        assert "503" in post["responses"]
+    assert api["paths"]["/health"]["get"]["summary"]
