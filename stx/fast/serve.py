@@ -275,7 +275,7 @@ PAGE = """<!doctype html>
 <label>Long edge (px, optional) <input type="number" name="size" min="16"></label></p>
 <p><button>Stylise</button></p></form>
 <p id="error"></p><p><img id="result" alt=""></p><p><a id="download" download="stylised.png" hidden>Download</a></p>
-<p><a href="/docs">API</a> · <a href="/health">health</a></p>
+<p><a href="/openapi.json">API description</a> · <a href="/health">health</a></p>
 <script>
 document.getElementById("form").addEventListener("submit", async (event) => {
   event.preventDefault();
