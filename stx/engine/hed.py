@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from stx.engine import files
 from stx.engine.encoders import IMAGENET_MEAN, IMAGENET_STD, MultiLayerEncoder, vgg_features, vgg_layer_names
 from stx.errors import WeightsError
 
@@ -144,7 +145,7 @@ def ensure_cached() -> Path:
 def hed_state_dict() -> dict[str, torch.Tensor]:
     """HED's converted weights at Caffe scale (see :func:`convert`), fetched and converted on
     first use (:func:`ensure_cached`)."""
-    return torch.load(ensure_cached(), map_location="cpu", weights_only=True)
+    return files.load_tensors(ensure_cached())
 
 
 def backbone(source: str) -> dict[str, torch.Tensor]:

@@ -201,15 +201,14 @@ class MlflowSweepCallback(Callback):
     def _stop_jobs(self, client: MlflowClient, experiment_id: str, children: list) -> list:
         """The sweep was interrupted: its stop signal went on to the jobs' worker processes,
         which had time to write their latest image and close their runs KILLED (see
-        :func:`stx.runs.interrupts.forward`); close any child run still RUNNING as KILLED. Returns the
-        children as they are then."""
-        search = f"tags.{layout.TAG_PARENT} = '{self.parent_run_id}'"
-        children = client.search_runs([experiment_id], filter_string=search, max_results=50000)
+        :func:`stx.runs.interrupts.forward`); close any of ``children`` (just searched) still RUNNING
+        as KILLED. Returns the children as they are then."""
         for child in children:
             if child.info.status == "RUNNING":
                 client.set_tag(child.info.run_id, layout.TAG_ERROR,
                                "interrupted: the sweep was stopped and this job's process did not close its run")
                 client.set_terminated(child.info.run_id, "KILLED")
+        search = f"tags.{layout.TAG_PARENT} = '{self.parent_run_id}'"
         return client.search_runs([experiment_id], filter_string=search, max_results=50000)
 
     def report(self, status: str) -> None:

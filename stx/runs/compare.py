@@ -23,6 +23,7 @@ from stx.engine.image import open_image
 from stx.errors import StxError, first_line
 from stx.runs import layout
 from stx.runs.liveness import dead_reason
+from stx.runs.monitor import EVAL_PREFIX
 from stx.runs.schema import runs_dir
 from stx.runs.tracking import existing_store
 
@@ -257,7 +258,7 @@ def compare(target: str, uri: str, out_dir: Path) -> tuple[Path, str]:
             now = int(time.time() * 1000)
             client.log_batch(parent.info.run_id, metrics=[
                 Metric(key, value, now, 0) for key, value in best.data.metrics.items()
-                if key == layout.OBJECTIVE_METRIC or key.startswith("eval/")])
+                if key == layout.OBJECTIVE_METRIC or key.startswith(EVAL_PREFIX)])
         if front:
             client.set_tag(parent.info.run_id, layout.TAG_PARETO_RUNS, ",".join(sorted(front)))
     return written[1], text

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import shlex
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,8 +25,6 @@ from stx.errors import ConfigError, StxError
 from stx.runs.schema import StxSchema
 
 if TYPE_CHECKING:
-    from mlflow.entities import Run
-
     from stx.engine.optim import Checkpoint
 
 CONFIG = "config.yaml"
@@ -34,9 +33,9 @@ HYDRA = "hydra"
 """Hydra's ``.hydra/`` folder of the job."""
 INPUTS = "inputs"
 IMAGE_KEY = "image"
+"""``mlflow.log_image`` key of the image series (every ``tracking.image_every`` steps)."""
 OBJECTIVE_METRIC = "objective"
 """Metric holding what the job returned to the sweeper (a single objective; see stx.runs.objectives)."""
-"""``mlflow.log_image`` key of the image series (every ``tracking.image_every`` steps)."""
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT = f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}"
@@ -125,6 +124,11 @@ def parse_overrides(text: str) -> dict[str, str]:
         items = text.split()
     pairs = (item.split("=", 1) for item in items if "=" in item)
     return {key: value for key, value in pairs}
+
+
+def choices(tags: Mapping[str, str]) -> dict[str, str]:
+    """``{group: option}`` of the ``hydra.choice.<group>`` tags among ``tags``."""
+    return {key.removeprefix(TAG_CHOICE): value for key, value in tags.items() if key.startswith(TAG_CHOICE)}
 
 
 def output_names(run: Run) -> list[str]:

@@ -71,8 +71,8 @@ def hydra_task(cfg: DictConfig) -> float | list[float]:
         tags[layout.TAG_JOB_NUM] = str(hydra_cfg.job.num)
         swept = [key for key in os.environ.get(layout.SWEPT_KEYS_ENV, "").split(",") if key]
         tags[layout.TAG_RUN_NAME] = run_name(tags[layout.TAG_OVERRIDES], swept) or f"job {hydra_cfg.job.num}"
-    elif run_name(tags[layout.TAG_OVERRIDES]):  # else MLflow names it (two words and a number)
-        tags[layout.TAG_RUN_NAME] = run_name(tags[layout.TAG_OVERRIDES])
+    elif name := run_name(tags[layout.TAG_OVERRIDES]):  # else MLflow names it (two words and a number)
+        tags[layout.TAG_RUN_NAME] = name
     parent = os.environ.get(layout.PARENT_RUN_ENV) if multirun else None
     started_at = psutil.Process().create_time()
     return run_tracked(cfg, run_dir, tags, parent_run_id=parent, log_file=log_file, started_at=started_at).objective
@@ -150,7 +150,7 @@ def resume(cfg: DictConfig, run_dir: Path, log_file: Path | None = None, overrid
 def _check_checkpoint(start: Checkpoint, cfg: DictConfig, run_id: str) -> None:
     """Refuse a checkpoint that does not fit the run's config: its level, its step within that
     level, and its image (``1×3×H×W`` at the level's size)."""
-    levels = build_schedule(cfg).levels
+    levels = cfg.schedule.levels
     whole = lambda value: isinstance(value, int) and not isinstance(value, bool)
     problem = None
     if not (whole(start.step) and whole(start.level) and isinstance(start.best_loss, (int, float))
@@ -304,8 +304,7 @@ def run_tracked(
 
 def summary(cfg: DictConfig, tags: dict[str, str]) -> str:
     """The job in a few lines for its log file: name, overrides, config choices, images, size and steps."""
-    choices = ", ".join(sorted(f"{key.removeprefix(layout.TAG_CHOICE)}={value}" for key, value in tags.items()
-                               if key.startswith(layout.TAG_CHOICE)))
+    choices = ", ".join(sorted(f"{group}={choice}" for group, choice in layout.choices(tags).items()))
     return (f"job {tags.get(layout.TAG_RUN_NAME, '')!r}: overrides: {tags.get(layout.TAG_OVERRIDES) or '(none)'}\n"
             f"  choices: {choices}\n  content: {cfg.images.content}\n  styles: {', '.join(cfg.images.styles)}\n"
             f"  size: {cfg.schedule.size} px, steps: {cfg.schedule.steps}, device: {cfg.device}, seed: {cfg.seed}")

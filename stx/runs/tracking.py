@@ -301,8 +301,7 @@ class RunTracker:
         ``config.yaml`` and the ``.hydra/`` folder."""
         resolved = OmegaConf.to_container(cfg, resolve=True)
         params = [Param(key, str(value)) for key, value in flatten(resolved).items()]
-        params += [Param(f"choice/{key.removeprefix(layout.TAG_CHOICE)}", value) for key, value in (tags or {}).items()
-                   if key.startswith(layout.TAG_CHOICE)]
+        params += [Param(f"choice/{group}", choice) for group, choice in layout.choices(tags or {}).items()]
         self._store("logging the config", self.client.log_batch, self.run_id, params=params)
         self._store("logging the config", self.client.log_dict, self.run_id, resolved, layout.CONFIG)
         if (run_dir / ".hydra").is_dir():
