@@ -63,8 +63,10 @@ def hydra_task(cfg: DictConfig) -> float | list[float]:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     log_file = run_dir / f"{hydra_cfg.job.name}.log"
+    started_at = _job_started_at()
     if cfg.resume:
-        return resume(cfg, run_dir, log_file, OmegaConf.to_container(hydra_cfg.overrides.task)).objective
+        overrides = OmegaConf.to_container(hydra_cfg.overrides.task)
+        return resume(cfg, run_dir, log_file, overrides, started_at=started_at).objective
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     tags = hydra_tags(hydra_cfg)
     if multirun:
@@ -74,8 +76,20 @@ def hydra_task(cfg: DictConfig) -> float | list[float]:
     elif name := run_name(tags[layout.TAG_OVERRIDES]):  # else MLflow names it (two words and a number)
         tags[layout.TAG_RUN_NAME] = name
     parent = os.environ.get(layout.PARENT_RUN_ENV) if multirun else None
-    started_at = psutil.Process().create_time()
     return run_tracked(cfg, run_dir, tags, parent_run_id=parent, log_file=log_file, started_at=started_at).objective
+
+
+_first_job = True
+"""Whether no job has started in this process yet (a sweep's basic launcher runs its jobs one
+after another in one process)."""
+
+
+def _job_started_at() -> float:
+    """Where this job's start-up (``perf/startup_seconds``) counts from, unix time: the process's
+    start for its first job, else the moment the job began (the jobs before it are not its cost)."""
+    global _first_job
+    first, _first_job = _first_job, False
+    return psutil.Process().create_time() if first else time.time()
 
 
 NOT_IN_NAMES = ("runs_dir", "tracking", "hydra", "device", "resume")
@@ -112,7 +126,8 @@ def _short_value(text: str) -> str:
     return f"{number:.4g}".replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
 
 
-def resume(cfg: DictConfig, run_dir: Path, log_file: Path | None = None, overrides: Sequence[str] = ()) -> JobResult:
+def resume(cfg: DictConfig, run_dir: Path, log_file: Path | None = None, overrides: Sequence[str] = (), *,
+           started_at: float | None = None) -> JobResult:
     """Continue run ``cfg.resume`` (in the configured store) from its last checkpoint, with the
     config and inputs it logged; the same MLflow run is reopened and ends FINISHED.
 
@@ -144,7 +159,8 @@ def resume(cfg: DictConfig, run_dir: Path, log_file: Path | None = None, overrid
         log.info("resume: %s", note)
     log.info("resuming run %s at step %d", run_id, start.step)
     tags = {layout.TAG_RESUMED_AT_STEP: str(start.step)}
-    return run_tracked(original, run_dir, tags, log_file=log_file, resume_run_id=run_id, start=start)
+    return run_tracked(original, run_dir, tags, log_file=log_file, resume_run_id=run_id, start=start,
+                       started_at=started_at)
 
 
 def _check_checkpoint(start: Checkpoint, cfg: DictConfig, run_id: str) -> None:
