@@ -104,11 +104,12 @@ class MlflowSweepCallback(Callback):
             # judged dead only on this host, by its process: a heartbeat would go stale during long jobs
             **{key: value for key, value in process_tags().items() if key != layout.TAG_HEARTBEAT},
         }
-        run = client.create_run(experiment_id, run_name=f"sweep: {command}"[:250], tags=tags)
-        self.parent_run_id = run.info.run_id
         overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
         self.swept_keys = [o.key_or_group for o in overrides if o.is_sweep_override()]
         self.swept_keys += [str(key) for key in (config.hydra.sweeper.get("params") or {})]
+        swept = layout.run_name(tags[layout.TAG_OVERRIDES], self.swept_keys)  # "sw=1e1,1e3,1e5"
+        run = client.create_run(experiment_id, run_name=f"sweep {swept or command}"[:250], tags=tags)
+        self.parent_run_id = run.info.run_id
         self.jobs = sweep_size(config, overrides)
         fixed = {o.key_or_group: o.get_value_element_as_str() for o in overrides if not o.is_sweep_override()}
         client.log_batch(self.parent_run_id, params=[Param(key, value) for key, value in fixed.items()])

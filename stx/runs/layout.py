@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import shlex
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -129,6 +129,40 @@ def parse_overrides(text: str) -> dict[str, str]:
 def choices(tags: Mapping[str, str]) -> dict[str, str]:
     """``{group: option}`` of the ``hydra.choice.<group>`` tags among ``tags``."""
     return {key.removeprefix(TAG_CHOICE): value for key, value in tags.items() if key.startswith(TAG_CHOICE)}
+
+
+NOT_IN_NAMES = ("runs_dir", "tracking", "hydra", "device", "resume")
+"""Override keys (and their sub-keys) that say where a run goes, not what it is: left out of its name."""
+
+
+def run_name(overrides: str, keys: Sequence[str] = ()) -> str | None:
+    """A short, readable MLflow run name from the run's overrides (or, for a sweep job, its values
+    of the swept ``keys``): ``sw=1e3 lr=0.5``, ``color=luminance``; None when nothing is left."""
+    values = parse_overrides(overrides)
+    keys = [key for key in keys if key in values] or [
+        key for key in values if key.lstrip("+~").split(".")[0].split("/")[0] not in NOT_IN_NAMES]
+    short = [_short_key(key) for key in keys]
+    short = [".".join([*key.split(".")[-2:-1], name]) if short.count(name) > 1 else name  # two score weights: whose
+             for key, name in zip(keys, short)]
+    return " ".join(f"{name}={_short_value(values[key])}" for name, key in zip(short, keys))[:250] or None
+
+
+def _short_key(key: str) -> str:
+    """``loss.style.score_weight`` → ``sw``, ``schedule.optimizer.lr`` → ``lr``, ``color`` → ``color``."""
+    last = key.lstrip("+~").rsplit(".", 1)[-1].rsplit("/", 1)[-1]
+    words = [word for word in last.split("_") if word]
+    return "".join(word[0] for word in words) if len(words) > 1 else last
+
+
+def _short_value(text: str) -> str:
+    """Numbers compactly (``1000000.0`` → ``1e6``, ``1000.0`` → ``1000``, ``0.5`` → ``0.5``), other values as given."""
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    if number.is_integer() and abs(number) < 1e4:
+        return str(int(number))
+    return f"{number:.4g}".replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
 
 
 def output_names(run: Run) -> list[str]:

@@ -72,8 +72,8 @@ def hydra_task(cfg: DictConfig) -> float | list[float]:
     if multirun:
         tags[layout.TAG_JOB_NUM] = str(hydra_cfg.job.num)
         swept = [key for key in os.environ.get(layout.SWEPT_KEYS_ENV, "").split(",") if key]
-        tags[layout.TAG_RUN_NAME] = run_name(tags[layout.TAG_OVERRIDES], swept) or f"job {hydra_cfg.job.num}"
-    elif name := run_name(tags[layout.TAG_OVERRIDES]):  # else MLflow names it (two words and a number)
+        tags[layout.TAG_RUN_NAME] = layout.run_name(tags[layout.TAG_OVERRIDES], swept) or f"job {hydra_cfg.job.num}"
+    elif name := layout.run_name(tags[layout.TAG_OVERRIDES]):  # else MLflow names it (two words and a number)
         tags[layout.TAG_RUN_NAME] = name
     parent = os.environ.get(layout.PARENT_RUN_ENV) if multirun else None
     return run_tracked(cfg, run_dir, tags, parent_run_id=parent, log_file=log_file, started_at=started_at).objective
@@ -90,40 +90,6 @@ def _job_started_at() -> float:
     global _first_job
     first, _first_job = _first_job, False
     return psutil.Process().create_time() if first else time.time()
-
-
-NOT_IN_NAMES = ("runs_dir", "tracking", "hydra", "device", "resume")
-"""Override keys (and their sub-keys) that say where a run goes, not what it is: left out of its name."""
-
-
-def run_name(overrides: str, keys: Sequence[str] = ()) -> str | None:
-    """A short, readable MLflow run name from the run's overrides (or, for a sweep job, its values
-    of the swept ``keys``): ``sw=1e3 lr=0.5``, ``color=luminance``; None when nothing is left."""
-    values = layout.parse_overrides(overrides)
-    keys = [key for key in keys if key in values] or [
-        key for key in values if key.lstrip("+~").split(".")[0].split("/")[0] not in NOT_IN_NAMES]
-    short = [_short_key(key) for key in keys]
-    short = [".".join([*key.split(".")[-2:-1], name]) if short.count(name) > 1 else name  # two score weights: whose
-             for key, name in zip(keys, short)]
-    return " ".join(f"{name}={_short_value(values[key])}" for name, key in zip(short, keys))[:250] or None
-
-
-def _short_key(key: str) -> str:
-    """``loss.style.score_weight`` → ``sw``, ``schedule.optimizer.lr`` → ``lr``, ``color`` → ``color``."""
-    last = key.lstrip("+~").rsplit(".", 1)[-1].rsplit("/", 1)[-1]
-    words = [word for word in last.split("_") if word]
-    return "".join(word[0] for word in words) if len(words) > 1 else last
-
-
-def _short_value(text: str) -> str:
-    """Numbers compactly (``1000000.0`` → ``1e6``, ``1000.0`` → ``1000``, ``0.5`` → ``0.5``), other values as given."""
-    try:
-        number = float(text)
-    except ValueError:
-        return text
-    if number.is_integer() and abs(number) < 1e4:
-        return str(int(number))
-    return f"{number:.4g}".replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
 
 
 def resume(cfg: DictConfig, run_dir: Path, log_file: Path | None = None, overrides: Sequence[str] = (), *,

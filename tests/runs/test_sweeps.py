@@ -39,6 +39,7 @@ def test_sweep_then_compare_then_reproduce(tmp_path):
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     assert all(c.info.status == "FINISHED" for c in children)
     assert sorted(c.info.run_name for c in children) == ["sw=10", "sw=1000", "sw=1e5"]
+    assert parent.info.run_name == "sweep sw=1e1,1e3,1e5"
     assert parent.data.params == {"encoder.weights": "random", "judge.weights": "random", "schedule.size": "32",
                                   "schedule.steps": "5"}  # fixed overrides
 
