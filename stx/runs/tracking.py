@@ -41,6 +41,9 @@ from stx.runs.liveness import DEAD_AFTER_S, close_dead_runs, dead_reason, heartb
 
 SOURCE_DIR = Path(__file__).resolve().parents[2]
 FLUSH_EVERY_S = 5.0
+LOCKED_RETRY_S = (1.0, 2.0, 4.0)
+"""Waits before retrying a call that a local sqlite store refused as locked (another process was
+writing longer than sqlite's own 5 s wait, e.g. on a loaded machine); then it counts as failed."""
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 """Makes MLflow 3's UI open the experiment on its runs table rather than the GenAI overview."""
 METRICS_COLUMNS = ("step", "key", "value", "timestamp_ms")
@@ -224,12 +227,16 @@ class RunTracker:
         """``call(*args, **kwargs)`` against the store; None (skipped) once the store has failed."""
         if self.failure is not None:
             return None
-        try:
-            with _errors_muted(QUIET_LOGGERS):
-                return call(*args, **kwargs)
-        except (MlflowException, OSError) as exc:  # OSError covers requests' connection errors
-            self.failure = TrackingError(f"the MLflow tracking store {self.uri} failed while {doing}: {first_line(exc)}")
-            raise self.failure from exc
+        for wait in (*LOCKED_RETRY_S, None):
+            try:
+                with _errors_muted(QUIET_LOGGERS):
+                    return call(*args, **kwargs)
+            except (MlflowException, OSError) as exc:  # OSError covers requests' connection errors
+                if wait is not None and "database is locked" in str(exc):  # sqlite: another writer, for now
+                    time.sleep(wait)
+                    continue
+                self.failure = TrackingError(f"the MLflow tracking store {self.uri} failed while {doing}: {first_line(exc)}")
+                raise self.failure from exc
 
     @contextmanager
     def open(

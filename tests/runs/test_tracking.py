@@ -261,3 +261,25 @@ def test_the_log_file_is_logged_whatever_the_outcome(tmp_path, client, error, st
             raise error("stopped")
     assert tracker.client.get_run(run_id).info.status == status
     assert "stx.log" in artifact_paths(tracker.client, run_id)
+
+
+def test_a_store_locked_for_a_while_is_waited_for_and_one_locked_for_good_fails(tmp_path, client, monkeypatch):
+    from mlflow.exceptions import MlflowException
+
+    monkeypatch.setattr(stx.runs.tracking, "LOCKED_RETRY_S", (0.0, 0.0, 0.0))
+    tracker = RunTracker(tracking(client), tmp_path / "job")
+    calls = []
+
+    def locked(times):
+        def call():
+            calls.append(1)
+            if len(calls) <= times:
+                raise MlflowException("(sqlite3.OperationalError) database is locked")
+            return "done"
+        return call
+
+    assert tracker._store("logging metrics", locked(3)) == "done" and len(calls) == 4 and tracker.failure is None
+    calls.clear()
+    with pytest.raises(TrackingError, match="failed while logging metrics: .*database is locked"):
+        tracker._store("logging metrics", locked(4))
+    assert len(calls) == 4 and tracker.failure is not None
