@@ -22,9 +22,9 @@ import time
 
 import torch
 
-from stx.engine import encoders, losses, memory
+from stx.engine import encoders, losses, plan
 from stx.runs.job import resolve_device
-from stx.engine.plan import tiled_estimate
+from stx.engine.tiling import check_tileable
 from stx.engine.tiling import TiledObjective
 
 STYLE_LAYERS = {layer: 0.2 for layer in ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")}
@@ -71,7 +71,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure(*args.child, args.evaluations, device)))
         return
-    free = memory.available_bytes(device)
+    free = plan.available_bytes(device)
     objective = build(torch.device("cpu"))
     print(f"device {device}, free memory {free / 2**30:.1f} GiB, torch {torch.__version__}, tile {args.tile} px")
     print(f"{'size':>6} {'mode':>8} {'estimate GiB':>13} {'peak GiB':>9} {'s/eval':>8}")
@@ -79,10 +79,10 @@ def main() -> None:
         for tile in (0, args.tile):
             if tile and tile >= size:
                 continue
-            estimate = (sum(tiled_estimate(objective, size, size, tile, 0, 1).values()) if tile else
-                        sum(memory.estimate_bytes(objective, size, size, 0, 1).values()))
+            estimate = (sum(plan.tiled_estimate(objective, size, size, tile, check_tileable(objective), 0, 1).values()) if tile else
+                        sum(plan.estimate_bytes(objective, size, size, 0, 1).values()))
             mode = f"tile {tile}" if tile else "untiled"
-            if estimate > memory.HEADROOM * free:
+            if estimate > plan.HEADROOM * free:
                 print(f"{size:>6} {mode:>8} {estimate / 2**30:>13.2f} {'does not fit':>18}", flush=True)
                 continue
             command = [sys.executable, __file__, "--child", str(size), str(tile), "--evaluations",

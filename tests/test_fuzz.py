@@ -14,7 +14,7 @@ from PIL import Image
 
 from stx.engine import encoders, losses
 from stx.engine.image import long_edge_shape, read_image
-from stx.engine.memory import check_encodable
+from stx.engine.inputs import check_encodable
 from stx.engine.optim import optimise_image
 from stx.errors import ConfigError, ImageError, StxError
 from stx.runs.job import build_job, build_schedule

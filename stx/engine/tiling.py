@@ -126,6 +126,14 @@ def check_tileable(objective: PerceptualObjective, where: str = "schedule.tile")
     return encoder_reach(objective.encoder, where)
 
 
+def check_tile(tile: int, reach: Reach) -> int:
+    """``tile`` (px), after checking it is a positive multiple of the encoder's total stride."""
+    if tile <= 0 or tile % reach.align:
+        raise ConfigError(f"schedule.tile={tile} is not valid: use a multiple of {reach.align} px "
+                          f"(the encoder's total stride), or auto or off.")
+    return tile
+
+
 @dataclass(frozen=True)
 class Piece:
     """One tile's encoding: the tile's input pixels (with the gradient flag asked for) and, per
@@ -148,10 +156,7 @@ class TiledObjective(nn.Module):
         super().__init__()
         self.objective = objective
         self.reach = check_tileable(objective)
-        if tile <= 0 or tile % self.reach.align:
-            raise ConfigError(f"schedule.tile={tile} is not valid: use a multiple of {self.reach.align} px "
-                              f"(the encoder's total stride), or auto or off.")
-        self.tile = tile
+        self.tile = check_tile(tile, self.reach)
         self.layers = objective.layers
 
     @property

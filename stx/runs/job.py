@@ -1,6 +1,7 @@
 """Assemble one job from a composed config, top to bottom: input paths → objective (losses and
-their encoder) → schedule → one memory plan (input checks, fit, tiling) → images, masks and
-init image, read once → the judge.
+their encoder) → schedule → the input files' headers checked (:func:`~stx.engine.inputs.check_files`)
+→ one memory plan (fit, tiling) → the judge → images, masks, init image and the judge's
+references, decoded once → colour control.
 
 Everything is built with ``_target_`` + ``hydra.utils.instantiate`` after its ``_target_``
 is checked against an allow-list *by name*, before anything is imported. Each value is
@@ -24,8 +25,8 @@ from hydra.utils import get_object, instantiate, to_absolute_path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from stx.engine import color, encoders, guidance, losses, tiling
-from stx.engine.image import read_image
+from stx.engine import color, encoders, losses, tiling
+from stx.engine.inputs import check_files
 from stx.engine.judge import EVAL_SIZE, Judge, judge_encoder, judge_name, resolve_judge
 from stx.engine.optim import PyramidLevel, Schedule
 from stx.engine.plan import plan_memory
@@ -209,42 +210,39 @@ def build_job(cfg: DictConfig) -> Job:
     device = resolve_device(cfg.device)
     objective = Objective(metrics=dict(cfg.objective.metrics), pareto=cfg.objective.pareto)
 
-    content_path, style_paths = input_paths(cfg)
+    content_path, style_paths, init_path = input_paths(cfg)
     weights = style_weights(cfg.images)
     loss = build_objective(cfg).to(device)
     schedule = build_schedule(cfg)
     schedule.autocast(device)
-    plan = plan_memory(cfg.schedule.tile, loss, schedule, content_path, style_paths, device)
+    files = check_files(loss, schedule, content_path, style_paths, init_path)
+    plan = plan_memory(cfg.schedule.tile, loss, schedule, files, device)
     if max(plan.content_shape) < schedule.size:
         log.warning("stx: warning: images.content is %d×%d px; it is upscaled to a %d px long edge (schedule.size), "
                     "which adds no detail", plan.content_shape[1], plan.content_shape[0], schedule.size)
-    loss = plan.apply(loss)
-
-    guidance.load_guides(loss, schedule, content_path, device)
-    control = build(cfg.color, "color", "color")
-    content, styles = control.prepare(read_image(content_path, schedule.size).to(device),
-                                      [read_image(path, schedule.style_edge(schedule.size)).to(device) for path in style_paths])
-    initial = None
-    if cfg.schedule.init_image is not None:
-        initial = control.start(read_image(to_absolute_path(cfg.schedule.init_image), schedule.size).to(device))
-
     judge = build_judge(cfg, device)
-    references = [read_image(path, judge.size).to(device) for path in (content_path, *style_paths)]
-    judge.set_references(references[0], references[1:], weights)
+    control = build(cfg.color, "color", "color")
+    inputs = files.read(loss, schedule, device, judge.size)
+    content, styles = control.prepare(inputs.content, inputs.styles)
+    initial = None if inputs.initial is None else control.start(inputs.initial)
+    judge.set_references(inputs.references[0], inputs.references[1:], weights)
+    loss = plan.apply(loss)
     return Job(loss, content, styles, weights, schedule, device, content_path, style_paths, judge, objective,
                control, initial)
 
 
-def input_paths(cfg: DictConfig) -> tuple[Path, list[Path]]:
-    """The absolute paths of ``images.content`` and ``images.styles`` (relative ones are taken from
-    the folder stx started in); a URL is refused."""
-    given = {"images.content": cfg.images.content,
+def input_paths(cfg: DictConfig) -> tuple[Path, list[Path], Path | None]:
+    """The absolute paths of ``images.content``, ``images.styles`` and ``schedule.init_image`` (None
+    when not set); relative ones are taken from the folder stx started in, and a URL is refused."""
+    init = cfg.schedule.init_image
+    given = {"images.content": cfg.images.content, "schedule.init_image": init,
              **{f"images.styles.{index}": path for index, path in enumerate(cfg.images.styles)}}
     for key, path in given.items():
         if "://" in str(path):
             raise ConfigError(f"{key}={path!r} is a URL; stx reads image files on this machine: download it first "
                               f"and give its path.")
-    return Path(to_absolute_path(cfg.images.content)), [Path(to_absolute_path(path)) for path in cfg.images.styles]
+    return (Path(to_absolute_path(cfg.images.content)), [Path(to_absolute_path(path)) for path in cfg.images.styles],
+            None if init is None else Path(to_absolute_path(init)))
 
 
 def build_objective(cfg: DictConfig) -> losses.PerceptualObjective:

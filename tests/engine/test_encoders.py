@@ -271,7 +271,7 @@ def test_smallest_image_for_a_layer():
     assert alexnet.fits("relu5", 1, 31, 200) and not alexnet.fits("relu5", 1, 30, 200)
     assert alexnet.downsamplings("relu5") == "2 poolings and 1 strided convolution"
     from stx.engine.losses import ContentLoss, PerceptualObjective
-    from stx.engine.memory import check_encodable
+    from stx.engine.inputs import check_encodable
 
     objective = PerceptualObjective(alexnet, {"content": ContentLoss({"relu5": 1.0})})
     check_encodable(objective, "the content", 31, 31)

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from stx.engine import losses, memory, optim
+from stx.engine import losses, optim, plan
 from stx.engine.judge import Judge
 from stx.engine.lbfgs import LBFGS
 from stx.engine.optim import OptimizationCallback, PyramidLevel, Schedule, optimise_image
@@ -125,7 +125,7 @@ def test_judge_ignores_the_runs_precision_on_cuda(vgg19_random, rng):
 def test_cuda_memory_figures_and_device_tags():
     device = torch.device("cuda")
     free, total = torch.cuda.mem_get_info(device)
-    assert 0 < memory.available_bytes(device) <= total
+    assert 0 < plan.available_bytes(device) <= total
     block = torch.empty(64 << 20, dtype=torch.uint8, device=device)
     assert monitor.peak_memory_bytes(device) >= block.numel()
     assert tracking.device_tags(device)["device.name"] == torch.cuda.get_device_name(device)

@@ -12,7 +12,7 @@ from conftest import FAST, Totals, only_run, run_stx
 from PIL import Image
 
 from stx.engine import image as stx_image
-from stx.engine import losses, memory
+from stx.engine import inputs, losses, plan
 from stx.engine.image import image_shape, read_image, resize, write_image
 from stx.engine.optim import optimise_image
 from stx.errors import ConfigError, ImageError
@@ -319,18 +319,18 @@ def test_large_file_is_shrunk_before_resizing_with_the_same_result(tmp_path, nam
 
 def test_decoding_a_large_input_counts_in_the_memory_estimate(make_cfg, tmp_path, monkeypatch):
     path = png(tmp_path / "12000.png", 12000, 12000, 8, 2)  # a header: nothing may be decoded before the check
-    monkeypatch.setattr(memory, "available_bytes", lambda device: int(1.1 * 2**30))
+    monkeypatch.setattr(plan, "available_bytes", lambda device: int(1.1 * 2**30))
     with pytest.raises(ConfigError, match=r"needs about 1\.1 GiB on cpu \(.*decoding the largest input 1\.07 GiB\)"):
         build_job(make_cfg(*FAST, f"images.content={path}"))
-    assert memory.decode_bytes(12000, 12000, 32) == 8 * 12000**2 + 16 * 65**2  # reduced by 187 to 65×65
+    assert inputs.decode_bytes(12000, 12000, 32) == 8 * 12000**2 + 16 * 65**2  # reduced by 187 to 65×65
 
 
 def test_decoding_counts_against_host_memory_only_on_the_cpu(monkeypatch):
-    monkeypatch.setattr(memory, "available_bytes", lambda device: 2 * 2**30)
-    estimate = {"image and optimiser": 2**20, memory.DECODING: 3 * 2**30}
+    monkeypatch.setattr(plan, "available_bytes", lambda device: 2 * 2**30)
+    estimate = {"image and optimiser": 2**20, plan.DECODING: 3 * 2**30}
     with pytest.raises(ConfigError, match="decoding the largest input 3.00 GiB"):
-        memory.check_fits(estimate, torch.device("cpu"), 64)
-    memory.check_fits(estimate, torch.device("cuda"), 64)  # decoded in host memory, not on the GPU
+        plan.check_fits(estimate, torch.device("cpu"), 64)
+    plan.check_fits(estimate, torch.device("cuda"), 64)  # decoded in host memory, not on the GPU
 
 
 # --- images too thin for the layers --------------------------------------------------------------

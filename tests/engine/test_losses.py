@@ -230,14 +230,14 @@ def test_normalize_gradients_must_be_a_bool():
 
 
 def test_memory_estimate_counts_statistics_losses(vgg19_random):
-    from stx.engine import memory
+    from stx.engine import plan
 
     layers = {"relu1_1": 1.0, "relu3_1": 1.0}
-    shapes = dict(zip(vgg19_random.names, memory.layer_shapes(vgg19_random, 64, 64)))
+    shapes = vgg19_random.layer_shapes(64, 64)
     estimates = {}
     for name, loss in [("gram", losses.GramStyleLoss(layers)), ("w2", losses.WassersteinStyleLoss(layers)),
                        ("normalized", losses.GramStyleLoss(layers, normalize_gradients=True))]:
-        estimates[name] = memory.estimate_bytes(losses.PerceptualObjective(vgg19_random, {"style": loss}), 64, 64, 2, 1)
+        estimates[name] = plan.estimate_bytes(losses.PerceptualObjective(vgg19_random, {"style": loss}), 64, 64, 2, 1)
     assert "loss statistics" not in estimates["gram"]
     features = sum(math.prod(shapes[layer]) for layer in layers)  # 64·64·64 + 256·16·16
     assert estimates["normalized"]["loss statistics"] == 4 * features

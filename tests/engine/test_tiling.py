@@ -99,15 +99,15 @@ def test_what_cannot_be_tiled_is_refused():
 def test_auto_tiles_only_what_does_not_fit(make_cfg, monkeypatch):
     from conftest import FAST
 
-    from stx.engine import memory
+    from stx.engine import plan
     from stx.runs.job import build_job
 
     overrides = [*FAST, "schedule.size=512", "schedule.tile=auto"]
     assert not isinstance(build_job(make_cfg(*overrides)).loss, TiledObjective)
     plain = build_job(make_cfg(*FAST, "schedule.size=512"))
     shape = plain.content.shape[-2:]
-    untiled = sum(memory.estimate_bytes(plain.loss, *shape, plain.schedule.state_images, 1).values())
-    monkeypatch.setattr(memory, "available_bytes", lambda device: int(0.8 * untiled / memory.HEADROOM))
+    untiled = sum(plan.estimate_bytes(plain.loss, *shape, plain.schedule.state_images, 1).values())
+    monkeypatch.setattr(plan, "available_bytes", lambda device: int(0.8 * untiled / plan.HEADROOM))
     job = build_job(make_cfg(*overrides))
     assert isinstance(job.loss, TiledObjective) and job.loss.tile < 512
     with pytest.raises(ConfigError, match="schedule size 512 px needs about .* set schedule.tile=auto"):

@@ -118,12 +118,12 @@ def test_size_that_cannot_fit_is_refused_with_the_estimate(make_cfg):
 
 
 def test_memory_estimate_counts_vgg_activations(make_cfg):
-    from stx.engine import memory
+    from stx.engine import plan
 
     job = build_job(make_cfg(*FAST))
-    shapes = memory.layer_shapes(job.loss.encoder, 64, 96)
+    shapes = list(job.loss.encoder.layer_shapes(64, 96).values())
     assert shapes[0] == (64, 64, 96) and shapes[job.loss.encoder.names.index("pool1")] == (64, 32, 48)
     assert shapes[-1] == (512, 4, 6)  # relu5_1, after four poolings
-    estimate = memory.estimate_bytes(job.loss, 64, 96, optimizer_state_images=2, styles=1)
+    estimate = plan.estimate_bytes(job.loss, 64, 96, optimizer_state_images=2, styles=1)
     assert estimate["encoder activations"] == round(1.25 * 4 * sum(c * h * w for c, h, w in shapes))
     assert estimate["image and optimiser"] == 4 * 3 * 64 * 96 * 4
