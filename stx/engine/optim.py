@@ -10,6 +10,11 @@ holds the pyramid's levels (coarse to fine, each with its own size and number of
 how to optimise them; :func:`optimise_image` hands each level to :func:`optimise_level`. The
 result of one level, upsampled, starts the next, and loss targets are recomputed once per level.
 Progress, logging and checkpoint writing stay outside the loop, in an :class:`OptimizationCallback`.
+The loop itself never waits for the device: the lowest loss and its image are kept with device-side
+masks, and each step's loss terms stay on the device until the callback is handed a chunk of steps
+(at most :data:`STEP_CHUNK`, or at once for a step whose image it needs), read back in one copy; a
+non-finite loss is found there. Only the rise guard (``max_rise``, off for L-BFGS) reads the loss
+every step.
 On a CUDA device, steps of :class:`~stx.engine.lbfgs.LBFGS` after the first two are replayed from a CUDA
 graph (:class:`CapturedStep`).
 """
@@ -35,6 +40,8 @@ from stx.errors import ConfigError, NonFiniteLossError
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+STEP_CHUNK = 32
+"""Most steps whose loss terms wait on the device before they are read back and reported."""
 OptimizerFactory = Callable[[list[torch.Tensor]], Optimizer]
 
 
@@ -195,7 +202,9 @@ class StepInfo:
     ``step`` counts optimiser steps from 1 across all levels (a schedule without steps reports
     its starting image once, as step 0); ``values`` holds every loss term
     (see :class:`~stx.engine.losses.PerceptualObjective`) and ``"total"`` as Python floats, measured
-    at the evaluation that step started from; ``image`` is the current image (do not modify).
+    at the evaluation that step started from; ``image`` is the image after the step (do not
+    modify) or, for a step the callback did not ask to see (:meth:`OptimizationCallback.needs_image`)
+    reported in a chunk, the image after the chunk's last step.
     """
 
     step: int
@@ -229,8 +238,15 @@ class OptimizationCallback:
     def on_start(self) -> None:
         """Once, just before the first step (the first level's targets are set)."""
 
+    def needs_image(self, step: int) -> bool:
+        """Whether :meth:`on_step` must see step ``step``'s image, so that the step is reported
+        at once. Steps it need not see are reported in chunks of up to :data:`STEP_CHUNK`, with
+        one read-back of their values from the device and the chunk's last image. Default: every
+        step (one read-back a step)."""
+        return True
+
     def on_step(self, info: StepInfo) -> None:
-        """After every optimiser step."""
+        """After every optimiser step, in order (a chunk's steps one after the other)."""
 
     def on_checkpoint(self, checkpoint: Checkpoint) -> None:
         """Every ``schedule.checkpoint_every`` steps."""
@@ -366,8 +382,10 @@ def optimise_level(
     if resume is not None:
         optimizer.load_state_dict(resume.optimizer_state)
     best = (resume.best if resume is not None else parameter).detach().clone()
-    best_loss = resume.best_loss if resume is not None else math.inf
+    best_loss = torch.tensor(resume.best_loss if resume is not None else math.inf, dtype=torch.float64,
+                             device=parameter.device)
     measured: dict[str, torch.Tensor] = {}
+    pending: list[tuple[int, torch.Tensor]] = []  # steps not reported yet: (step, its values stacked, on the device)
     step = first_step
     graphable = (schedule.cuda_graph and parameter.is_cuda and isinstance(optimizer, LBFGS)
                  and type(objective) is PerceptualObjective)
@@ -381,16 +399,21 @@ def optimise_level(
         with context:
             return objective(to_image(parameter, bounds))
 
-    def check_finite(total: float, values: dict[str, torch.Tensor]) -> None:
-        if not math.isfinite(total):
-            bad = [name for name, value in values.items() if not torch.isfinite(value)]
-            raise NonFiniteLossError(
-                f"the loss became {total} at step {step + 1} (non-finite terms: "
-                f"{', '.join(bad) or 'total'}); the run stopped and kept the image with the lowest "
-                f"finite loss. Lower the learning rate or the score weights.",
-                step + 1,
-                to_image(best, bounds).clamp(0.0, 1.0),
-            )
+    def non_finite(total: float, values: dict[str, float], at: int) -> NonFiniteLossError:
+        bad = [name for name, value in values.items() if name != "total" and not math.isfinite(value)]
+        return NonFiniteLossError(
+            f"the loss became {total} at step {at} (non-finite terms: {', '.join(bad) or 'total'}); the run "
+            f"stopped and kept the image with the lowest finite loss. Lower the learning rate or the score weights.",
+            at,
+            to_image(best, bounds).clamp(0.0, 1.0),
+        )
+
+    def keep_if_best(total: torch.Tensor, evaluated: torch.Tensor) -> None:
+        """``evaluated`` becomes the best when ``total`` is below the best loss (never NaN), on the device."""
+        total = total.detach().double()
+        better = total < best_loss
+        best.copy_(torch.where(better, evaluated, best))
+        best_loss.copy_(torch.where(better, total, best_loss))
 
     def back_to_best() -> None:
         """Undo a step that raised the loss above ``max_rise`` × the best: the best parameter,
@@ -399,69 +422,84 @@ def optimise_level(
             parameter.copy_(best)
         restart(optimizer)
 
+    def guard_rise(total: torch.Tensor, values: dict[str, torch.Tensor]) -> bool:
+        """The rise guard, a host decision (one read-back): whether ``total`` rose above ``max_rise``
+        × the best, after refusing a non-finite one."""
+        value, lowest = torch.stack([total.detach().double(), best_loss]).tolist()
+        if not math.isfinite(value):
+            raise non_finite(value, {name: float(v) for name, v in values.items()}, step + 1)
+        return value > schedule.max_rise * lowest
+
     def closure() -> torch.Tensor:
-        nonlocal best_loss
         optimizer.zero_grad(set_to_none=True)
         total, values = evaluate()
-        value = total.item()
-        check_finite(value, values)
-        if schedule.max_rise and value > schedule.max_rise * best_loss:
+        if schedule.max_rise and guard_rise(total, values):
             back_to_best()
             total, values = evaluate()
-            value = total.item()
         total.backward()
-        if value < best_loss:
-            best_loss = value
-            best.copy_(parameter.detach())
+        keep_if_best(total, parameter.detach())
         measured.clear()  # detached: a graph kept alive would pin the parameter's AccumulateGrad to this stream
         measured.update({name: value.detach() for name, value in values.items()}, total=total.detach())
         return total
 
     def replayed_step() -> None:
         """A step from the CUDA graph; the rise guard and the best image are kept after it."""
-        nonlocal best_loss
         values = captured.replay()
-        total = values["total"].item()
-        check_finite(total, values)
-        if schedule.max_rise and total > schedule.max_rise * best_loss:
+        if schedule.max_rise and guard_rise(values["total"], values):
             back_to_best()
             optimizer.step(closure)  # from the best image, with a new history, as without a graph
             return
-        if total < best_loss:
-            best_loss = total
-            best.copy_(captured.evaluated)
+        keep_if_best(values["total"], captured.evaluated)
         measured.clear()
         measured.update(values)
 
-    for _ in range(steps):
-        if graphable and optimizer.started and warmed_up and captured is None:
-            uncached = functools.partial(evaluate, schedule.autocast(parameter.device, cache=False))
-            try:
-                captured = CapturedStep(uncached, parameter, optimizer)
-            except RuntimeError as exc:  # something in the objective cannot be recorded: go on without
-                log.warning("stx: warning: the step could not be recorded as a CUDA graph (%s); going on without one "
-                            "(schedule.cuda_graph=false skips the attempt)", str(exc).splitlines()[0])
-                graphable = False
-        if captured is not None and optimizer.started:
-            replayed_step()
-        elif graphable and optimizer.started and not warmed_up:  # CUDA's warm-up: a step on a side stream
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                optimizer.step(closure)
-            torch.cuda.current_stream().wait_stream(side)
-            warmed_up = True
-        else:
-            optimizer.step(closure)
-        step += 1
-        if bounds == "clamp":
-            with torch.no_grad():  # the next evaluation clamps too; this keeps what others see in range
-                parameter.clamp_(0.0, 1.0)
-        values = torch.stack([v.detach().float() for v in measured.values()]).tolist()
+    def report() -> None:
+        """Hand the pending steps to the callback, their values read back in one copy, with the
+        current image. A non-finite total stops the run at its step."""
+        chunk = list(pending)
+        pending.clear()
+        rows = torch.stack([values for _, values in chunk]).tolist()
         current = to_image(parameter.detach(), bounds)
-        callback.on_step(StepInfo(step, level, max(current.shape[-2:]), dict(zip(measured, values)), current))
-        if schedule.checkpoint_every > 0 and step % schedule.checkpoint_every == 0:
-            callback.on_checkpoint(
-                Checkpoint(step, level, parameter.detach().clone(), optimizer.state_dict(), best.clone(), best_loss)
-            )
+        for (number, _), row in zip(chunk, rows):
+            values = dict(zip(measured, row))
+            if not math.isfinite(values["total"]):
+                raise non_finite(values["total"], values, number)
+            callback.on_step(StepInfo(number, level, max(current.shape[-2:]), values, current))
+
+    try:
+        for index in range(steps):
+            if graphable and optimizer.started and warmed_up and captured is None:
+                uncached = functools.partial(evaluate, schedule.autocast(parameter.device, cache=False))
+                try:
+                    captured = CapturedStep(uncached, parameter, optimizer)
+                except RuntimeError as exc:  # something in the objective cannot be recorded: go on without
+                    log.warning("stx: warning: the step could not be recorded as a CUDA graph (%s); going on without "
+                                "one (schedule.cuda_graph=false skips the attempt)", str(exc).splitlines()[0])
+                    graphable = False
+            if captured is not None and optimizer.started:
+                replayed_step()
+            elif graphable and optimizer.started and not warmed_up:  # CUDA's warm-up: a step on a side stream
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    optimizer.step(closure)
+                torch.cuda.current_stream().wait_stream(side)
+                warmed_up = True
+            else:
+                optimizer.step(closure)
+            step += 1
+            if bounds == "clamp":
+                with torch.no_grad():  # the next evaluation clamps too; this keeps what others see in range
+                    parameter.clamp_(0.0, 1.0)
+            pending.append((step, torch.stack([v.detach().float() for v in measured.values()])))
+            checkpoint = schedule.checkpoint_every > 0 and step % schedule.checkpoint_every == 0
+            if checkpoint or len(pending) >= STEP_CHUNK or index == steps - 1 or callback.needs_image(step):
+                report()
+            if checkpoint:
+                callback.on_checkpoint(Checkpoint(step, level, parameter.detach().clone(), optimizer.state_dict(),
+                                                  best.clone(), best_loss.item()))
+    except KeyboardInterrupt:
+        if pending:  # the steps taken are reported, the latest with its image, before the run stops
+            report()
+        raise
     return to_image(best, bounds).clamp(0.0, 1.0)

@@ -55,6 +55,7 @@ class JobMonitor(OptimizationCallback):
         self.present = present
         self.started_at = started_at
         self.latest: StepInfo | None = None
+        """The latest step reported, its image as optimised (see :meth:`latest_result`)."""
         self.steps_run = 0
         self.pixels = 0
         self.judging_s = 0.0
@@ -75,11 +76,18 @@ class JobMonitor(OptimizationCallback):
     def on_start(self) -> None:
         self.first_step_at = time.time()
 
+    def needs_image(self, step: int) -> bool:
+        """The steps whose image is logged and scored (every ``tracking.image_every``); the others
+        are reported in chunks (:data:`~stx.engine.optim.STEP_CHUNK`), without waiting for the device."""
+        every = self.tracker.image_every
+        return every > 0 and step % every == 0
+
     def on_step(self, info: StepInfo) -> None:
-        info = dataclasses.replace(info, image=self.present(info.image))
-        self.latest = info
         self.steps_run += 1
         self.pixels += info.image.shape[-2] * info.image.shape[-1]
+        self.latest = info
+        if self.needs_image(info.step):
+            info = dataclasses.replace(info, image=self.present(info.image))
         self.tracker.log_step(info)
         every = self.tracker.image_every
         if every > 0 and 0 < info.step < self.steps and info.step % every == 0:  # the last: the output's
@@ -88,6 +96,10 @@ class JobMonitor(OptimizationCallback):
         self.progress.update()
         if info.step % max(1, self.steps // 10) == 0 or info.step == self.steps:  # ten lines a run in stx.log
             joblog.to_file(f"step {info.step}/{self.steps} ({info.size} px): total {info.values['total']:.6g}")
+
+    def latest_result(self) -> torch.Tensor:
+        """The latest step's image as the job's result (``present``): what a stopped job keeps."""
+        return self.present(self.latest.image)
 
     def on_checkpoint(self, checkpoint: Checkpoint) -> None:
         path = layout.save_checkpoint(checkpoint, self.run_dir / layout.CHECKPOINT_FILE)

@@ -253,7 +253,7 @@ def run_tracked(
                     raise
                 except (KeyboardInterrupt, TrackingError):
                     if monitor.latest is not None:
-                        _save(tracker, monitor.latest.image, run_dir / (layout.INTERRUPTED + cfg.output), monitor.latest.step)
+                        _save(tracker, monitor.latest_result(), run_dir / (layout.INTERRUPTED + cfg.output), monitor.latest.step)
                     raise
             image = job.color.finish(image)
             output = _save(tracker, image, run_dir / cfg.output, job.schedule.steps)

@@ -83,7 +83,15 @@ def test_same_seed_gives_same_image(vgg19_random):
     assert not torch.equal(a, c)
 
 
-def test_non_finite_loss_stops_with_last_finite_image(vgg19_random, rng):
+class Chunked(Recorder):
+    """A recorder that needs no step's image: steps come in chunks, read back once each."""
+
+    def needs_image(self, step):
+        return False
+
+
+@pytest.mark.parametrize("max_rise,callback", [(2.0, Recorder), (0.0, Chunked)], ids=["guarded", "chunked"])
+def test_non_finite_loss_stops_with_last_finite_image(vgg19_random, rng, max_rise, callback):
     class Explodes(losses.TotalVariationLoss):
         calls = 0
 
@@ -92,10 +100,47 @@ def test_non_finite_loss_stops_with_last_finite_image(vgg19_random, rng):
             value = super().forward(features, image)
             return {"image": value["image"] * (float("nan") if Explodes.calls > 3 else 1.0)}
 
+    objective = losses.PerceptualObjective(vgg19_random, {"tv": Explodes()})
+    content = torch.rand(1, 3, 40, 40, generator=rng)
+    recorder = callback()
     with pytest.raises(NonFiniteLossError, match="loss became nan at step 4.*tv/image") as info:
-        run(vgg19_random, {"tv": Explodes()}, rng, optimizer=ADAM)
+        optimise_image(objective, content=content, styles=[content], style_weights=[1.0],
+                       schedule=schedule(optimizer=ADAM, max_rise=max_rise), callback=recorder)
     assert info.value.step == 4
     assert torch.isfinite(info.value.image).all()
+    assert [step.step for step in recorder.steps] == [1, 2, 3]  # the steps before it, never a NaN one
+
+
+class HostReads:
+    """Counts the calls that copy a tensor's value to the host (each waits for the device)."""
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        for name in ("item", "tolist", "__bool__", "__float__"):
+            original = getattr(torch.Tensor, name)
+
+            def counted(tensor, *args, _original=original, **kwargs):
+                self.count += 1
+                return _original(tensor, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+@pytest.mark.parametrize("callback,reads", [(Recorder, 40 + 1), (Chunked, 2 + 1)], ids=["every-step", "chunked"])
+def test_steps_are_read_back_in_chunks_with_the_same_values(vgg19_random, monkeypatch, callback, reads):
+    terms = {"style": losses.GramStyleLoss({"relu1_1": 1.0, "relu2_1": 1.0}, score_weight=1e3)}
+    _, expected, _ = run(vgg19_random, terms, torch.Generator().manual_seed(3), levels=(PyramidLevel(32, 40),), max_rise=0)
+    objective = losses.PerceptualObjective(vgg19_random, terms)
+    rng = torch.Generator().manual_seed(3)
+    content, style = torch.rand(1, 3, 40, 40, generator=rng), torch.rand(1, 3, 40, 40, generator=rng)
+    recorder, host = callback(), HostReads(monkeypatch)
+    optimise_image(objective, content=content, styles=[style], style_weights=[1.0],
+                   schedule=schedule((PyramidLevel(32, 40),), max_rise=0), callback=recorder)
+    # L-BFGS's first step reads its gradient's size once; then one read-back per report: 40 steps
+    # one by one, or two chunks (32 + the level's last 8)
+    assert host.count == reads
+    assert [info.values["total"] for info in recorder.steps] == expected
+    assert [info.step for info in recorder.steps] == list(range(1, 41))
 
 
 @pytest.mark.parametrize(
