@@ -5,6 +5,7 @@
 * ``stx compare <parent-run-id | experiment>``: contact sheet and table of a sweep's runs.
 * ``stx reproduce <run-id>``: re-run a logged run and report the max pixel difference.
 * ``stx promote <run-id> key=value …``: re-run a run with changes (a larger size) from its output.
+* ``stx ui``: MLflow's UI on the store, opened on the runs table sorted by objective.
 * ``stx init [dir]``: scaffold a project folder of your own (images, configs, presets).
 * ``stx train key=value …``: train a feed-forward stylisation model (a Hydra app over ``conf/train.yaml``).
 * ``stx stylize <model> <images or folders>``: stylise images with a trained model.
@@ -35,7 +36,7 @@ from stx.errors import StxError
 from stx.runs import interrupts, joblog
 from stx.runs.schema import CONF_PACKAGE, runs_dir
 
-COMMANDS = ("compare", "reproduce", "promote", "init", "stylize", "serve")
+COMMANDS = ("compare", "reproduce", "promote", "ui", "init", "stylize", "serve")
 
 
 class _Task:
@@ -165,6 +166,11 @@ def tool_parser() -> argparse.ArgumentParser:
                                          help="re-run a run larger (key=value changes), starting from its output")
     promote_parser.add_argument("run_id")
     promote_parser.add_argument("overrides", nargs="*", help="e.g. schedule.size=1024 schedule.steps=300")
+    ui_parser = commands.add_parser("ui", parents=[common], help="the MLflow UI on the store, opened on stx's runs "
+                                    "table: sorted by objective, quality metrics and swept params as columns")
+    ui_parser.add_argument("--experiment", default="stx", help="the experiment to open (default: stx)")
+    ui_parser.add_argument("--host", default="127.0.0.1")
+    ui_parser.add_argument("--port", type=int, default=5000)
     init_parser = commands.add_parser("init", help="scaffold a project folder: your images, configs and presets")
     init_parser.add_argument("folder", nargs="?", type=Path, default=Path("."), help="(default: the current folder)")
     stylize_parser = commands.add_parser("stylize", parents=[common], help="stylise images with a trained model")
@@ -226,6 +232,11 @@ def tool_main(argv: list[str]) -> None:
             created = scaffold(args.folder)
             print("stx: created " + ", ".join(str(path) for path in created))
             print(f"stx: run it with: cd {args.folder} && stx -cd conf -cn project")
+            return
+        if args.command == "ui":
+            from stx.runs.ui import open_ui
+
+            open_ui(args.tracking_uri, args.experiment, args.host, args.port)
             return
         if args.command == "promote":
             from stx.runs.reproduce import promote

@@ -234,7 +234,7 @@ def test_command_is_valid(shown, project, monkeypatch):
 
 BAD = ["stx loss.sytle.score_weight=1", "stx loss=gatyss", "stx -m color=none,lumnance", "stx seed=0,1",
        "stx experiment=<name> experimnt=x", "stx unknown=<x>", "stx resume=<run-id> schedul.steps=3",
-       "stx train trainer.stepz=3", "stx train data.content_dir=~/photos", "stx --cfg jobs", "stx ui",
+       "stx train trainer.stepz=3", "stx train data.content_dir=~/photos", "stx --cfg jobs", "stx browse",
        "stx -cd conf -cn project loss=yours", "stx promote <run-id> schedule.sise=1024", "stx stylize <model>",
        "stx serve --models mosaic=mosaic"]
 """Commands the check must refuse, as stx does: an unknown key, option, group, flag or subcommand, a

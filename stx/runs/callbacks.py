@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from stx.errors import StxError, first_line
 from stx.runs import interrupts, layout
 from stx.runs.liveness import process_tags
-from stx.runs.tracking import ensure_experiment, source_tags, tracking_uri
+from stx.runs.tracking import ensure_experiment, show_params, source_tags, tracking_uri
 
 
 def exit_with(error: StxError) -> None:
@@ -107,6 +107,7 @@ class MlflowSweepCallback(Callback):
         overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
         self.swept_keys = [o.key_or_group for o in overrides if o.is_sweep_override()]
         self.swept_keys += [str(key) for key in (config.hydra.sweeper.get("params") or {})]
+        show_params(client, experiment_id, [layout.param_key(key) for key in self.swept_keys])
         swept = layout.run_name(tags[layout.TAG_OVERRIDES], self.swept_keys)  # "sw=1e1,1e3,1e5"
         run = client.create_run(experiment_id, run_name=f"sweep {swept or command}"[:250], tags=tags)
         self.parent_run_id = run.info.run_id
@@ -213,8 +214,8 @@ class MlflowSweepCallback(Callback):
         return client.search_runs([experiment_id], filter_string=search, max_results=50000)
 
     def report(self, status: str) -> None:
-        """The sweep's result in a few lines: its status, the best run (or the Pareto set) and
-        where its table, contact sheet and scatter plot are."""
+        """The sweep's result in a few lines: its status, the best run (or the Pareto set), where
+        its table, contact sheet and scatter plot are, and how to see its runs in MLflow's UI."""
         try:
             parent = MlflowClient(self.uri).get_run(self.parent_run_id)
         except (MlflowException, OSError):
@@ -230,6 +231,7 @@ class MlflowSweepCallback(Callback):
         files = [folder / name for name in ("table.txt", "contact_sheet.png", "scatter.png") if (folder / name).is_file()]
         if files:
             lines.append("stx: " + ", ".join(str(path) for path in files))
+        lines.append(f"stx: every run in MLflow's UI, best objective first: stx ui --tracking-uri {self.uri}")
         print("\n".join(lines), flush=True)
 
     def summarize(self) -> None:

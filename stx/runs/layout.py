@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from stx.errors import ConfigError, StxError
-from stx.runs.schema import StxSchema
+from stx.runs.schema import CONF_DIR, StxSchema
 
 if TYPE_CHECKING:
     from stx.engine.optim import Checkpoint
@@ -129,6 +129,13 @@ def parse_overrides(text: str) -> dict[str, str]:
 def choices(tags: Mapping[str, str]) -> dict[str, str]:
     """``{group: option}`` of the ``hydra.choice.<group>`` tags among ``tags``."""
     return {key.removeprefix(TAG_CHOICE): value for key, value in tags.items() if key.startswith(TAG_CHOICE)}
+
+
+def param_key(override_key: str) -> str:
+    """The param a run logs for an override's key: ``choice/<group>`` for a config group
+    (``color`` → ``choice/color``), the dotted key itself for a value (``loss.style.score_weight``)."""
+    key = override_key.lstrip("+~")
+    return f"choice/{key}" if (CONF_DIR / key).is_dir() else key
 
 
 NOT_IN_NAMES = ("runs_dir", "tracking", "hydra", "device", "resume")

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import json
 import logging
 import platform
 import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -46,6 +47,13 @@ LOCKED_RETRY_S = (1.0, 2.0, 4.0)
 writing longer than sqlite's own 5 s wait, e.g. on a loaded machine); then it counts as failed."""
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 """Makes MLflow 3's UI open the experiment on its runs table rather than the GenAI overview."""
+VIEW_KEY = "stx"
+"""The view of the runs table stx keeps on each experiment, MLflow's shared view state (the experiment tag
+``mlflow.sharedViewState.stx``, opened by ``…/#/experiments/<id>/runs?viewStateShareKey=stx``, the
+link ``stx ui`` prints): sorted by ``objective``, with the quality metrics and swept params as columns."""
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+VIEW_METRICS = ("objective", "eval/style_distance", "eval/content_distance", "eval/ssim_content",
+                "eval/color_distance_style")
 METRICS_COLUMNS = ("step", "key", "value", "timestamp_ms")
 QUIET_LOGGERS = ("mlflow.store.db.utils",)
 """They log each failed call to the store as an ERROR with a traceback; stx reports the failure once."""
@@ -115,18 +123,48 @@ def existing_store(uri: str) -> MlflowClient:
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
-    """Id of experiment ``name``, created (with its artifact root) if it does not exist yet."""
+    """Id of experiment ``name``, created (with its artifact root and stx's view, :data:`VIEW_KEY`)
+    if it does not exist yet; an experiment from before the view gets it."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        if VIEW_TAG not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, VIEW_TAG, view_state())
         return experiment.experiment_id
     location = Path(artifact_location).resolve().as_uri() if artifact_location else None
     try:
-        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+        return client.create_experiment(name, artifact_location=location,
+                                        tags={**EXPERIMENT_KIND, VIEW_TAG: view_state()})
     except MlflowException:  # created meanwhile by a parallel job
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
             raise
         return experiment.experiment_id
+
+
+def view_state(params: Sequence[str] = ()) -> str:
+    """stx's view (:data:`VIEW_KEY`) as MLflow's UI reads it: the runs table sorted by ``objective``
+    (lowest first), with :data:`VIEW_METRICS` and ``params`` (logged param keys) as columns."""
+    columns = [f"metrics.`{name}`" for name in VIEW_METRICS] + [f"params.`{name}`" for name in params]
+    return json.dumps({"orderByKey": "metrics.`objective`", "orderByAsc": True, "selectedColumns": columns})
+
+
+def show_params(client: MlflowClient, experiment_id: str, params: Sequence[str]) -> None:
+    """Add ``params`` (logged param keys, e.g. a sweep's swept keys) to the columns of the
+    experiment's stx view, after those it shows already."""
+    tags = client.get_experiment(experiment_id).tags
+    try:
+        shown = [column.removeprefix("params.`").removesuffix("`") for column in
+                 json.loads(tags.get(VIEW_TAG, "{}")).get("selectedColumns", []) if column.startswith("params.`")]
+    except (ValueError, AttributeError):  # edited by hand: written anew
+        shown = []
+    wanted = list(dict.fromkeys([*shown, *params]))
+    if wanted != shown or VIEW_TAG not in tags:
+        client.set_experiment_tag(experiment_id, VIEW_TAG, view_state(wanted))
+
+
+def view_link(ui: str, experiment_id: str) -> str:
+    """The address of the experiment's stx view (:data:`VIEW_KEY`) in the MLflow UI at ``ui``."""
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:

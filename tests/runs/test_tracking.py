@@ -1,6 +1,7 @@
 """RunTracker and run liveness against a real sqlite store: store failures, dead runs, resumed runs."""
 
 import csv
+import json
 import logging
 import os
 import shutil
@@ -283,3 +284,47 @@ def test_a_store_locked_for_a_while_is_waited_for_and_one_locked_for_good_fails(
     with pytest.raises(TrackingError, match="failed while logging metrics: .*database is locked"):
         tracker._store("logging metrics", locked(4))
     assert len(calls) == 4 and tracker.failure is not None
+
+
+def test_each_experiment_carries_stx_view_of_its_runs_and_a_sweep_adds_its_swept_params(client):
+    from stx.runs.tracking import VIEW_TAG, ensure_experiment, show_params
+
+    created = ensure_experiment(client, "views", None)
+    view = json.loads(client.get_experiment(created).tags[VIEW_TAG])
+    assert view["orderByKey"] == "metrics.`objective`" and view["orderByAsc"] is True
+    assert view["selectedColumns"][:3] == ["metrics.`objective`", "metrics.`eval/style_distance`",
+                                           "metrics.`eval/content_distance`"]
+    older = client.create_experiment("made before the view")
+    assert ensure_experiment(client, "made before the view", None) == older
+    assert VIEW_TAG in client.get_experiment(older).tags
+
+    swept = [layout.param_key(key) for key in ("loss.style.score_weight", "color")]
+    assert swept == ["loss.style.score_weight", "choice/color"]  # a config group's choice is logged as choice/<group>
+    show_params(client, created, swept)
+    show_params(client, created, ["seed", "choice/color"])  # a later sweep: added after, never twice
+    columns = json.loads(client.get_experiment(created).tags[VIEW_TAG])["selectedColumns"]
+    assert [c for c in columns if c.startswith("params.")] == [
+        "params.`loss.style.score_weight`", "params.`choice/color`", "params.`seed`"]
+
+
+def test_stx_ui_prints_the_view_and_serves_the_store_it_is_given(client, tmp_path, monkeypatch, capsys):
+    from stx import cli
+    from stx.runs.tracking import ensure_experiment
+
+    missing = f"sqlite:///{tmp_path}/elsewhere/mlflow.db"
+    with pytest.raises(SystemExit):
+        cli.tool_main(["ui", "--tracking-uri", missing])
+    assert "there is no MLflow store at" in capsys.readouterr().err
+    assert not (tmp_path / "elsewhere").exists()  # never created
+
+    experiment = ensure_experiment(client, "stx", None)
+    started = []
+    monkeypatch.setattr(os, "execv", lambda program, argv: started.append(argv))
+    cli.tool_main(["ui", "--tracking-uri", client.tracking_uri, "--port", "5123"])
+    assert f"http://127.0.0.1:5123/#/experiments/{experiment}/runs?viewStateShareKey=stx" in capsys.readouterr().out
+    (argv,) = started
+    assert argv[1:] == ["-m", "mlflow", "ui", "--backend-store-uri", client.tracking_uri, "--host", "127.0.0.1",
+                        "--port", "5123"]
+    with pytest.raises(SystemExit):
+        cli.tool_main(["ui", "--tracking-uri", client.tracking_uri, "--experiment", "nope"])
+    assert "--experiment='nope': the store" in capsys.readouterr().err

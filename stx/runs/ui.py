@@ -1,0 +1,29 @@
+"""``stx ui``: MLflow's UI on a store, opened on stx's view of an experiment's runs (see
+:data:`stx.runs.tracking.VIEW_KEY`): sorted by objective, the quality metrics and swept params as columns."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from stx.runs.tracking import TrackingError, VIEW_TAG, existing_store, show_params, view_link
+
+
+def open_ui(uri: str, experiment: str, host: str, port: int) -> None:
+    """Print the link to ``experiment``'s stx view and serve MLflow's UI on the store at ``uri``
+    (replacing this process); for a tracking server, whose UI is already up, print its link only."""
+    client = existing_store(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        names = ", ".join(e.name for e in client.search_experiments()) or "none"
+        raise TrackingError(f"--experiment={experiment!r}: the store {uri} has no such experiment (it has: {names}); "
+                            f"give one of those, or run a job first (tracking.experiment names it).")
+    if VIEW_TAG not in found.tags:  # an experiment from before stx kept a view
+        show_params(client, found.experiment_id, [])
+    if uri.startswith(("http://", "https://")):
+        print(f"stx: {experiment!r} in the MLflow UI: {view_link(uri, found.experiment_id)}", flush=True)
+        return
+    print(f"stx: {experiment!r} in the MLflow UI: {view_link(f'http://{host}:{port}', found.experiment_id)} "
+          f"(Ctrl-C stops the UI)", flush=True)
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    os.execv(sys.executable, command)
