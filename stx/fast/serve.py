@@ -39,6 +39,7 @@ import torch
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from omegaconf import DictConfig, OmegaConf
 
 from stx.engine.image import MIN_SIZE, image_shape, long_edge_shape, read_image, to_pil
@@ -275,7 +276,7 @@ PAGE = """<!doctype html>
 <label>Long edge (px, optional) <input type="number" name="size" min="16"></label></p>
 <p><button>Stylise</button></p></form>
 <p id="error"></p><p><img id="result" alt=""></p><p><a id="download" download="stylised.png" hidden>Download</a></p>
-<p><a href="/openapi.json">API description</a> · <a href="/health">health</a></p>
+<p><a href="/docs">API docs</a> · <a href="/openapi.json">API description</a> · <a href="/health">health</a></p>
 <script>
 document.getElementById("form").addEventListener("submit", async (event) => {
   event.preventDefault();
@@ -299,7 +300,7 @@ def create_app(models: Mapping[str, Model], limits: Limits, device: torch.device
                optimizer: ImageOptimizer | None = None) -> FastAPI:
     """The service's FastAPI app over the loaded ``models`` (name → model) and, when given, the
     image ``optimizer``."""
-    app = FastAPI(title="stx", description=__doc__.split("\n\n")[0])
+    app = FastAPIOffline(title="stx", description=__doc__.split("\n\n")[0])  # /docs, /redoc: assets served here
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
     admission = Admission(limits.workers, limits.queue)
 

@@ -2,6 +2,7 @@
 
 import io
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -187,3 +188,15 @@ def test_the_page_and_the_api_description_say_what_the_service_does(server):
         assert "image/png" in post["responses"]["200"]["content"] and post["summary"] and post["description"]
         assert "503" in post["responses"]
     assert api["paths"]["/health"]["get"]["summary"]
+
+
+@pytest.mark.parametrize("docs", ["/docs", "/redoc"])
+def test_the_api_docs_work_offline(server, docs):
+    page = requests.get(f"{server}{docs}", timeout=10)
+    assert page.status_code == 200 and "/openapi.json" in page.text
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page.text) + re.findall(r"url: '([^']+)'", page.text)
+    scripts = [asset for asset in assets if asset.endswith(".js")]
+    assert scripts and not [asset for asset in assets if "://" in asset]  # every asset from the service itself
+    for asset in scripts:
+        served = requests.get(f"{server}{asset}", timeout=10)
+        assert served.status_code == 200 and len(served.content) > 100_000  # the whole UI bundle

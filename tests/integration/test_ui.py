@@ -1,51 +1,83 @@
-"""``stx ui`` as a user meets it: MLflow's UI in headless Chromium on a fresh profile, opened on the link
-``stx ui`` prints, shows the runs table sorted by objective with the quality metrics and the swept param
-as columns; the same page without stx's view shows none of them (Debian's ``chromium``)."""
+"""What users see, in headless Chromium on a fresh profile (Debian's ``chromium``, driven by
+:mod:`browser`): ``stx ui``'s link opens MLflow's runs table sorted by objective with the quality
+metrics and the swept param as columns (the same page without stx's view shows none of them), and
+``stx serve``'s page stylises a photo picked in its form, with ``/docs`` working offline."""
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import time
 import urllib.request
+from contextlib import contextmanager
 
-import pytest
-from conftest import FAST, STX, free_port, local_uri, run_stx
+from integration.browser import Chromium
+from conftest import CONTENT, FAST, STX, free_port, local_uri, run_stx
+
+from stx.fast import export
+from stx.fast.transformer import TransformerNet
 
 
-def rendered(url, profile, width=3000):
-    """The page's DOM after its scripts ran, in Chromium with a fresh profile."""
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.fail("STX_INTEGRATION=1 but chromium is not installed: apt-get install -y chromium")
-    command = [chromium, "--headless", "--no-sandbox", f"--user-data-dir={profile}", f"--window-size={width},1000",
-               "--virtual-time-budget=15000", "--dump-dom", url]
-    return subprocess.run(command, capture_output=True, text=True, timeout=180).stdout
+@contextmanager
+def started(command, port, cwd):
+    """``stx <command>`` in its own process group until its /health answers (a loaded 2-core machine
+    takes over 90 s to start MLflow's UI); yields its process, whose first line of output is unread."""
+    process = subprocess.Popen([*STX, *command, "--port", str(port)], cwd=cwd, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and process.poll() is None, f"stx {command[0]} did not start"
+                time.sleep(0.5)
+        yield process
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+def shown(browser):
+    return browser.evaluate("document.body.innerText")
+
+
+ROWS = "document.querySelectorAll('.ag-row').length"
+COLUMNS = "[...document.querySelectorAll('.ag-header-cell')].map(cell => cell.getAttribute('col-id')).join(',')"
+"""The runs table's rows, and its columns' ids (``metrics.`objective```, ``params.`seed```)."""
 
 
 def test_stx_ui_opens_the_runs_table_on_what_a_comparison_needs(tmp_path):
     swept = run_stx(tmp_path, "-m", *FAST, "loss.style.score_weight=1e3,1e5")
     assert swept.returncode == 0, swept.stderr
     port = free_port()
-    ui = subprocess.Popen([*STX, "ui", "--tracking-uri", local_uri(tmp_path), "--port", str(port)], cwd=tmp_path,
-                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
-    try:
+    with started(["ui", "--tracking-uri", local_uri(tmp_path)], port, tmp_path) as ui:
         link = re.search(r"(http://127\.0\.0\.1:\d+/#/experiments/\d+/runs\?viewStateShareKey=stx)", ui.stdout.readline())
         assert link, "stx ui printed no link"
-        deadline = time.monotonic() + 180  # a loaded 2-core machine takes over 90 s
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and ui.poll() is None, "the MLflow UI did not start within 180 s"
-                time.sleep(0.5)
-        view = rendered(link.group(1), tmp_path / "profile")
-        plain = rendered(link.group(1).split("?")[0], tmp_path / "fresh profile")
-    finally:
-        os.killpg(ui.pid, signal.SIGTERM)
-        ui.wait(timeout=60)
-    assert "Sort: objective" in view and "Sort: Created" in plain  # a fresh profile's default
-    for column in ("eval/style_distance", "eval/content_distance", "loss.style.score_weight"):
+        with Chromium(tmp_path / "profile", width=3000) as browser:
+            browser.open(link.group(1))
+            view = browser.wait_for(f"{ROWS} >= 3 && {COLUMNS}.includes('metrics.`objective`') && {COLUMNS}")
+            assert "Sort: objective" in shown(browser)
+        with Chromium(tmp_path / "another profile", width=3000) as browser:
+            browser.open(link.group(1).split("?")[0])
+            plain = browser.wait_for(f"{ROWS} >= 3 && {COLUMNS}.includes('duration') && {COLUMNS}")
+            assert "Sort: Created" in shown(browser)  # a fresh profile's default
+    for column in ("metrics.`objective`", "metrics.`eval/style_distance`", "metrics.`eval/content_distance`",
+                   "params.`loss.style.score_weight`"):
         assert column in view and column not in plain, column
+
+
+def test_stx_serve_page_stylises_a_photo_and_its_docs_work_offline(tmp_path):
+    model = export.export_torchscript(TransformerNet(channels=4, residual_blocks=1), tmp_path / "tiny.pt")
+    port = free_port()
+    with started(["serve", "--model", f"tiny={model}"], port, tmp_path), Chromium(tmp_path / "profile") as browser:
+        browser.open(f"http://127.0.0.1:{port}/")
+        browser.choose_file("input[type=file]", CONTENT)
+        browser.evaluate("document.querySelector('button').click()")
+        width = browser.wait_for("!document.getElementById('download').hidden && document.getElementById('result').naturalWidth")
+        assert width > 0 and browser.evaluate("document.getElementById('error').textContent") == ""
+        assert browser.evaluate("document.getElementById('download').href").startswith("blob:")
+        browser.open(f"http://127.0.0.1:{port}/docs")  # Swagger UI, its scripts served by the service
+        docs = browser.wait_for("document.body.innerText.includes('/stylize/{name}') && document.body.innerText")
+        assert "/health" in docs
