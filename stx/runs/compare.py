@@ -9,6 +9,7 @@ import math
 import re
 import sys
 import tempfile
+import textwrap
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -202,18 +203,31 @@ def contact_sheet(rows: list[Row]) -> Image.Image:
     return sheet
 
 
+SCORE_HEADERS = {layout.OBJECTIVE_METRIC: "objective", STYLE: "style_d", CONTENT: "content_d",
+                 "eval/color_distance_style": "color_s", "eval/color_distance_content": "color_c",
+                 "eval/ssim_content": "ssim"}
+"""The table's short headers of :data:`SCORES` (its last line says what each stands for)."""
+
+
 def table(rows: list[Row]) -> str:
-    """A plain-text table: run, status, Pareto front (``*``), swept values, objective and quality
-    metrics, final loss terms."""
+    """A plain-text table, narrow enough for a terminal: run, status, Pareto front (``*``), swept
+    values (short keys, as in run names), objective and quality metrics (short headers), final
+    total loss; then a legend of the short names."""
     swept_keys = list(rows[0].swept)
     score_keys = [k for k in SCORES if any(k in row.run.data.metrics for row in rows)]
-    term_keys = sorted({k for row in rows for k in loss_terms(row.run)}, key=lambda k: (k != "total", k))
-    header = ["run", "status", "front", *swept_keys, *score_keys, *term_keys]
-    body = [[row.run.info.run_id[:8], status(row.run), "*" if row.on_front else "-", *row.swept.values(),
-             *(f"{row.run.data.metrics[k]:.6g}" if k in row.run.data.metrics else "-" for k in score_keys + term_keys)]
+    term_keys = [k for k in ("total",) if any(k in row.run.data.metrics for row in rows)]
+    short = {key: layout.short_key(key) for key in swept_keys}
+    header = ["run", "status", "front", *short.values(), *(SCORE_HEADERS[k] for k in score_keys), *term_keys]
+    body = [[row.run.info.run_id[:8], status(row.run), "*" if row.on_front else "-",
+             *(layout.short_value(str(value)) for value in row.swept.values()),
+             *(f"{row.run.data.metrics[k]:.4g}" if k in row.run.data.metrics else "-" for k in score_keys + term_keys)]
             for row in rows]
     widths = [max(len(str(cells[i])) for cells in [header, *body]) for i in range(len(header))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip() for cells in [header, *body])
+    legend = [f"{name}: {key}" for key, name in short.items() if name != key]
+    legend += [f"{SCORE_HEADERS[k]}: {k}" for k in score_keys if SCORE_HEADERS[k] != k]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip() for cells in [header, *body]]
+    notes = textwrap.wrap(f"({'; '.join(legend)}; lower is better but for ssim)", 100) if legend else []
+    return "\n".join([*lines, *notes])
 
 
 def default_out_dir(uri: str, target: str) -> Path:

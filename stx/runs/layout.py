@@ -148,20 +148,20 @@ def run_name(overrides: str, keys: Sequence[str] = ()) -> str | None:
     values = parse_overrides(overrides)
     keys = [key for key in keys if key in values] or [
         key for key in values if key.lstrip("+~").split(".")[0].split("/")[0] not in NOT_IN_NAMES]
-    short = [_short_key(key) for key in keys]
+    short = [short_key(key) for key in keys]
     short = [".".join([*key.split(".")[-2:-1], name]) if short.count(name) > 1 else name  # two score weights: whose
              for key, name in zip(keys, short)]
-    return " ".join(f"{name}={_short_value(values[key])}" for name, key in zip(short, keys))[:250] or None
+    return " ".join(f"{name}={short_value(values[key])}" for name, key in zip(short, keys))[:250] or None
 
 
-def _short_key(key: str) -> str:
+def short_key(key: str) -> str:
     """``loss.style.score_weight`` → ``sw``, ``schedule.optimizer.lr`` → ``lr``, ``color`` → ``color``."""
     last = key.lstrip("+~").rsplit(".", 1)[-1].rsplit("/", 1)[-1]
     words = [word for word in last.split("_") if word]
     return "".join(word[0] for word in words) if len(words) > 1 else last
 
 
-def _short_value(text: str) -> str:
+def short_value(text: str) -> str:
     """Numbers compactly (``1000000.0`` → ``1e6``, ``1000.0`` → ``1000``, ``0.5`` → ``0.5``), other values as given."""
     try:
         number = float(text)

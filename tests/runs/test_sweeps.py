@@ -67,7 +67,9 @@ def test_sweep_then_compare_then_reproduce(tmp_path):
     compared = run_stx(tmp_path, "compare", parent.info.run_id, "--tracking-uri", local_uri(tmp_path))
     assert compared.returncode == 0, compared.stderr
     header, *rows = compared.stdout.splitlines()[:4]
-    assert header.split()[:6] == ["run", "status", "front", "loss.style.score_weight", "objective", "eval/style_distance"]
+    assert header.split()[:6] == ["run", "status", "front", "sw", "objective", "style_d"]
+    assert max(len(line) for line in compared.stdout.splitlines() if not line.startswith("stx: ")) <= 100  # a terminal's
+    assert "(sw: loss.style.score_weight; style_d: eval/style_distance;" in compared.stdout
     objectives = [float(row.split()[4]) for row in rows]
     assert objectives == sorted(objectives) and rows[0].split()[0] == best.info.run_id[:8]  # best first
     assert rows[0].split()[2] == "*"  # the best by the sum is on the style/content front
