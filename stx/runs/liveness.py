@@ -1,8 +1,8 @@
 """Whether the process behind a RUNNING MLflow run is still alive, and closing runs whose process is gone.
 
-Each stx run records the host (``stx.host``), process id (``stx.pid``) and, where ``/proc``
-has it, the process's start time (``stx.pid_start``: clock ticks after boot, which tells a
-reused pid apart), and refreshes ``stx.heartbeat`` (unix time, s) at every metric flush. A
+Each stx run records the host (``stx.host``), process id (``stx.pid``) and the process's start
+time (``stx.pid_start``, unix time in s from psutil, which tells a reused pid apart; runs of older
+stx hold clock ticks after boot there, also understood), and refreshes ``stx.heartbeat`` (unix time, s) at every metric flush. A
 RUNNING run is dead when, on the same host, its process no longer exists (or the pid now
 belongs to a process started at another time); on another host, when its heartbeat is older
 than :data:`DEAD_AFTER_S`. A sweep's parent run has host and pid but no heartbeat, so it is
@@ -16,8 +16,7 @@ import os
 import socket
 import time
 from datetime import datetime, timezone
-from pathlib import Path
-
+import psutil
 from mlflow.entities import Run, RunStatus
 from mlflow.tracking import MlflowClient
 
@@ -30,14 +29,28 @@ DEAD_AFTER_S = 600.0
 every flush (every few seconds while steps complete), so this allows single steps of 10 min."""
 
 
+START_TOLERANCE_S = 0.02
+"""Start times closer than this are the same process's (both are whole clock ticks after boot)."""
+
+
 def process_start(pid: int) -> str | None:
-    """The start time of process ``pid`` in clock ticks after boot (``/proc/<pid>/stat``), or
-    None where there is no such process or no ``/proc``."""
+    """The start time of process ``pid`` (unix time, s, two decimals), or None where there is no
+    such process or it cannot be read."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return f"{psutil.Process(pid).create_time():.2f}"
+    except (psutil.Error, OSError):
         return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the name in (…) may hold spaces
+
+
+def _seconds(start: str) -> float | None:
+    """A ``stx.pid_start`` tag as unix time: as written, or from the clock ticks after boot that
+    older stx wrote (on Linux); None when it is neither."""
+    try:
+        if "." in start:
+            return float(start)
+        return int(start) / os.sysconf("SC_CLK_TCK") + psutil.boot_time()
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def process_tags() -> dict[str, str]:
@@ -58,14 +71,12 @@ def heartbeat() -> dict[str, str]:
 
 
 def _process_gone(pid: int, start: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    """Whether process ``pid`` no longer exists, or is another process now (its start time is not
+    ``start``, the run's tag)."""
+    if not psutil.pid_exists(pid):
         return True
-    except PermissionError:  # another user's process: it exists
-        pass
-    current = process_start(pid)
-    return start is not None and current is not None and current != start
+    current, recorded = process_start(pid), None if start is None else _seconds(start)
+    return current is not None and recorded is not None and abs(float(current) - recorded) > START_TOLERANCE_S
 
 
 def _last_beat(run: Run) -> float | None:
@@ -97,7 +108,7 @@ def dead_reason(run: Run) -> str | None:
     if pid is None:
         return None  # unknown: a run is never closed on the word of a tag stx did not write
     if host == socket.gethostname():
-        if os.name == "posix" and _process_gone(pid, tags.get(layout.TAG_PID_START)):
+        if _process_gone(pid, tags.get(layout.TAG_PID_START)):
             return f"its process (pid {pid} on {host}) is gone"
         return None
     beat = _last_beat(run)

@@ -161,14 +161,18 @@ def test_close_dead_runs_closes_only_runs_whose_process_is_gone(tmp_path, client
         return run_id
 
     gone = run({**me, layout.TAG_PID: str(dead_pid()), layout.TAG_HEARTBEAT: "1700000000"})
-    reused = run({**me, layout.TAG_PID_START: str(int(own_start) + 1)})
+    reused = run({**me, layout.TAG_PID_START: f"{float(own_start) + 1:.2f}"})
     alive = run({**me, layout.TAG_PID_START: own_start})  # silent for an hour, but its process is alive
+    ticks = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]  # field 22, as older stx wrote it
+    older = run({**me, layout.TAG_PID_START: ticks})  # this process, by a tag of older stx: alive
+    older_reused = run({**me, layout.TAG_PID_START: str(int(ticks) + 100)})
     silent = run({layout.TAG_HOST: "elsewhere", layout.TAG_PID: "1", layout.TAG_HEARTBEAT: str(int(now - DEAD_AFTER_S - 5))})
     beating = run({layout.TAG_HOST: "elsewhere", layout.TAG_PID: "1", layout.TAG_HEARTBEAT: str(int(now - DEAD_AFTER_S + 60))})
     untagged = run({})
     finished = run({**me, layout.TAG_PID: str(dead_pid())}, status="FINISHED")
 
-    assert sorted(close_dead_runs(client, experiment)) == sorted([gone, reused, silent])
+    assert sorted(close_dead_runs(client, experiment)) == sorted([gone, reused, older_reused, silent])
+    assert client.get_run(older).info.status == "RUNNING"
     for run_id in gone, reused, silent:
         closed = client.get_run(run_id)
         assert closed.info.status == "FAILED"
