@@ -261,6 +261,7 @@ def run_tracked(
             tracker.log_metrics(monitor.performance(job.device), job.schedule.steps)
             objective = job.objective(evaluation)
             tracker.log_metrics(job.objective.logged(objective), job.schedule.steps)
+            tracker.describe(output, {**job.objective.logged(objective), **evaluation})
             joblog.to_file(f"result: output {output}; " + ", ".join(f"{k} {v:.4g}" for k, v in evaluation.items())
                            + f"; objective {objective}")
     except TrackingError as error:

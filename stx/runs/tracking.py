@@ -20,6 +20,7 @@ import platform
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ from mlflow.entities import Metric, Param, Run, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.tracking.context.registry import resolve_tags
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 from omegaconf import DictConfig, OmegaConf
 
 from stx.engine.image import to_pil
@@ -406,6 +408,14 @@ class RunTracker:
         if self.last_image_step != step:
             self.log_image(image, step)
         self._store("logging the output", self.client.log_artifact, self.run_id, str(path))
+
+    def describe(self, output: Path, scores: Mapping[str, float]) -> None:
+        """The run's description (``mlflow.note.content``, which the UI shows on the run's page):
+        its quality metrics and its output image, the artifact ``output.name``."""
+        metrics = ", ".join(f"{name.replace('_', ' ')} {value:.4g}" for name, value in scores.items())
+        image = f"get-artifact?path={urllib.parse.quote(output.name)}&run_uuid={self.run_id}"  # the UI's own route
+        self._store("describing the run", self.client.set_tag, self.run_id, MLFLOW_RUN_NOTE,
+                    f"**{output.name}**: {metrics}\n\n![{output.name}]({image})")
 
     def log_checkpoint(self, path: Path, step: int) -> None:
         """The metrics so far, then the latest checkpoint file (replacing the previous one) and its

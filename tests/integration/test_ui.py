@@ -1,6 +1,7 @@
 """What users see, in headless Chromium on a fresh profile (Debian's ``chromium``, driven by
 :mod:`browser`): ``stx ui``'s link opens MLflow's runs table sorted by objective with the quality
-metrics and the swept param as columns (the same page without stx's view shows none of them), and
+metrics and the swept param as columns (the same page without stx's view shows none of them), and a
+run's page its output image; and
 ``stx serve``'s page stylises a photo picked in its form, with ``/docs`` working offline."""
 
 import os
@@ -12,7 +13,7 @@ import urllib.request
 from contextlib import contextmanager
 
 from integration.browser import Chromium
-from conftest import CONTENT, FAST, STX, free_port, local_uri, run_stx
+from conftest import CONTENT, FAST, STX, client_for, free_port, local_uri, run_stx
 
 from stx.fast import export
 from stx.fast.transformer import TransformerNet
@@ -53,8 +54,9 @@ def test_stx_ui_opens_the_runs_table_on_what_a_comparison_needs(tmp_path):
     assert swept.returncode == 0, swept.stderr
     port = free_port()
     with started(["ui", "--tracking-uri", local_uri(tmp_path)], port, tmp_path) as ui:
-        link = re.search(r"(http://127\.0\.0\.1:\d+/#/experiments/\d+/runs\?viewStateShareKey=stx)", ui.stdout.readline())
+        link = re.search(r"(http://127\.0\.0\.1:\d+/#/experiments/(\d+)/runs\?viewStateShareKey=stx)", ui.stdout.readline())
         assert link, "stx ui printed no link"
+        experiment = link.group(2)
         with Chromium(tmp_path / "profile", width=3000) as browser:
             browser.open(link.group(1))
             view = browser.wait_for(f"{ROWS} >= 3 && {COLUMNS}.includes('metrics.`objective`') && {COLUMNS}")
@@ -63,6 +65,11 @@ def test_stx_ui_opens_the_runs_table_on_what_a_comparison_needs(tmp_path):
             browser.open(link.group(1).split("?")[0])
             plain = browser.wait_for(f"{ROWS} >= 3 && {COLUMNS}.includes('duration') && {COLUMNS}")
             assert "Sort: Created" in shown(browser)  # a fresh profile's default
+            child = next(run for run in client_for(tmp_path).search_runs([experiment])
+                         if "mlflow.parentRunId" in run.data.tags)
+            browser.open(link.group(1).split("?")[0] + f"/{child.info.run_id}")  # the run's page shows its output
+            assert browser.wait_for("document.querySelector('img[src*=\"get-artifact?path=output.png\"]')?.naturalWidth") > 0
+            assert "style distance" in shown(browser)
     for column in ("metrics.`objective`", "metrics.`eval/style_distance`", "metrics.`eval/content_distance`",
                    "params.`loss.style.score_weight`"):
         assert column in view and column not in plain, column

@@ -332,3 +332,12 @@ def test_stx_ui_prints_the_view_and_serves_the_store_it_is_given(client, tmp_pat
     with pytest.raises(SystemExit):
         cli.tool_main(["ui", "--tracking-uri", client.tracking_uri, "--experiment", "nope"])
     assert "--experiment='nope': the store" in capsys.readouterr().err
+
+
+def test_a_run_page_shows_the_output_and_its_scores_first(tmp_path, client, make_cfg):
+    result = run_tracked(make_cfg(*FAST, "tracking.image_every=0"), tmp_path / "job", {})
+    run = client.get_run(result.run_id)
+    note = run.data.tags["mlflow.note.content"]  # the run's description, atop its page in the UI
+    assert note.startswith(f"**output.png**: objective {run.data.metrics['objective']:.4g}, style distance ")
+    assert note.endswith(f"![output.png](get-artifact?path=output.png&run_uuid={result.run_id})")
+    assert "output.png" in [artifact.path for artifact in client.list_artifacts(result.run_id)]  # what it shows
