@@ -165,7 +165,7 @@ def scatter_plot(rows: list[Row], path: Path) -> Path | None:
             thumbnail = row.image.copy()
             thumbnail.thumbnail((64, 64))
             axes.add_artist(AnnotationBbox(OffsetImage(thumbnail), (x, y), frameon=row.on_front, pad=0.1))
-        label = " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in row.swept.items()) or row.run.info.run_id[:8]
+        label = swept_label(row) or row.run.info.run_id[:8]
         axes.annotate(label, (x, y), textcoords="offset points", xytext=(0, -40), ha="center", fontsize=7)
     axes.set_xlabel("content distance (eval/content_distance; 0 = the content's features)")
     axes.set_ylabel("style distance (eval/style_distance; 0 = the style's statistics)")
@@ -177,29 +177,41 @@ def scatter_plot(rows: list[Row], path: Path) -> Path | None:
     return path
 
 
+def swept_label(row: Row) -> str:
+    """The run's swept values as in its name: ``sw=1e3 lr=0.5``."""
+    return " ".join(f"{layout.short_key(k)}={layout.short_value(str(v))}" for k, v in row.swept.items())
+
+
+def thumbnail(image: Image.Image, edge: int) -> Image.Image:
+    """``image`` with its long edge ``edge`` px (pixels kept sharp when enlarged)."""
+    scale = edge / max(image.size)
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                        Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS)
+
+
 def contact_sheet(rows: list[Row]) -> Image.Image:
-    """Outputs in a grid, each labelled with its swept values and final losses."""
+    """Outputs in a grid, each labelled with its swept values and final losses; a row is as tall
+    as its tallest thumbnail (no gap above landscape images)."""
     font = ImageFont.load_default(size=12)
-    labels = [[f"{k}={v}" for k, v in row.swept.items()]
+    labels = [[swept_label(row)] * bool(row.swept)
               + [f"{status(row.run).lower()} {row.run.info.run_id[:8]}" + (" front" if row.on_front else "")]
               + [f"{k.removeprefix('eval/')}={row.run.data.metrics[k]:.4g}" for k in SCORES[:3] if k in row.run.data.metrics]
               + [f"{k}={v:.4g}" for k, v in loss_terms(row.run).items() if k == "total"] for row in rows]
     label_height = LABEL_LINE * max(len(lines) for lines in labels) + 6
+    thumbnails = [None if row.image is None else thumbnail(row.image, CELL - 8) for row in rows]
+    image_height = max((t.height for t in thumbnails if t is not None), default=CELL // 2) + 8
     columns = math.ceil(math.sqrt(len(rows)))
-    sheet = Image.new("RGB", (columns * CELL, math.ceil(len(rows) / columns) * (CELL + label_height)), "white")
+    sheet = Image.new("RGB", (columns * CELL, math.ceil(len(rows) / columns) * (image_height + label_height)), "white")
     draw = ImageDraw.Draw(sheet)
-    for index, (row, lines) in enumerate(zip(rows, labels)):
-        x, y = (index % columns) * CELL, (index // columns) * (CELL + label_height)
-        if row.image is None:
-            draw.rectangle((x + 4, y + 4, x + CELL - 4, y + CELL - 4), outline="gray")
-            draw.text((x + 12, y + CELL // 2), "no output image", fill="gray", font=font)
+    for index, (picture, lines) in enumerate(zip(thumbnails, labels)):
+        x, y = (index % columns) * CELL, (index // columns) * (image_height + label_height)
+        if picture is None:
+            draw.rectangle((x + 4, y + 4, x + CELL - 4, y + image_height - 4), outline="gray")
+            draw.text((x + 12, y + image_height // 2 - 6), "no output image", fill="gray", font=font)
         else:
-            scale = (CELL - 8) / max(row.image.size)
-            thumbnail = row.image.resize((max(1, round(row.image.width * scale)), max(1, round(row.image.height * scale))),
-                                         Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS)
-            sheet.paste(thumbnail, (x + (CELL - thumbnail.width) // 2, y + (CELL - thumbnail.height) // 2))
+            sheet.paste(picture, (x + (CELL - picture.width) // 2, y + image_height - 4 - picture.height))
         for number, line in enumerate(lines):
-            draw.text((x + 4, y + CELL + 2 + number * LABEL_LINE), line[:40], fill="black", font=font)
+            draw.text((x + 4, y + image_height + 2 + number * LABEL_LINE), line[:40], fill="black", font=font)
     return sheet
 
 
