@@ -44,7 +44,8 @@ have at every guided layer at the smallest pyramid level."""
 class Inputs:
     """The decoded inputs on the job's device, ``1×3×H×W`` in [0, 1]: ``content`` at the largest
     level's size, ``styles`` at its style size, ``initial`` (``schedule.init_image``) at the
-    content's size or None, and ``references`` (content, then styles) at the judge's size."""
+    content's size or None, and ``references`` (content, then styles) at the judge's size (none
+    when not asked for)."""
 
     content: torch.Tensor
     styles: list[torch.Tensor]
@@ -64,9 +65,9 @@ class InputFiles:
     decoding: int
 
     def read(self, objective: PerceptualObjective, schedule: Schedule, device: torch.device,
-             reference_size: int) -> Inputs:
-        """Decode every file once onto ``device`` (see :class:`Inputs`), and read and check the
-        guided losses' regions and hand them to their losses."""
+             reference_size: int | None) -> Inputs:
+        """Decode every file once onto ``device`` (see :class:`Inputs`; the references only with a
+        ``reference_size``), and read and check the guided losses' regions and hand them to their losses."""
         for name, loss in objective.losses.items():
             if isinstance(loss, GuidedGramStyleLoss):
                 loss.set_guides({region.name: read_region(objective, loss, schedule, region,
@@ -76,6 +77,7 @@ class InputFiles:
         initial = None if self.init is None else read_image(self.init, schedule.size).to(device)
         return Inputs(read_image(self.content, schedule.size).to(device),
                       [read_image(path, style_size).to(device) for path in self.styles], initial,
+                      [] if reference_size is None else
                       [read_image(path, reference_size).to(device) for path in (self.content, *self.styles)])
 
 

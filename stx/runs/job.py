@@ -26,7 +26,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from stx.engine import color, encoders, losses, tiling
-from stx.engine.inputs import check_files
+from stx.engine.inputs import InputFiles, check_files
 from stx.engine.judge import EVAL_SIZE, Judge, judge_encoder, judge_name, resolve_judge
 from stx.engine.optim import PyramidLevel, Schedule
 from stx.engine.plan import plan_memory
@@ -200,6 +200,28 @@ def build_judge(cfg: DictConfig, device: torch.device | str = "cpu", *, size: in
     return Judge(judge_encoder(weights, device, arch), size=size, name=judge_name(arch, weights))
 
 
+_last_judge: tuple[tuple, Judge] | None = None
+"""The judge of this process's last job, with the key of its references (see :func:`judge_of`)."""
+
+
+def judge_of(cfg: DictConfig, device: torch.device, files: InputFiles, weights: list[float]) -> tuple[Judge, bool]:
+    """The judge of a job and whether its references are set: the previous job's judge when it was
+    built from the same settings and judged the same files (path, size, modification time) with the
+    same blend weights, as a sweep's jobs in one process do (its reference pass costs more than a
+    small job's steps), else a new one (:func:`build_judge`) whose references are still to be set."""
+    global _last_judge
+    stamp = lambda path: (str(path), path.stat().st_size, path.stat().st_mtime_ns)
+    judge_weights = Path(str(cfg.judge.weights if "judge" in cfg else cfg.encoder.weights))
+    key = (OmegaConf.to_yaml(cfg.judge) if "judge" in cfg else cfg.encoder.weights, str(device),
+           stamp(judge_weights) if judge_weights.is_file() else None, stamp(files.content),
+           tuple(map(stamp, files.styles)), tuple(weights))
+    if _last_judge is not None and _last_judge[0] == key:
+        return _last_judge[1], True
+    judge = build_judge(cfg, device)
+    _last_judge = key, judge
+    return judge, False
+
+
 def build_job(cfg: DictConfig) -> Job:
     """Check ``cfg`` and build the :class:`Job` it describes (raises :class:`ConfigError`)."""
     try:
@@ -220,12 +242,13 @@ def build_job(cfg: DictConfig) -> Job:
     if max(plan.content_shape) < schedule.size:
         log.warning("stx: warning: images.content is %d×%d px; it is upscaled to a %d px long edge (schedule.size), "
                     "which adds no detail", plan.content_shape[1], plan.content_shape[0], schedule.size)
-    judge = build_judge(cfg, device)
+    judge, judged = judge_of(cfg, device, files, weights)
     control = build(cfg.color, "color", "color")
-    inputs = files.read(loss, schedule, device, judge.size)
+    inputs = files.read(loss, schedule, device, None if judged else judge.size)
     content, styles = control.prepare(inputs.content, inputs.styles)
     initial = None if inputs.initial is None else control.start(inputs.initial)
-    judge.set_references(inputs.references[0], inputs.references[1:], weights)
+    if not judged:
+        judge.set_references(inputs.references[0], inputs.references[1:], weights)
     loss = plan.apply(loss)
     return Job(loss, content, styles, weights, schedule, device, content_path, style_paths, judge, objective,
                control, initial)

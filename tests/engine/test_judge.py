@@ -1,4 +1,5 @@
 import math
+import shutil
 
 import pytest
 import torch
@@ -6,9 +7,9 @@ import torch.nn.functional as F
 from conftest import CONTENT, STYLE
 
 from stx.engine import encoders, judge
-from stx.engine.image import read_image, resize
+from stx.engine.image import read_image, resize, write_image
 from stx.errors import ConfigError, ImageError, WeightsError
-from stx.runs.job import build_judge
+from stx.runs.job import build_job, build_judge
 
 SIZE = 64
 """Eval long edge of the judges in these tests (the default, 256, costs 16× more)."""
@@ -267,3 +268,17 @@ def test_a_pareto_run_logs_each_objective(make_cfg, tmp_path):
     assert result.objective == [metrics["objective/style_distance"], metrics["objective/content_distance"]]
     assert metrics["objective/style_distance"] == pytest.approx(metrics["eval/style_distance"])
     assert "objective" not in metrics
+
+
+def test_a_sweeps_next_job_reuses_the_judge_while_its_inputs_are_the_same(make_cfg, tmp_path):
+    style = shutil.copy(STYLE, tmp_path / "style.png")
+    cfg = lambda *more: make_cfg("encoder.weights=random", "judge.weights=random", "schedule.size=32",
+                                 f"images.styles=[{style}]", *more)
+    first, second = build_job(cfg()), build_job(cfg("loss.style.score_weight=7"))  # a sweep's next job
+    assert second.judge is first.judge  # its references are not computed again
+    image = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(0))
+    scores = first.judge(image)
+    write_image(read_image(CONTENT), style)  # the style file changed on disk: judged anew
+    third = build_job(cfg())
+    assert third.judge is not first.judge and third.judge(image) != scores
+    assert build_job(cfg("judge.arch=vgg16")).judge is not third.judge  # another judge
