@@ -48,6 +48,7 @@ def stx_here(folder, *args, env=None):
 
     saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv
     saved_signals = {signum: signal.getsignal(signum) for signum in interrupts.STOP_SIGNALS}
+    saved_sweep_workers = interrupts.sweep_workers  # a sweep's callback sets it
     root = logging.getLogger()
     saved_root = (root.handlers[:], root.level)
     stdout, stderr = io.StringIO(), io.StringIO()
@@ -73,6 +74,7 @@ def stx_here(folder, *args, env=None):
         root.handlers[:], root.level = saved_root
         for signum, handler in saved_signals.items():
             signal.signal(signum, handler)
+        interrupts.sweep_workers, interrupts.received = saved_sweep_workers, None
         sys.argv = saved_argv
         os.chdir(saved_cwd)
         os.environ.clear()
