@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -41,8 +42,9 @@ def stx_here(folder, *args, env=None):
     run in this process from ``folder`` (what it prints and its exit status are returned as
     ``run_stx`` returns them). For what the command does; what only a process of its own shows
     (signals, the console script's exit without teardown, import-time behaviour, a launcher's
-    child processes) stays with :func:`run_stx`. The process-wide state ``main`` changes (the
-    environment, the working folder, signal handlers, Hydra's logging and global state) is put back."""
+    child processes) stays with :func:`run_stx`. Warnings are filtered and printed to its stderr as
+    Python does in a process of its own. The process-wide state ``main`` changes (the environment,
+    the working folder, signal handlers, Hydra's logging and global state) is put back."""
     from stx import cli
     from stx.runs import interrupts, runner
 
@@ -59,7 +61,11 @@ def stx_here(folder, *args, env=None):
     GlobalHydra.instance().clear()
     code = 0
     try:
-        with redirect_stdout(stdout), redirect_stderr(stderr):
+        with redirect_stdout(stdout), redirect_stderr(stderr), warnings.catch_warnings():
+            warnings.resetwarnings()  # Python's default filters, and warnings printed to (captured) stderr, as in a process
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", category)
+            warnings.showwarning = warnings._showwarning_orig
             try:
                 cli.main()
             except SystemExit as stop:
@@ -93,15 +99,18 @@ def store_template(tmp_path_factory):
     return path
 
 
+def place_store(template, folder):
+    """Copy the empty store ``template`` to where jobs run in ``folder`` log (``folder/runs/mlflow.db``),
+    as the first job there would create it; returns its client."""
+    (Path(folder) / "runs").mkdir(parents=True, exist_ok=True)
+    shutil.copy(template, Path(folder) / "runs" / "mlflow.db")
+    return client_for(folder)
+
+
 @pytest.fixture
 def fresh_store(store_template):
-    """``fresh_store(folder)``: put a copy of the empty store where jobs run in ``folder`` log
-    (``folder/runs/mlflow.db``), as the first job there would create it; returns its client."""
-    def make(folder):
-        (Path(folder) / "runs").mkdir(parents=True, exist_ok=True)
-        shutil.copy(store_template, Path(folder) / "runs" / "mlflow.db")
-        return client_for(folder)
-    return make
+    """``fresh_store(folder)``: :func:`place_store` of the session's empty store."""
+    return lambda folder: place_store(store_template, folder)
 
 
 def local_uri(folder):
