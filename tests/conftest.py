@@ -1,13 +1,17 @@
 """Shared fixtures and helpers: one set of fast overrides, the ``stx`` command, MLflow queries."""
 
+import io
+import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from contextlib import contextmanager
+import warnings
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -31,6 +35,82 @@ def run_stx(folder, *args, env=None, timeout=300):
     """Run the ``stx`` command in ``folder`` with outputs under ``folder/runs``."""
     environment = {**os.environ, "STX_RUNS_DIR": str(Path(folder) / "runs"), **(env or {})}
     return subprocess.run(STX + list(args), cwd=folder, env=environment, capture_output=True, text=True, timeout=timeout)
+
+
+def stx_here(folder, *args, env=None):
+    """:func:`run_stx` without a new process: ``stx.cli.main`` with ``args`` as its command line,
+    run in this process from ``folder`` (what it prints and its exit status are returned as
+    ``run_stx`` returns them). For what the command does; what only a process of its own shows
+    (signals, the console script's exit without teardown, import-time behaviour, a launcher's
+    child processes) stays with :func:`run_stx`. Warnings are filtered and printed to its stderr as
+    Python does in a process of its own. The process-wide state ``main`` changes (the environment,
+    the working folder, signal handlers, Hydra's logging and global state) is put back."""
+    from stx import cli
+    from stx.runs import interrupts, runner
+
+    saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv
+    saved_signals = {signum: signal.getsignal(signum) for signum in interrupts.STOP_SIGNALS}
+    saved_sweep_workers = interrupts.sweep_workers  # a sweep's callback sets it
+    root = logging.getLogger()
+    saved_root = (root.handlers[:], root.level)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    os.environ.update({"STX_RUNS_DIR": str(Path(folder) / "runs"), **(env or {})})
+    os.chdir(folder)
+    sys.argv = [*STX, *args]
+    cli._Task.started, interrupts.received, runner._first_job = False, None, False
+    GlobalHydra.instance().clear()
+    code = 0
+    try:
+        with redirect_stdout(stdout), redirect_stderr(stderr), warnings.catch_warnings():
+            warnings.resetwarnings()  # Python's default filters, and warnings printed to (captured) stderr, as in a process
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", category)
+            warnings.showwarning = warnings._showwarning_orig
+            try:
+                cli.main()
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+                if isinstance(stop.code, str):
+                    print(stop.code, file=sys.stderr)
+    finally:
+        GlobalHydra.instance().clear()
+        for handler in root.handlers:
+            if handler not in saved_root[0]:
+                handler.close()
+        root.handlers[:], root.level = saved_root
+        for signum, handler in saved_signals.items():
+            signal.signal(signum, handler)
+        interrupts.sweep_workers, interrupts.received = saved_sweep_workers, None
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess([*STX, *args], code, stdout.getvalue(), stderr.getvalue())
+
+
+@pytest.fixture(scope="session")
+def store_template(tmp_path_factory):
+    """An empty sqlite MLflow store with MLflow's tables made (the migrations take seconds): see
+    :func:`fresh_store`."""
+    from stx.runs.tracking import open_sqlite_store
+
+    path = tmp_path_factory.mktemp("store_template") / "mlflow.db"
+    open_sqlite_store(f"sqlite:///{path}")
+    return path
+
+
+def place_store(template, folder):
+    """Copy the empty store ``template`` to where jobs run in ``folder`` log (``folder/runs/mlflow.db``),
+    as the first job there would create it; returns its client."""
+    (Path(folder) / "runs").mkdir(parents=True, exist_ok=True)
+    shutil.copy(template, Path(folder) / "runs" / "mlflow.db")
+    return client_for(folder)
+
+
+@pytest.fixture
+def fresh_store(store_template):
+    """``fresh_store(folder)``: :func:`place_store` of the session's empty store."""
+    return lambda folder: place_store(store_template, folder)
 
 
 def local_uri(folder):

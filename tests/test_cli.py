@@ -1,4 +1,6 @@
-"""End-to-end runs of the ``stx`` console script; MLflow is queried for what it really holds."""
+"""End-to-end runs of the ``stx`` command; MLflow is queried for what it really holds. The console
+script runs in a process of its own where only that shows it (a whole job's output, signals,
+the flags); the rest calls its ``main`` in this process (conftest.stx_here)."""
 
 import os
 import signal
@@ -9,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import STX, artifact_paths, client_for, only_run, options, run_stx
+from conftest import STX, artifact_paths, client_for, only_run, options, run_stx, stx_here
 from PIL import Image
 
 from stx.runs.runner import run_tracked
@@ -64,7 +66,7 @@ def test_job_is_tracked_in_mlflow(tmp_path):
 
 
 def test_bad_image_path_is_one_clear_error_before_any_run(tmp_path):
-    result = run_stx(tmp_path, *FAST, "images.content=missing/cat.png")
+    result = stx_here(tmp_path, *FAST, "images.content=missing/cat.png")
     assert result.returncode == 2
     assert result.stderr.startswith("stx: error: images.content='missing/cat.png': no such file (relative paths are "
                                     f"taken from the folder stx was started in, {tmp_path})"), result.stderr
@@ -77,7 +79,7 @@ def test_bad_image_path_is_one_clear_error_before_any_run(tmp_path):
 def test_unwritable_runs_folder_is_one_clear_error(tmp_path, multirun):
     (tmp_path / "a_file").write_text("not a folder")
     runs = tmp_path / "a_file" / "runs"
-    result = run_stx(tmp_path, *multirun, *FAST, env={"STX_RUNS_DIR": str(runs)})
+    result = stx_here(tmp_path, *multirun, *FAST, env={"STX_RUNS_DIR": str(runs)})
     assert result.returncode == 2
     assert f"stx: error: the runs folder '{runs}' cannot be written" in result.stderr
     assert "Traceback" not in result.stderr
@@ -95,7 +97,7 @@ def test_unwritable_runs_folder_is_one_clear_error(tmp_path, multirun):
     ],
 )
 def test_typo_in_a_key_or_an_option_is_one_paragraph_naming_the_valid_ones(tmp_path, override, message):
-    result = run_stx(tmp_path, "encoder.weights=random", override)
+    result = stx_here(tmp_path, "encoder.weights=random", override)
     assert result.returncode == 2
     assert result.stderr == f"stx: error: {message}\n"
 
@@ -105,7 +107,7 @@ def test_typo_in_a_key_or_an_option_is_one_paragraph_naming_the_valid_ones(tmp_p
     [("loss=0", "Config group override must be a string or a list"), ("schedule.size=${oops}", "Interpolation key 'oops' not found")],
 )
 def test_composition_and_resolution_errors_print_no_traceback(tmp_path, override, message):
-    result = run_stx(tmp_path, "encoder.weights=random", override)
+    result = stx_here(tmp_path, "encoder.weights=random", override)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr + result.stdout
 
@@ -152,11 +154,11 @@ def test_resume_honours_steps_and_refuses_other_overrides(tmp_path, make_cfg):
     client = client_for(tmp_path)
     client.set_terminated(first.run_id, "KILLED")  # stopped after its checkpoint, before writing its output
 
-    refused = run_stx(tmp_path, f"resume={first.run_id}", "schedule.steps=3", "loss=mrf")
+    refused = stx_here(tmp_path, f"resume={first.run_id}", "schedule.steps=3", "loss=mrf")
     assert refused.returncode == 2
     assert f"stx: error: resume={first.run_id} continues the run with the config it logged, so loss=mrf cannot be applied" in refused.stderr
 
-    resumed = run_stx(tmp_path, f"resume={first.run_id}", "schedule.steps=3")
+    resumed = stx_here(tmp_path, f"resume={first.run_id}", "schedule.steps=3")
     assert resumed.returncode == 0, resumed.stderr
     run = client.get_run(first.run_id)
     assert run.info.status == "FINISHED"
@@ -165,7 +167,7 @@ def test_resume_honours_steps_and_refuses_other_overrides(tmp_path, make_cfg):
 
 
 def test_non_finite_loss_fails_the_run_and_keeps_the_image(tmp_path):
-    result = run_stx(tmp_path, *FAST, "schedule.steps=3", "loss.style.score_weight=1e39")
+    result = stx_here(tmp_path, *FAST, "schedule.steps=3", "loss.style.score_weight=1e39")
     assert result.returncode == 2
     assert "the loss became inf at step 1" in result.stderr and "Traceback" not in result.stderr
     client, run = only_run(tmp_path)
@@ -174,14 +176,14 @@ def test_non_finite_loss_fails_the_run_and_keeps_the_image(tmp_path):
     assert (Path(run.data.tags["stx.run_dir"]) / "last_finite_output.png").is_file()
     assert "last_finite_output.png" in artifact_paths(client, run.info.run_id)
 
-    resumed = run_stx(tmp_path, f"resume={run.info.run_id}")  # it ran without checkpoints
+    resumed = stx_here(tmp_path, f"resume={run.info.run_id}")  # it ran without checkpoints
     assert resumed.returncode == 2 and "ran without schedule.checkpoint_every" in resumed.stderr
 
 
 @pytest.mark.slow
 def test_an_error_inside_a_job_is_printed_once_and_kept_in_its_log(tmp_path):
     (tmp_path / "notes.png").write_text("not an image")
-    result = run_stx(tmp_path, *FAST, "images.content=notes.png")
+    result = stx_here(tmp_path, *FAST, "images.content=notes.png")
     assert result.returncode == 2
     output = result.stdout + result.stderr
     assert output.count("could not be read") == 1 and "[ERROR]" not in output, output

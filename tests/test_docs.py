@@ -7,7 +7,8 @@
   code fails here until the docs follow; the subcommands (``compare``, ``reproduce``,
   ``promote``, ``init``, ``stylize``, ``serve``) by the real parser of ``stx/cli.py``.
   Placeholders (``<run-id>``, ``<px>``) stand for any value; a ``key=<…>`` only needs its key.
-* A handful of the small run commands really run, with tiny sizes (``slow``).
+* A handful of the small run commands really run, with tiny sizes (``slow``; through the ``stx``
+  command's ``main``, in this process).
 * Links between the pages, and the repository paths they name, exist.
 """
 
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import FAST, client_for, run_stx
+from conftest import FAST, client_for, stx_here
 from hydra import compose
 from hydra._internal.hydra import Hydra
 from hydra._internal.utils import create_config_search_path, get_args_parser
@@ -269,7 +270,7 @@ def fast(argv: tuple[str, ...], extra: list[str]) -> list[str]:
 def test_small_commands_run(tmp_path):
     assert set(E2E) <= {shown.argv for shown in SHOWN}, "a command run here is no longer in the docs"
     for argv, extra in E2E.items():
-        result = run_stx(tmp_path, *fast(argv, extra), timeout=120)
+        result = stx_here(tmp_path, *fast(argv, extra))
         assert result.returncode == 0 and "Traceback" not in result.stderr, f"stx {' '.join(argv)}\n{result.stderr[-3000:]}"
     client = client_for(tmp_path)
     runs = client.search_runs([client.get_experiment_by_name("stx").experiment_id])

@@ -101,10 +101,11 @@ def test_bad_decomposition_is_refused_before_work(make_cfg):
         build_job(make_cfg(*FAST, "color=histogram", "color.decomposition=svd"))
 
 
-def test_job_with_luminance_transfer_keeps_the_content_chroma(tmp_path, monkeypatch):
+def test_job_with_luminance_transfer_keeps_the_content_chroma(tmp_path, monkeypatch, fresh_store):
     """A whole job on a hand-made content (a smooth in-gamut colour ramp) and a grey-free style:
     the written output has the content's chroma; its luma comes from the optimisation."""
     monkeypatch.setenv("STX_RUNS_DIR", str(tmp_path / "runs"))
+    fresh_store(tmp_path)
     ramp = np.linspace(0.35, 0.65, 32, dtype=np.float32)
     content = np.stack([np.tile(ramp, (32, 1)), np.tile(ramp[:, None], (1, 32)), np.full((32, 32), 0.5)], axis=-1)
     style = np.zeros((32, 32, 3), dtype=np.float32)

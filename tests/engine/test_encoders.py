@@ -283,10 +283,11 @@ def test_smallest_image_for_a_layer():
 
 
 @pytest.mark.parametrize("arch", ["resnet50"])
-def test_job_with_new_encoder_runs_and_is_logged(arch, monkeypatch, tmp_path):
+def test_job_with_new_encoder_runs_and_is_logged(arch, monkeypatch, tmp_path, fresh_store):
     from stx import api
 
     monkeypatch.setenv("STX_RUNS_DIR", str(tmp_path / "runs"))
+    fresh_store(tmp_path)
     result = api.run(["encoder.weights=random", "schedule.size=32", "schedule.steps=2", f"encoder={arch}",
                       f"loss=gatys_{arch}", "encoder.softmax=1.0"])
     params = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}").get_run(result.run_id).data.params

@@ -8,7 +8,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, Totals, only_run, run_stx
+from conftest import FAST, Totals, only_run, stx_here
 from PIL import Image
 
 from stx.engine import image as stx_image
@@ -107,10 +107,11 @@ def test_image_read_at_its_target_size_optimises_with_lbfgs(make_cfg, tmp_path, 
 
 
 @pytest.mark.slow
-def test_stx_runs_a_content_image_whose_long_edge_is_the_target_size(tmp_path):
+def test_stx_runs_a_content_image_whose_long_edge_is_the_target_size(tmp_path, fresh_store):
+    fresh_store(tmp_path)
     noise = np.random.default_rng(0).integers(0, 256, (40, 64, 3), dtype=np.uint8)
     Image.fromarray(noise).save(tmp_path / "content.png")
-    result = run_stx(tmp_path, "encoder.weights=random", "schedule.size=64", "schedule.steps=2",
+    result = stx_here(tmp_path, "encoder.weights=random", "schedule.size=64", "schedule.steps=2",
                      f"images.content={tmp_path / 'content.png'}")
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr

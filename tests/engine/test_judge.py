@@ -257,12 +257,13 @@ def test_compare_refuses_runs_judged_differently(tmp_path):
         find_runs(client, "mixed")
 
 
-def test_a_pareto_run_logs_each_objective(make_cfg, tmp_path):
+def test_a_pareto_run_logs_each_objective(make_cfg, tmp_path, fresh_store):
     from conftest import FAST, local_uri
     from mlflow.tracking import MlflowClient
 
     from stx.runs.runner import run_tracked
 
+    fresh_store(tmp_path)
     result = run_tracked(make_cfg(*FAST, "objective=pareto", "tracking.image_every=0"), tmp_path / "job", {})
     metrics = MlflowClient(local_uri(tmp_path)).get_run(result.run_id).data.metrics
     assert result.objective == [metrics["objective/style_distance"], metrics["objective/content_distance"]]

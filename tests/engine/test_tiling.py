@@ -127,12 +127,13 @@ def test_bad_tile_settings_are_refused(make_cfg, value, message):
 
 
 @pytest.mark.parametrize("setting, tag", [("auto", "off"), ("48", "48")])
-def test_the_tile_a_run_used_is_a_tag(make_cfg, tmp_path, setting, tag):
+def test_the_tile_a_run_used_is_a_tag(make_cfg, tmp_path, setting, tag, fresh_store):
     from conftest import FAST, local_uri
     from mlflow.tracking import MlflowClient
 
     from stx.runs.runner import run_tracked
 
+    fresh_store(tmp_path)
     result = run_tracked(make_cfg(*FAST, "schedule.size=96", f"schedule.tile={setting}", "tracking.image_every=0"),
                          tmp_path / "job", {})
     assert MlflowClient(local_uri(tmp_path)).get_run(result.run_id).data.tags["stx.tile"] == tag

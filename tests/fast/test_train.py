@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import artifact_paths, run_stx
+from conftest import artifact_paths, place_store, run_stx, stx_here
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from mlflow.tracking import MlflowClient
@@ -105,9 +105,10 @@ def test_transformer_keeps_any_size():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, content_dir):
+def trained(tmp_path_factory, content_dir, store_template):
     """One 20-step training run with every export, registered as ``tiny``."""
     tmp_path = tmp_path_factory.mktemp("trained")
+    place_store(store_template, tmp_path)
     client, run = run_training(tmp_path, content_dir, "job", "trainer.steps=20", "trainer.checkpoint_every=10",
                                "tracking.register_as=tiny", "trainer.export=[torchscript,onnx]")
     return tmp_path, client, run
@@ -213,7 +214,8 @@ def test_a_pickle_in_a_shared_store_is_refused_and_never_run(trained, tmp_path, 
     assert not marker.exists()
 
 
-def test_resume_continues_to_the_same_weights_as_an_uninterrupted_run(tmp_path, content_dir):
+def test_resume_continues_to_the_same_weights_as_an_uninterrupted_run(tmp_path, content_dir, fresh_store):
+    fresh_store(tmp_path)
     common = ("trainer.checkpoint_every=2", "tracking.image_every=0", "data.holdout=0")
     _, straight = run_training(tmp_path, content_dir, "straight", "trainer.steps=4", *common)
     client, first = run_training(tmp_path, content_dir, "first", "trainer.steps=2", *common)
@@ -240,7 +242,7 @@ def test_stx_train_command(tmp_path, content_dir):
     assert result.returncode == 0, result.stderr
     assert "stx: trained 2 steps; model runs:/" in result.stdout
     assert "Warning" not in result.stderr, result.stderr
-    unset = run_stx(tmp_path, "train")
+    unset = stx_here(tmp_path, "train")
     assert unset.returncode == 2 and "stx: error: data.content_dir is not set" in unset.stderr
 
 

@@ -1,5 +1,7 @@
 """Interruptions and failures end to end: nothing computed is lost, every step is logged exactly
-once, runs are closed (by the next job when their process was killed), killed runs resume exactly."""
+once, runs are closed (by the next job when their process was killed), killed runs resume exactly.
+The job that is stopped runs the ``stx`` command in a process of its own; the commands after it
+(a resume, a reference run) call its ``main`` in this process (conftest.stx_here)."""
 
 import csv
 import os
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import STX, artifact_paths, client_for, local_uri, mlflow_server_at, run_stx
+from conftest import STX, artifact_paths, client_for, local_uri, mlflow_server_at, stx_here
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -78,7 +80,8 @@ def pixels(path):
     return np.asarray(Image.open(path))
 
 
-def test_interrupted_run_keeps_its_work_and_resumes_to_the_uninterrupted_result(tmp_path):
+def test_interrupted_run_keeps_its_work_and_resumes_to_the_uninterrupted_result(tmp_path, fresh_store):
+    fresh_store(tmp_path)
     process = start_stx(tmp_path, *STEPS, "schedule.checkpoint_every=5")
     output = wait_for_run_line(process)
     run = wait_for(lambda: (r := running_run(tmp_path)) and "stx.checkpoint_step" in client_for(tmp_path).get_run(r.info.run_id).data.tags and r)
@@ -97,7 +100,7 @@ def test_interrupted_run_keeps_its_work_and_resumes_to_the_uninterrupted_result(
     assert {"interrupted_output.png", "checkpoint/checkpoint.pt", "stx.log"} <= set(artifact_paths(client, run.info.run_id))
     assert steps_on_disk(run_dir) == logged_steps == list(range(1, max(logged_steps) + 1))
 
-    resumed = run_stx(tmp_path, f"resume={run.info.run_id}")
+    resumed = stx_here(tmp_path, f"resume={run.info.run_id}")
     assert resumed.returncode == 0, resumed.stderr
     finished = client.get_run(run.info.run_id)
     assert finished.info.status == "FINISHED" and "stx.error" not in finished.data.tags
@@ -105,13 +108,13 @@ def test_interrupted_run_keeps_its_work_and_resumes_to_the_uninterrupted_result(
     assert "stx.log" in artifact_paths(client, run.info.run_id)
 
     (tmp_path / "u").mkdir()
-    uninterrupted = run_stx(tmp_path / "u", *STEPS)
+    uninterrupted = stx_here(tmp_path / "u", *STEPS)
     assert uninterrupted.returncode == 0, uninterrupted.stderr
     (reference,) = (tmp_path / "u" / "runs").glob("*/*/output.png")
     resumed_output = Path(finished.data.tags["stx.run_dir"]) / "output.png"
     assert np.array_equal(pixels(resumed_output), pixels(reference))
 
-    again = run_stx(tmp_path, f"resume={run.info.run_id}")
+    again = stx_here(tmp_path, f"resume={run.info.run_id}")
     assert again.returncode == 2 and "already FINISHED" in again.stderr
 
 
@@ -176,7 +179,8 @@ def test_a_job_stopped_on_its_own_fails_its_sweep(tmp_path):
     assert client.get_run(child.data.tags["mlflow.parentRunId"]).info.status == "FAILED"
 
 
-def test_killed_job_is_closed_by_the_next_one_and_resumes_with_every_step_logged_once(tmp_path):
+def test_killed_job_is_closed_by_the_next_one_and_resumes_with_every_step_logged_once(tmp_path, fresh_store):
+    fresh_store(tmp_path)
     process = start_stx(tmp_path, *STEPS, "schedule.steps=150", "schedule.checkpoint_every=5")
     wait_for_run_line(process)
     client = client_for(tmp_path)
@@ -192,7 +196,7 @@ def test_killed_job_is_closed_by_the_next_one_and_resumes_with_every_step_logged
     table = compare("stx", local_uri(tmp_path), tmp_path / "compare")[1]
     assert table.splitlines()[1].split()[:2] == [run.info.run_id[:8], "DEAD"]
 
-    resumed = run_stx(tmp_path, f"resume={run.info.run_id}")
+    resumed = stx_here(tmp_path, f"resume={run.info.run_id}")
     assert resumed.returncode == 0, resumed.stderr
     assert f"closed 1 run(s) whose process is gone as FAILED: {run.info.run_id}" in resumed.stdout + resumed.stderr
     finished = client.get_run(run.info.run_id)

@@ -11,9 +11,10 @@ from stx.runs import layout
 from stx.runs.reproduce import reproduce
 
 
-def test_a_run_logged_before_new_keys_existed_reproduces_exactly(tmp_path, monkeypatch):
+def test_a_run_logged_before_new_keys_existed_reproduces_exactly(tmp_path, monkeypatch, fresh_store):
     monkeypatch.setenv("STX_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.chdir(tmp_path)
+    fresh_store(tmp_path)
     run_id = api.run(FAST).run_id
     client = client_for(tmp_path)
     logged = OmegaConf.load(layout.download_artifact(client, run_id, layout.CONFIG, tmp_path / "logged"))
@@ -34,10 +35,11 @@ def test_a_run_logged_before_new_keys_existed_reproduces_exactly(tmp_path, monke
     ("tracking:\n  experiment: ${oc.env:STX_TEST_SECRET}\n", r"has tracking.experiment='\$\{oc.env:STX_TEST_SECRET\}': an interpolation"),
     ("seed: !!python/object/apply:os.system ['true']\n", "is not plain YAML"),
 ])
-def test_a_tampered_logged_config_is_refused_before_anything_runs(tmp_path, monkeypatch, tamper, message):
+def test_a_tampered_logged_config_is_refused_before_anything_runs(tmp_path, monkeypatch, tamper, message, fresh_store):
     monkeypatch.setenv("STX_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.setenv("STX_TEST_SECRET", "secret-value")
     monkeypatch.chdir(tmp_path)
+    fresh_store(tmp_path)
     run_id = api.run(FAST).run_id
     client = client_for(tmp_path)
     path = layout.download_artifact(client, run_id, layout.CONFIG, tmp_path / "logged")
@@ -49,9 +51,10 @@ def test_a_tampered_logged_config_is_refused_before_anything_runs(tmp_path, monk
     assert len(runs) == 1 and not client.get_experiment_by_name("secret-value")
 
 
-def test_runs_that_cannot_be_reproduced_are_refused_before_anything_runs(tmp_path, monkeypatch):
+def test_runs_that_cannot_be_reproduced_are_refused_before_anything_runs(tmp_path, monkeypatch, fresh_store):
     monkeypatch.setenv("STX_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.chdir(tmp_path)
+    fresh_store(tmp_path)
     client = client_for(tmp_path)
     killed = api.run(FAST).run_id
     client.set_terminated(killed, "KILLED")

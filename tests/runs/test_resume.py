@@ -15,8 +15,9 @@ from stx.runs.runner import _resume_updates, resume, run_tracked
 JOB = ["encoder.weights=random", "judge.weights=random", "schedule.size=32", "tracking.image_every=0"]
 
 
-def killed_run(make_cfg, tmp_path):
+def killed_run(make_cfg, tmp_path, fresh_store):
     """A 4-step run with its last checkpoint at step 4, marked KILLED (as if stopped before its output)."""
+    fresh_store(tmp_path)
     result = run_tracked(make_cfg(*JOB, "schedule.steps=4", "schedule.checkpoint_every=2"), tmp_path / "first", {})
     client = MlflowClient(local_uri(tmp_path))
     client.set_terminated(result.run_id, "KILLED")
@@ -28,8 +29,8 @@ def logged_config(client, run_id, folder):
 
 
 @pytest.mark.slow
-def test_resume_honours_steps_and_image_every_and_records_them(make_cfg, tmp_path):
-    client, run_id = killed_run(make_cfg, tmp_path)
+def test_resume_honours_steps_and_image_every_and_records_them(make_cfg, tmp_path, fresh_store):
+    client, run_id = killed_run(make_cfg, tmp_path, fresh_store)
     overrides = [f"resume={run_id}", "schedule.steps=6", "tracking.image_every=1"]
     result = resume(make_cfg(*overrides), tmp_path / "resumed", overrides=overrides)
 
@@ -49,8 +50,8 @@ def test_resume_honours_steps_and_image_every_and_records_them(make_cfg, tmp_pat
 
 
 @pytest.mark.slow
-def test_resume_refuses_to_end_before_its_checkpoint_and_records_nothing(make_cfg, tmp_path):
-    client, run_id = killed_run(make_cfg, tmp_path)
+def test_resume_refuses_to_end_before_its_checkpoint_and_records_nothing(make_cfg, tmp_path, fresh_store):
+    client, run_id = killed_run(make_cfg, tmp_path, fresh_store)
     overrides = [f"resume={run_id}", "schedule.steps=3"]
     with pytest.raises(StxError, match=rf"resume={run_id}: schedule.steps=3 ends before the checkpoint it resumes "
                                        r"from \(step 4, 4 steps into pyramid level 0\); give schedule.steps=4 or more."):
@@ -60,8 +61,8 @@ def test_resume_refuses_to_end_before_its_checkpoint_and_records_nothing(make_cf
 
 
 @pytest.mark.slow
-def test_a_resume_refused_because_the_run_is_alive_rewrites_nothing(make_cfg, tmp_path):
-    client, run_id = killed_run(make_cfg, tmp_path)
+def test_a_resume_refused_because_the_run_is_alive_rewrites_nothing(make_cfg, tmp_path, fresh_store):
+    client, run_id = killed_run(make_cfg, tmp_path, fresh_store)
     client.update_run(run_id, "RUNNING")  # as if its process (this one: alive, same host) still ran it
     overrides = [f"resume={run_id}", "schedule.steps=6"]
     with pytest.raises(StxError, match=rf"run {run_id} is still RUNNING in process"):

@@ -1,4 +1,6 @@
-"""Sweeps (basic, joblib, submitit-local, Optuna), ``stx compare`` and ``stx reproduce``, end to end."""
+"""Sweeps (basic, joblib, submitit-local, Optuna), ``stx compare`` and ``stx reproduce``, end to end:
+the ``stx`` command in a process of its own where that matters (a sweep's start-up, launchers'
+worker processes, a server that does not answer), else its ``main`` in this process (conftest.stx_here)."""
 
 import math
 import socket
@@ -8,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import CONTENT, FAST, artifact_paths, local_uri, only_run, run_stx
+from conftest import CONTENT, FAST, artifact_paths, local_uri, only_run, run_stx, stx_here
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -27,7 +29,8 @@ def runs_by_role(uri):
     return client, parents, children
 
 
-def test_sweep_then_compare_then_reproduce(tmp_path):
+def test_sweep_then_compare_then_reproduce(tmp_path, fresh_store):
+    fresh_store(tmp_path)
     result = run_stx(tmp_path, "-m", *FAST, "schedule.steps=5", "loss.style.score_weight=1e1,1e3,1e5")
     assert result.returncode == 0, result.stderr
     client, (parent,), children = runs_by_role(local_uri(tmp_path))
@@ -64,7 +67,7 @@ def test_sweep_then_compare_then_reproduce(tmp_path):
     assert f"stx: best run {best.info.run_id} (objective {best.data.metrics['objective']:.4g})" in result.stdout
     assert f"stx: {sweep_dir / 'compare' / 'table.txt'}, {sweep_dir / 'compare' / 'contact_sheet.png'}" in result.stdout
 
-    compared = run_stx(tmp_path, "compare", parent.info.run_id, "--tracking-uri", local_uri(tmp_path))
+    compared = stx_here(tmp_path, "compare", parent.info.run_id, "--tracking-uri", local_uri(tmp_path))
     assert compared.returncode == 0, compared.stderr
     header, *rows = compared.stdout.splitlines()[:4]
     assert header.split()[:6] == ["run", "status", "front", "sw", "objective", "style_d"]
@@ -75,13 +78,13 @@ def test_sweep_then_compare_then_reproduce(tmp_path):
     assert rows[0].split()[2] == "*"  # the best by the sum is on the style/content front
 
     original = next(c for c in children if c.data.params["loss.style.score_weight"] == "100000.0")
-    reproduced = run_stx(tmp_path, "reproduce", original.info.run_id)
+    reproduced = stx_here(tmp_path, "reproduce", original.info.run_id)
     assert reproduced.returncode == 0, reproduced.stderr
     assert "max pixel difference to the original output: 0/255" in reproduced.stdout
     assert "warning" not in reproduced.stderr  # same commit
 
     client.set_tag(original.info.run_id, "mlflow.source.git.commit", "0" * 40)
-    again = run_stx(tmp_path, "reproduce", original.info.run_id)
+    again = stx_here(tmp_path, "reproduce", original.info.run_id)
     assert f"stx: warning: run {original.info.run_id} was made at commit {'0' * 40}" in again.stderr
     copy, mismatched = sorted(client.search_runs([original.info.experiment_id], filter_string=f"tags.reproduced_from = '{original.info.run_id}'"),
                               key=lambda r: r.info.start_time)
@@ -94,7 +97,7 @@ def test_sweep_then_compare_then_reproduce(tmp_path):
 
 
 def test_failed_job_fails_the_parent_but_not_the_other_jobs(tmp_path):
-    result = run_stx(tmp_path, "-m", *FAST, f"images.content={CONTENT},missing.png")
+    result = stx_here(tmp_path, "-m", *FAST, f"images.content={CONTENT},missing.png")
     assert result.returncode == 1
     assert "stx: error: image" in result.stderr and "stx: sweep ended FAILED" in result.stderr
     _, (parent,), (child,) = runs_by_role(local_uri(tmp_path))
@@ -105,7 +108,7 @@ def test_failed_job_fails_the_parent_but_not_the_other_jobs(tmp_path):
 
 
 def test_a_job_without_steps_finishes_with_the_loss_of_its_starting_image(tmp_path):
-    result = run_stx(tmp_path, "-m", *FAST, "schedule.steps=0,1")
+    result = stx_here(tmp_path, "-m", *FAST, "schedule.steps=0,1")
     assert result.returncode == 0, result.stderr
     client, (parent,), children = runs_by_role(local_uri(tmp_path))
     assert parent.info.status == "FINISHED" and all(c.info.status == "FINISHED" for c in children)
@@ -119,17 +122,17 @@ def test_a_job_without_steps_finishes_with_the_loss_of_its_starting_image(tmp_pa
 def test_output_name_reaches_reproduce_and_compare_beside_the_store(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    made = run_stx(tmp_path / "a", *FAST, "output=result.png")
+    made = stx_here(tmp_path / "a", *FAST, "output=result.png")
     assert made.returncode == 0, made.stderr
     client, run = only_run(tmp_path / "a")
     written = np.asarray(Image.open(Path(run.data.tags["stx.run_dir"]) / "result.png"))
 
-    reproduced = run_stx(tmp_path / "a", "reproduce", run.info.run_id)
+    reproduced = stx_here(tmp_path / "a", "reproduce", run.info.run_id)
     assert reproduced.returncode == 0, reproduced.stderr
     assert "max pixel difference to the original output: 0/255" in reproduced.stdout
 
     store = local_uri(tmp_path / "a")
-    compared = run_stx(tmp_path / "b", "compare", "stx", "--tracking-uri", store)  # from elsewhere
+    compared = stx_here(tmp_path / "b", "compare", "stx", "--tracking-uri", store)  # from elsewhere
     assert compared.returncode == 0, compared.stderr
     sheet_path = tmp_path / "a" / "runs" / "compare" / "stx" / "contact_sheet.png"
     assert f"stx: contact sheet {sheet_path}" in compared.stdout
@@ -154,7 +157,7 @@ def test_compare_writes_beside_the_store_it_reads(tmp_path, monkeypatch, uri, fo
 
 
 def test_optuna_sweep_returns_finite_objectives(tmp_path):
-    result = run_stx(tmp_path, "-m", *FAST, "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2",
+    result = stx_here(tmp_path, "-m", *FAST, "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2",
                      "hydra.sweeper.sampler.seed=0", "loss.style.score_weight=interval(100,10000)")
     assert result.returncode == 0, result.stderr
     _, (parent,), children = runs_by_role(local_uri(tmp_path))
@@ -165,7 +168,8 @@ def test_optuna_sweep_returns_finite_objectives(tmp_path):
     assert {"multirun.yaml", "optimization_results.yaml"} <= set(artifact_paths(MlflowClient(local_uri(tmp_path)), parent.info.run_id))
 
 
-def test_submitit_launcher_carries_the_parent_into_jobs(tmp_path):
+def test_submitit_launcher_carries_the_parent_into_jobs(tmp_path, fresh_store):
+    fresh_store(tmp_path)
     result = run_stx(tmp_path, "-m", *FAST, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", "seed=0,1")
     assert result.returncode == 0, result.stderr
     _, (parent,), children = runs_by_role(local_uri(tmp_path))
@@ -209,11 +213,11 @@ def test_unreachable_server_fails_fast_with_the_uri(tmp_path):
 
 
 def test_promote_reruns_a_run_larger_from_its_output(tmp_path):
-    small = run_stx(tmp_path, *FAST, "schedule.steps=4")
+    small = stx_here(tmp_path, *FAST, "schedule.steps=4")
     assert small.returncode == 0, small.stderr
     client = MlflowClient(local_uri(tmp_path))
     (original,) = client.search_runs([client.get_experiment_by_name("stx").experiment_id])
-    promoted = run_stx(tmp_path, "promote", original.info.run_id, "schedule.size=48", "schedule.steps=3")
+    promoted = stx_here(tmp_path, "promote", original.info.run_id, "schedule.size=48", "schedule.steps=3")
     assert promoted.returncode == 0, promoted.stderr
     (large,) = client.search_runs([original.info.experiment_id], filter_string=f"tags.promoted_from = '{original.info.run_id}'")
     assert large.info.status == "FINISHED" and large.data.params["schedule.size"] == "48"
@@ -222,5 +226,5 @@ def test_promote_reruns_a_run_larger_from_its_output(tmp_path):
     assert max(Image.open(Path(large.data.tags["stx.run_dir"]) / "output.png").size) == 48
     assert [m.step for m in client.get_metric_history(large.info.run_id, "total")] == [1, 2, 3]
 
-    refused = run_stx(tmp_path, "promote", original.info.run_id, "schedule.sise=64")
+    refused = stx_here(tmp_path, "promote", original.info.run_id, "schedule.sise=64")
     assert refused.returncode == 2 and "schedule.sise" in refused.stderr and "Traceback" not in refused.stderr

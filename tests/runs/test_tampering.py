@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import local_uri
+from conftest import local_uri, place_store
 from mlflow.tracking import MlflowClient
 
 from stx.errors import StxError
@@ -21,7 +21,7 @@ JOB = ["encoder.weights=random", "judge.weights=random", "schedule.size=32", "tr
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(tmp_path_factory, store_template):
     """A KILLED 4-step run with checkpoints, in a store of its own: ``(folder, client, run id)``."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -29,6 +29,7 @@ def store(tmp_path_factory):
     from stx.runs.schema import CONF_DIR
 
     folder = tmp_path_factory.mktemp("store")
+    place_store(store_template, folder)
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[*JOB, "schedule.steps=4", "schedule.checkpoint_every=2",
@@ -124,8 +125,8 @@ def test_an_output_tag_naming_a_path_outside_the_run_reads_nothing(store, monkey
     {"stx.pid": "abc"}, {"stx.pid": "99999999999999999999"},
     {"stx.host": "otherhost", "stx.heartbeat": "abc"}, {"stx.host": "otherhost", "stx.heartbeat": "-1e300"},
 ])
-def test_one_edited_liveness_tag_blocks_nothing(tmp_path, tags):
-    client = MlflowClient(local_uri(tmp_path))
+def test_one_edited_liveness_tag_blocks_nothing(tmp_path, tags, fresh_store):
+    client = fresh_store(tmp_path)
     experiment = client.create_experiment("stx")
     run = client.create_run(experiment, tags={"stx.host": "thishost", "stx.pid": "1", **tags})
     assert liveness.close_dead_runs(client, experiment) == []  # unknown: left RUNNING, no exception

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAST, artifact_paths
-from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 import stx.runs.monitor
@@ -27,20 +26,11 @@ from stx.runs.runner import run_tracked
 from stx.runs.tracking import RunTracker, TrackingError
 
 
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory):
-    """An empty sqlite store with MLflow's tables: copying it saves each test the migrations (seconds)."""
-    path = tmp_path_factory.mktemp("store") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture
-def client(tmp_path, empty_store):
-    """The client of a fresh store in ``tmp_path/runs`` (where ``make_cfg``'s jobs log)."""
-    (tmp_path / "runs").mkdir()
-    shutil.copy(empty_store, tmp_path / "runs" / "mlflow.db")
-    return MlflowClient(f"sqlite:///{tmp_path}/runs/mlflow.db")
+def client(tmp_path, fresh_store):
+    """The client of a fresh store in ``tmp_path/runs`` (where ``make_cfg``'s jobs log), a copy of
+    the session's empty store (conftest.store_template): copying saves each test the migrations."""
+    return fresh_store(tmp_path)
 
 
 def tracking(client, **changes):
