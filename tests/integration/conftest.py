@@ -33,7 +33,7 @@ from conftest import free_port, mlflow_server_at
 
 PACKAGES = "postgresql slurm-wlm munge slurmdbd mariadb-server chromium"
 ENABLE = (
-    f"integration test: needs real PostgreSQL and SLURM; run `apt-get install -y {PACKAGES}` "
+    f"integration test: needs real PostgreSQL, SLURM and Chromium; run `apt-get install -y {PACKAGES}` "
     "(Debian), `.venv/bin/pip install -e '.[server]'` and `STX_INTEGRATION=1 .venv/bin/pytest -m integration` "
     "(as .ci/run does)"
 )
