@@ -167,16 +167,18 @@ def test_a_terminated_joblib_sweep_closes_every_child_with_its_image(tmp_path):
 
 
 def test_a_job_stopped_on_its_own_fails_its_sweep(tmp_path):
-    """As ``scancel`` does on SLURM: SIGTERM to one job's process, not to the sweep's. The job's
-    run ends KILLED; the sweep was not interrupted, so its parent ends FAILED."""
-    process = start_joblib_sweep(tmp_path, *STEPS)
-    child = wait_for(lambda: (running := started_children(tmp_path)) and running[0], timeout=300)
-    assert int(child.data.tags["stx.pid"]) != process.pid
-    os.kill(int(child.data.tags["stx.pid"]), signal.SIGTERM)
+    """As ``scancel`` does on SLURM: SIGTERM to each job's process, not to the sweep's. The jobs'
+    runs end KILLED; the sweep was not interrupted, so its parent ends FAILED. (Jobs too long to
+    end on their own before the signal reaches them, even on a loaded machine.)"""
+    process = start_joblib_sweep(tmp_path, *LONG)
+    children = wait_for(lambda: len(running := started_children(tmp_path)) == 2 and running, timeout=300)
+    assert process.pid not in {int(child.data.tags["stx.pid"]) for child in children}
+    for child in children:
+        os.kill(int(child.data.tags["stx.pid"]), signal.SIGTERM)
     assert process.wait(timeout=180) != 0
     client = client_for(tmp_path)
-    assert client.get_run(child.info.run_id).info.status == "KILLED"
-    assert client.get_run(child.data.tags["mlflow.parentRunId"]).info.status == "FAILED"
+    assert {client.get_run(child.info.run_id).info.status for child in children} == {"KILLED"}
+    assert client.get_run(children[0].data.tags["mlflow.parentRunId"]).info.status == "FAILED"
 
 
 def test_killed_job_is_closed_by_the_next_one_and_resumes_with_every_step_logged_once(tmp_path, fresh_store):
