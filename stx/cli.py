@@ -383,6 +383,9 @@ def run() -> NoReturn:
         main()
     except SystemExit as stop:
         exit_without_teardown(stop.code)
+    except BrokenPipeError:  # stdout closed by its reader (stx --help | head): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        exit_without_teardown(0)
     exit_without_teardown(0)
 
 

@@ -209,6 +209,11 @@ def test_help_version_and_a_private_config_file_from_the_command_line(tmp_path):
     helped = run_stx(tmp_path, "--help")
     assert helped.returncode == 0 and "commands (stx <command> --help for each):" in helped.stdout
     assert run_stx(tmp_path, "--version").stdout.startswith("stx 0.1.0")
+    reading, writing = os.pipe()
+    os.close(reading)  # a reader gone before stx writes, as `stx --help | head -1` can be
+    with os.fdopen(writing, "w") as closed:
+        piped = subprocess.run([*STX, "--help"], cwd=tmp_path, stdout=closed, stderr=subprocess.PIPE, text=True)
+    assert piped.returncode == 0 and piped.stderr == ""  # no BrokenPipeError traceback
     base = run_stx(tmp_path, "schedule=_base")
     assert base.returncode == 2 and base.stderr.strip() == (
         "stx: error: schedule=_base is a shared base of the schedule group, not an option; stx --help lists the options.")
