@@ -72,6 +72,19 @@ class RunsDirCheck(Callback):
         check_writable(config.runs_dir)
 
 
+def idle_seed_warning(config: DictConfig, swept: list[str]) -> str | None:
+    """What to tell a sweep over ``seed`` in which the seed changes nothing: every job starts from
+    the same image (``schedule.init`` content or style, or an init image) with trained weights."""
+    init = OmegaConf.select(config, "schedule.init")
+    if ("seed" not in swept or "schedule.init" in swept or init not in ("content", "style")
+            or OmegaConf.select(config, "encoder.weights") == "random"):
+        return None
+    start = f"schedule.init={init}" + (" (and an init image)" if OmegaConf.select(config, "schedule.init_image") else "")
+    return (f"seed is swept, but with {start} every job starts from the same image and nothing else in a "
+            f"job is random, so the jobs will give one result; add schedule.init=random to see what the "
+            f"seed changes, or sweep something else.")
+
+
 class MlflowSweepCallback(Callback):
     """Parent run for a Hydra multirun; see the module docstring."""
 
@@ -108,6 +121,8 @@ class MlflowSweepCallback(Callback):
         self.swept_keys = [o.key_or_group for o in overrides if o.is_sweep_override()]
         self.swept_keys += [str(key) for key in (config.hydra.sweeper.get("params") or {})]
         show_params(client, experiment_id, [layout.param_key(key) for key in self.swept_keys])
+        if warning := idle_seed_warning(config, self.swept_keys):
+            print(f"stx: warning: {warning}", file=sys.stderr, flush=True)
         swept = layout.run_name(tags[layout.TAG_OVERRIDES], self.swept_keys)  # "sw=1e1,1e3,1e5"
         run = client.create_run(experiment_id, run_name=f"sweep {swept or command}"[:250], tags=tags)
         self.parent_run_id = run.info.run_id

@@ -228,3 +228,19 @@ def test_promote_reruns_a_run_larger_from_its_output(tmp_path):
 
     refused = stx_here(tmp_path, "promote", original.info.run_id, "schedule.sise=64")
     assert refused.returncode == 2 and "schedule.sise" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_a_seed_sweep_that_changes_nothing_is_warned_about():
+    from omegaconf import OmegaConf
+
+    from stx.runs.callbacks import idle_seed_warning
+
+    config = lambda init="content", weights="hed", image=None: OmegaConf.create(
+        {"schedule": {"init": init, "init_image": image}, "encoder": {"weights": weights}})
+    assert "with schedule.init=content every job starts from the same image" in idle_seed_warning(config(), ["seed"])
+    assert "(and an init image)" in idle_seed_warning(config("style", image="a.png"), ["seed"])
+    assert idle_seed_warning(config("random"), ["seed"]) is None  # the seed draws the start
+    assert idle_seed_warning(config(weights="random"), ["seed"]) is None  # and the random weights
+    assert idle_seed_warning(config(), ["seed", "schedule.init"]) is None
+    assert idle_seed_warning(config(), ["loss.style.score_weight"]) is None
+    assert idle_seed_warning(OmegaConf.create({"trainer": {}}), ["seed"]) is None  # stx train's config
