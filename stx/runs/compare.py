@@ -179,7 +179,8 @@ def scatter_plot(rows: list[Row], path: Path) -> Path | None:
 
 def swept_label(row: Row) -> str:
     """The run's swept values as in its name: ``sw=1e3 lr=0.5``."""
-    return " ".join(f"{layout.short_key(k)}={layout.short_value(str(v))}" for k, v in row.swept.items())
+    return " ".join(f"{name}={layout.short_value(str(value))}"
+                    for name, value in zip(layout.short_keys(list(row.swept)), row.swept.values()))
 
 
 def thumbnail(image: Image.Image, edge: int) -> Image.Image:
@@ -228,7 +229,7 @@ def table(rows: list[Row]) -> str:
     swept_keys = list(rows[0].swept)
     score_keys = [k for k in SCORES if any(k in row.run.data.metrics for row in rows)]
     term_keys = [k for k in ("total",) if any(k in row.run.data.metrics for row in rows)]
-    short = {key: layout.short_key(key) for key in swept_keys}
+    short = dict(zip(swept_keys, layout.short_keys(swept_keys)))
     header = ["run", "status", "front", *short.values(), *(SCORE_HEADERS[k] for k in score_keys), *term_keys]
     body = [[row.run.info.run_id[:8], status(row.run), "*" if row.on_front else "-",
              *(layout.short_value(str(value)) for value in row.swept.values()),

@@ -148,10 +148,14 @@ def run_name(overrides: str, keys: Sequence[str] = ()) -> str | None:
     values = parse_overrides(overrides)
     keys = [key for key in keys if key in values] or [
         key for key in values if key.lstrip("+~").split(".")[0].split("/")[0] not in NOT_IN_NAMES]
+    return " ".join(f"{name}={short_value(values[key])}" for name, key in zip(short_keys(keys), keys))[:250] or None
+
+
+def short_keys(keys: Sequence[str]) -> list[str]:
+    """:func:`short_key` of each key, told apart by its parent where two would read the same
+    (``loss.style.score_weight``, ``loss.content.score_weight`` → ``style.sw``, ``content.sw``)."""
     short = [short_key(key) for key in keys]
-    short = [".".join([*key.split(".")[-2:-1], name]) if short.count(name) > 1 else name  # two score weights: whose
-             for key, name in zip(keys, short)]
-    return " ".join(f"{name}={short_value(values[key])}" for name, key in zip(short, keys))[:250] or None
+    return [".".join([*key.split(".")[-2:-1], name]) if short.count(name) > 1 else name for key, name in zip(keys, short)]
 
 
 def short_key(key: str) -> str:

@@ -15,7 +15,8 @@ from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from stx.runs.compare import CELL, default_out_dir, load_output
+from stx.runs import layout
+from stx.runs.compare import CELL, Row, default_out_dir, load_output, swept_label
 from stx.runs.schema import CONF_DIR
 
 pytestmark = pytest.mark.slow
@@ -244,3 +245,11 @@ def test_a_seed_sweep_that_changes_nothing_is_warned_about():
     assert idle_seed_warning(config(), ["seed", "schedule.init"]) is None
     assert idle_seed_warning(config(), ["loss.style.score_weight"]) is None
     assert idle_seed_warning(OmegaConf.create({"trainer": {}}), ["seed"]) is None  # stx train's config
+
+
+def test_two_swept_keys_that_shorten_alike_are_told_apart_in_names_and_the_table():
+    assert layout.short_keys(["loss.style.score_weight", "loss.content.score_weight", "seed"]) == [
+        "style.sw", "content.sw", "seed"]
+    assert layout.run_name("loss.style.score_weight=1e3 loss.content.score_weight=2") == "style.sw=1000 content.sw=2"
+    swept = {"loss.style.score_weight": "1000.0", "loss.content.score_weight": "2.0"}
+    assert swept_label(Row(None, swept, None)) == "style.sw=1000 content.sw=2"  # the contact sheet's and scatter's
