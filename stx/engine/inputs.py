@@ -124,10 +124,10 @@ def check_files(objective: PerceptualObjective, schedule: Schedule, content: Pat
         height, width = image_shape(path)
         what = f"{key} {str(path)!r} ({width}×{height} px) at the {low} px pyramid level"
         check_encodable(objective, what, *long_edge_shape(height, width, low))
-        decoding, shapes = max(decoding, decode_bytes(height, width, high)), [*shapes, (height, width)]
+        decoding = max(decoding, decode_bytes(height, width, high))
+        shapes.append((height, width))
     if init is not None:
-        height, width = image_shape(init)
-        decoding = max(decoding, decode_bytes(height, width, schedule.size))
+        decoding = max(decoding, decode_bytes(*image_shape(init), schedule.size))
     return InputFiles(content, list(styles), init, shapes[0], decoding)
 
 

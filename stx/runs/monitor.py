@@ -89,8 +89,7 @@ class JobMonitor(OptimizationCallback):
         if self.needs_image(info.step):
             info = dataclasses.replace(info, image=self.present(info.image))
         self.tracker.log_step(info)
-        every = self.tracker.image_every
-        if every > 0 and 0 < info.step < self.steps and info.step % every == 0:  # the last: the output's
+        if self.needs_image(info.step) and 0 < info.step < self.steps:  # the last: the output's
             self.log_evaluation(info.image, info.step)
         self.progress.set_postfix(loss=f"{info.values['total']:.4g}", size=info.size, refresh=False)
         self.progress.update()
