@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Callable, NoReturn
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
 from hydra.utils import to_absolute_path
@@ -33,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from stx.errors import StxError
-from stx.runs import interrupts, joblog
+from stx.runs import hydra_job, interrupts, joblog
 from stx.runs.schema import CONF_PACKAGE, runs_dir
 
 COMMANDS = ("compare", "reproduce", "promote", "ui", "init", "stylize", "serve")
@@ -73,16 +72,20 @@ def run_task(task: Callable[[DictConfig], float], cfg: DictConfig) -> float:
     except (StxError, OmegaConfBaseException) as error:  # the latter: a value that cannot be resolved
         joblog.to_file(f"stx: error: {error}", logging.ERROR)
         print(f"stx: error: {error}", file=sys.stderr, flush=True)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
+        if hydra_job.config().mode == RunMode.MULTIRUN:
             return float("nan")  # the other jobs go on; the sweep callback fails the parent run
         sys.exit(2)
     except KeyboardInterrupt as interrupt:
         from stx.runs.layout import INTERRUPTED
 
-        interrupts.ignore()
+        in_thread = threading.current_thread() is not threading.main_thread()  # a batched sweep's job
+        if not in_thread:
+            interrupts.ignore()
         kept = f"its latest image kept as {INTERRUPTED}{cfg.output}" if "output" in cfg else "a checkpoint kept"
         print(f"stx: {interrupt or 'interrupted'}; the job's MLflow run, if it had started, is marked KILLED and "
               f"{kept}.", file=sys.stderr, flush=True)
+        if in_thread:
+            raise  # its launcher (stx.runs.launcher) ends the sweep once every job has closed its run
         if os.environ.get(MAIN_PID_ENV) == str(os.getppid()):
             # a worker process the sweep started itself (joblib's): its job is closed; end it, so that
             # the stopped sweep, which waits for its workers, need not wait for an idle worker
@@ -312,7 +315,7 @@ def version() -> str:
 
 def check_choices() -> None:
     """Refuse a private config file (a shared base such as ``schedule=_base``) chosen as an option."""
-    for group, choice in HydraConfig.get().runtime.choices.items():
+    for group, choice in hydra_job.config().runtime.choices.items():
         if isinstance(choice, str) and choice.rpartition("/")[2].startswith("_") and not group.startswith("hydra"):
             raise StxError(f"{group}={choice} is a shared base of the {group} group, not an option; "
                            f"stx --help lists the options.")
@@ -334,6 +337,11 @@ def check_input_files(cfg: DictConfig) -> None:
 def app_main(app: Callable[[], object] = hydra_main) -> None:
     """A Hydra app, with Hydra's and OmegaConf's reports of command-line mistakes in stx's form."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # raise them here rather than print them
+    from hydra.core.plugins import Plugins
+    from hydra_plugins.stx_launcher import BatchedLauncher
+
+    # Hydra finds plugins by listing hydra_plugins' folders, which an editable install does not have
+    Plugins.instance().register(BatchedLauncher)
     try:
         app()
     except (HydraException, OmegaConfBaseException) as error:

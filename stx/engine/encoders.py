@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import socket
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -33,6 +34,9 @@ from torch.func import functional_call
 
 from stx.engine import files
 from stx.errors import ConfigError, WeightsError
+
+_tracing = threading.Lock()
+"""Held while an encoder's shapes are traced (its hooks are the modules' own, shared by all threads)."""
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -230,25 +234,35 @@ class MultiLayerEncoder(nn.Module):
         """Run the stack on the meta device (shapes only, no memory, no arithmetic) for an
         ``H×W`` input: ``(C, H, W)`` of each stage reached, and the elements of all leaf modules'
         outputs. Stages after one that an edge is too small for are left out."""
-        if (height, width) not in self._traces:
-            sizes: list[int] = []
-            leaves = [module for module in self.features.modules() if next(module.children(), None) is None]
-            hooks = [leaf.register_forward_hook(lambda _, __, out: sizes.append(out.numel())) for leaf in leaves]
-            shapes: dict[str, tuple[int, int, int]] = {}
-            x = torch.empty(1, 3, height, width, device="meta")
-            try:
-                for name, stage in zip(self.names, self.features):
-                    state = {key: torch.empty_like(value, device="meta")
-                             for key, value in chain(stage.named_parameters(), stage.named_buffers())}
-                    x = functional_call(stage, state, (x,))
-                    shapes[name] = tuple(x.shape[1:])
-            except RuntimeError:  # an edge fell below a kernel's or pooling's size
-                pass
-            finally:
-                for hook in hooks:
-                    hook.remove()
-            self._traces[height, width] = shapes, sum(sizes)
-        return self._traces[height, width]
+        with _tracing:
+            if (height, width) not in self._traces:
+                self._traces[height, width] = self._trace_now(height, width)
+            return self._traces[height, width]
+
+    def _trace_now(self, height: int, width: int) -> tuple[dict[str, tuple[int, int, int]], int]:
+        sizes: list[int] = []
+        tracer = threading.get_ident()  # passes of other threads through the shared modules are not counted
+
+        def count(module: nn.Module, inputs: object, out: torch.Tensor) -> None:
+            if threading.get_ident() == tracer:
+                sizes.append(out.numel())
+
+        leaves = [module for module in self.features.modules() if next(module.children(), None) is None]
+        hooks = [leaf.register_forward_hook(count) for leaf in leaves]
+        shapes: dict[str, tuple[int, int, int]] = {}
+        x = torch.empty(1, 3, height, width, device="meta")
+        try:
+            for name, stage in zip(self.names, self.features):
+                state = {key: torch.empty_like(value, device="meta")
+                         for key, value in chain(stage.named_parameters(), stage.named_buffers())}
+                x = functional_call(stage, state, (x,))
+                shapes[name] = tuple(x.shape[1:])
+        except RuntimeError:  # an edge fell below a kernel's or pooling's size
+            pass
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return shapes, sum(sizes)
 
     def layer_shapes(self, height: int, width: int) -> dict[str, tuple[int, int, int]]:
         """``(C, H, W)`` of each layer's output for an ``H×W`` input (a layer an edge is too small

@@ -716,7 +716,12 @@ class PerceptualObjective(nn.Module):
                 loss.set_region_targets(self.encoder, content_shape, style_edge)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        features = self.encoder(image, self.layers) if self.layers else {}
+        return self.score(self.encoder(image, self.layers) if self.layers else {}, image)
+
+    def score(self, features: Mapping[str, torch.Tensor], image: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(total, values)`` as :meth:`forward` gives them, from the encoder's ``features`` of
+        ``image`` (``{layer: 1×C×H×W}``, at least :attr:`layers`): the part of an evaluation after
+        the encoder, which a batch of runs shares (:mod:`stx.engine.batching`)."""
         values: dict[str, torch.Tensor] = {}
         total = image.new_zeros(())
         for name, loss in self.losses.items():

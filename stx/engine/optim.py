@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.optim import Optimizer
 
+from stx.engine import batching
 from stx.engine.image import MAX_SIZE, MIN_SIZE, check_size, resize
 from stx.engine.lbfgs import LBFGS
 from stx.engine.losses import PerceptualObjective
@@ -387,17 +388,32 @@ def optimise_level(
     measured: dict[str, torch.Tensor] = {}
     pending: list[tuple[int, torch.Tensor]] = []  # steps not reported yet: (step, its values stacked, on the device)
     step = first_step
+    batch = batching.active()
+    batched = batch is not None and type(objective) is PerceptualObjective and objective.encoder is not None
     graphable = (schedule.cuda_graph and parameter.is_cuda and isinstance(optimizer, LBFGS)
-                 and type(objective) is PerceptualObjective)
+                 and type(objective) is PerceptualObjective and not batched)
     captured: CapturedStep | None = None
     warmed_up = False
 
-    def evaluate(context: contextlib.AbstractContextManager = amp) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def current_image() -> torch.Tensor:
+        """The image the parameter stands for, with its graph (under ``bounds=clamp`` the parameter
+        is clamped first)."""
         if bounds == "clamp":
             with torch.no_grad():
                 parameter.clamp_(0.0, 1.0)
+        return to_image(parameter, bounds)
+
+    def evaluate(context: contextlib.AbstractContextManager = amp) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        image = current_image()
         with context:
-            return objective(to_image(parameter, bounds))
+            return objective(image)
+
+    def alone(image: torch.Tensor) -> batching.Evaluation:
+        """The objective at ``image``, back-propagated into the parameter's gradient (no batch)."""
+        with amp:
+            total, values = objective(image)
+        total.backward()
+        return total.detach(), {name: value.detach() for name, value in values.items()}
 
     def non_finite(total: float, values: dict[str, float], at: int) -> NonFiniteLossError:
         bad = [name for name, value in values.items() if name != "total" and not math.isfinite(value)]
@@ -432,14 +448,14 @@ def optimise_level(
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        total, values = evaluate()
+        total, values = evaluate_with_gradient(current_image())
         if schedule.max_rise and guard_rise(total, values):
             back_to_best()
-            total, values = evaluate()
-        total.backward()
+            optimizer.zero_grad(set_to_none=True)
+            total, values = evaluate_with_gradient(current_image())
         keep_if_best(total, parameter.detach())
         measured.clear()  # detached: a graph kept alive would pin the parameter's AccumulateGrad to this stream
-        measured.update({name: value.detach() for name, value in values.items()}, total=total.detach())
+        measured.update(values, total=total)
         return total
 
     def replayed_step() -> None:
@@ -466,38 +482,44 @@ def optimise_level(
                 raise non_finite(values["total"], values, number)
             callback.on_step(StepInfo(number, level, max(current.shape[-2:]), values, current))
 
+    sharing = (batch.member(objective, parameter.shape, parameter.device,
+                            functools.partial(schedule.autocast, parameter.device), schedule.precision)
+               if batched else contextlib.nullcontext(alone))
+    if batch is not None and not batched:
+        batch.arrive()  # evaluates alone: the batch's runs need not wait for it
     try:
-        for index in range(steps):
-            if graphable and optimizer.started and warmed_up and captured is None:
-                uncached = functools.partial(evaluate, schedule.autocast(parameter.device, cache=False))
-                try:
-                    captured = CapturedStep(uncached, parameter, optimizer)
-                except RuntimeError as exc:  # something in the objective cannot be recorded: go on without
-                    log.warning("stx: warning: the step could not be recorded as a CUDA graph (%s); going on without "
-                                "one (schedule.cuda_graph=false skips the attempt)", str(exc).splitlines()[0])
-                    graphable = False
-            if captured is not None and optimizer.started:
-                replayed_step()
-            elif graphable and optimizer.started and not warmed_up:  # CUDA's warm-up: a step on a side stream
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
+        with sharing as evaluate_with_gradient:
+            for index in range(steps):
+                if graphable and optimizer.started and warmed_up and captured is None:
+                    uncached = functools.partial(evaluate, schedule.autocast(parameter.device, cache=False))
+                    try:
+                        captured = CapturedStep(uncached, parameter, optimizer)
+                    except RuntimeError as exc:  # something in the objective cannot be recorded: go on without
+                        log.warning("stx: warning: the step could not be recorded as a CUDA graph (%s); going on without "
+                                    "one (schedule.cuda_graph=false skips the attempt)", str(exc).splitlines()[0])
+                        graphable = False
+                if captured is not None and optimizer.started:
+                    replayed_step()
+                elif graphable and optimizer.started and not warmed_up:  # CUDA's warm-up: a step on a side stream
+                    side = torch.cuda.Stream()
+                    side.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(side):
+                        optimizer.step(closure)
+                    torch.cuda.current_stream().wait_stream(side)
+                    warmed_up = True
+                else:
                     optimizer.step(closure)
-                torch.cuda.current_stream().wait_stream(side)
-                warmed_up = True
-            else:
-                optimizer.step(closure)
-            step += 1
-            if bounds == "clamp":
-                with torch.no_grad():  # the next evaluation clamps too; this keeps what others see in range
-                    parameter.clamp_(0.0, 1.0)
-            pending.append((step, torch.stack([v.detach().float() for v in measured.values()])))
-            checkpoint = schedule.checkpoint_every > 0 and step % schedule.checkpoint_every == 0
-            if checkpoint or len(pending) >= STEP_CHUNK or index == steps - 1 or callback.needs_image(step):
-                report()
-            if checkpoint:
-                callback.on_checkpoint(Checkpoint(step, level, parameter.detach().clone(), optimizer.state_dict(),
-                                                  best.clone(), best_loss.item()))
+                step += 1
+                if bounds == "clamp":
+                    with torch.no_grad():  # the next evaluation clamps too; this keeps what others see in range
+                        parameter.clamp_(0.0, 1.0)
+                pending.append((step, torch.stack([v.detach().float() for v in measured.values()])))
+                checkpoint = schedule.checkpoint_every > 0 and step % schedule.checkpoint_every == 0
+                if checkpoint or len(pending) >= STEP_CHUNK or index == steps - 1 or callback.needs_image(step):
+                    report()
+                if checkpoint:
+                    callback.on_checkpoint(Checkpoint(step, level, parameter.detach().clone(), optimizer.state_dict(),
+                                                      best.clone(), best_loss.item()))
     except KeyboardInterrupt:
         if pending:  # the steps taken are reported, the latest with its image, before the run stops
             report()

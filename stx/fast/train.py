@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import to_absolute_path
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -36,7 +35,7 @@ from stx.engine.judge import Judge
 from stx.engine.losses import PerceptualObjective
 from stx.errors import ConfigError, NonFiniteLossError, StxError
 from stx.fast import data, export
-from stx.runs import interrupts, layout
+from stx.runs import hydra_job, interrupts, layout
 from stx.runs.job import build, build_judge, resolve_device, style_weights
 from stx.runs.monitor import EVAL_PREFIX, PERF_PREFIX, peak_memory_bytes
 from stx.runs.objectives import Objective
@@ -134,7 +133,7 @@ def centre_square(image: torch.Tensor, edge: int) -> torch.Tensor:
 
 def hydra_task(cfg: DictConfig) -> float | list[float]:
     """The Hydra task of ``stx train``: train in Hydra's run dir; return the objective."""
-    hydra_cfg = HydraConfig.get()
+    hydra_cfg = hydra_job.config()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     log_file = run_dir / f"{hydra_cfg.job.name}.log"
     tags = hydra_tags(hydra_cfg)

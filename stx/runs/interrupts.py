@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +33,10 @@ class Interrupted(KeyboardInterrupt):
 
 
 def _install(handler: Callable[[int, Any], None] | signal.Handlers) -> Handlers:
+    """Install ``handler`` for the stop signals; only the main thread receives signals, so in
+    another (a batched sweep's job) nothing changes: its launcher stops it."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
     return {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
 
 

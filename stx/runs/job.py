@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,8 @@ class Job:
     the optimised image into the result (applied to every logged image)."""
     initial: torch.Tensor | None = None
     """The image to start from instead of ``schedule.init`` (``schedule.init_image``), if any."""
+    memory: int = 0
+    """Planned peak bytes of the optimisation's largest level (:func:`~stx.engine.plan.plan_memory`)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -222,8 +225,17 @@ def judge_of(cfg: DictConfig, device: torch.device, files: InputFiles, weights: 
     return judge, False
 
 
+_building = threading.Lock()
+"""One job is built at a time: the jobs of a batched sweep (threads) share the judge and encoders."""
+
+
 def build_job(cfg: DictConfig) -> Job:
     """Check ``cfg`` and build the :class:`Job` it describes (raises :class:`ConfigError`)."""
+    with _building:
+        return _build_job(cfg)
+
+
+def _build_job(cfg: DictConfig) -> Job:
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as exc:
@@ -234,7 +246,7 @@ def build_job(cfg: DictConfig) -> Job:
 
     content_path, style_paths, init_path = input_paths(cfg)
     weights = style_weights(cfg.images)
-    loss = build_objective(cfg).to(device)
+    loss = build_objective(cfg, device)
     schedule = build_schedule(cfg)
     schedule.autocast(device)
     files = check_files(loss, schedule, content_path, style_paths, init_path)
@@ -251,7 +263,7 @@ def build_job(cfg: DictConfig) -> Job:
         judge.set_references(inputs.references[0], inputs.references[1:], weights)
     loss = plan.apply(loss)
     return Job(loss, content, styles, weights, schedule, device, content_path, style_paths, judge, objective,
-               control, initial)
+               control, initial, sum(plan.estimate.values()))
 
 
 def input_paths(cfg: DictConfig) -> tuple[Path, list[Path], Path | None]:
@@ -268,12 +280,35 @@ def input_paths(cfg: DictConfig) -> tuple[Path, list[Path], Path | None]:
             None if init is None else Path(to_absolute_path(init)))
 
 
-def build_objective(cfg: DictConfig) -> losses.PerceptualObjective:
-    """The loss set of ``cfg.loss`` over an encoder of ``cfg.encoder`` built with just the layers it reads."""
+def build_objective(cfg: DictConfig, device: torch.device | str = "cpu") -> losses.PerceptualObjective:
+    """The loss set of ``cfg.loss`` over an encoder of ``cfg.encoder`` built with just the layers it
+    reads, on ``device``. The encoder is shared with the previous jobs of this process that asked for
+    the same one (:func:`shared_encoder`)."""
     loss_set = {str(name): build(node, f"loss.{name}", "loss") for name, node in cfg.loss.items()}
     layers = frozenset().union(*(loss.layers for loss in loss_set.values()))
-    encoder = build(cfg.encoder, "encoder", "encoder")(layers=layers) if layers else None
-    if encoder is not None and not isinstance(encoder, encoders.MultiLayerEncoder):
-        raise ConfigError(f"encoder._target_={cfg.encoder._target_!r} returned a {type(encoder).__name__}, "
-                          f"not a stx.engine.encoders.MultiLayerEncoder.")
-    return losses.PerceptualObjective(encoder, loss_set)
+    encoder = shared_encoder(cfg.encoder, layers, torch.device(device)) if layers else None
+    return losses.PerceptualObjective(encoder, loss_set).to(device)
+
+
+ENCODERS_KEPT = 4
+_encoders: dict[tuple, encoders.MultiLayerEncoder] = {}
+"""The encoders last built in this process (at most :data:`ENCODERS_KEPT`), by config, layers and device."""
+
+
+def shared_encoder(node: DictConfig, layers: frozenset[str], device: torch.device) -> encoders.MultiLayerEncoder:
+    """The encoder of config ``node`` reading ``layers``, on ``device``: the one built for an earlier job
+    of this process with the same settings and weights file, else a new one. Encoders are frozen and hold
+    no state between passes, so jobs share one (a sweep builds and loads it once, and a batched sweep's
+    jobs can share its passes: :mod:`stx.engine.batching`)."""
+    weights = Path(str(node.get("weights")))
+    stamp = (weights.stat().st_size, weights.stat().st_mtime_ns) if weights.is_file() else None
+    key = (OmegaConf.to_yaml(node, resolve=True), tuple(sorted(layers)), str(device), stamp)
+    if key not in _encoders:
+        encoder = build(node, "encoder", "encoder")(layers=layers)
+        if not isinstance(encoder, encoders.MultiLayerEncoder):
+            raise ConfigError(f"encoder._target_={node._target_!r} returned a {type(encoder).__name__}, "
+                              f"not a stx.engine.encoders.MultiLayerEncoder.")
+        while len(_encoders) >= ENCODERS_KEPT:
+            _encoders.pop(next(iter(_encoders)))
+        _encoders[key] = encoder.to(device)
+    return _encoders[key]

@@ -4,6 +4,7 @@ written to the run dir and the MLflow run, and what the run costs (``perf/…``)
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import resource
 import sys
@@ -20,6 +21,9 @@ from stx.runs.tracking import RunTracker
 
 EVAL_PREFIX = "eval/"
 PERF_PREFIX = "perf/"
+shared_progress: contextvars.ContextVar[tqdm | None] = contextvars.ContextVar("stx_progress", default=None)
+"""A progress bar that the jobs running at once (a batched sweep's, :mod:`stx.runs.launcher`) advance
+together instead of drawing one each."""
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -63,15 +67,17 @@ class JobMonitor(OptimizationCallback):
         self.optimisation_started = time.perf_counter()
         # a redrawn bar on a terminal; a line every 30 s in logs (batch jobs, CI)
         interval = 0.1 if sys.stderr.isatty() else 30.0
-        self.progress = tqdm(total=steps, initial=first_step, desc="stx", unit="step", dynamic_ncols=True,
-                             mininterval=interval)
+        self.shared = shared_progress.get()
+        self.progress = self.shared or tqdm(total=steps, initial=first_step, desc="stx", unit="step",
+                                            dynamic_ncols=True, mininterval=interval)
 
     def __enter__(self) -> JobMonitor:
         self.optimisation_started = time.perf_counter()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.progress.close()
+        if self.shared is None:
+            self.progress.close()
 
     def on_start(self) -> None:
         self.first_step_at = time.time()
@@ -91,7 +97,8 @@ class JobMonitor(OptimizationCallback):
         self.tracker.log_step(info)
         if self.needs_image(info.step) and 0 < info.step < self.steps:  # the last: the output's
             self.log_evaluation(info.image, info.step)
-        self.progress.set_postfix(loss=f"{info.values['total']:.4g}", size=info.size, refresh=False)
+        if self.shared is None:
+            self.progress.set_postfix(loss=f"{info.values['total']:.4g}", size=info.size, refresh=False)
         self.progress.update()
         if info.step % max(1, self.steps // 10) == 0 or info.step == self.steps:  # ten lines a run in stx.log
             joblog.to_file(f"step {info.step}/{self.steps} ({info.size} px): total {info.values['total']:.6g}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -12,7 +13,6 @@ from typing import Any
 
 import psutil
 import torch
-from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from mlflow.entities import Run
@@ -21,10 +21,12 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from stx.engine.image import image_shape, long_edge_shape, write_image
+from stx.engine import batching
 from stx.engine.optim import Checkpoint, optimise_image
+from stx.engine.plan import available_bytes
 from stx.errors import NonFiniteLossError, StxError
-from stx.runs import interrupts, joblog, layout
-from stx.runs.job import build_job, build_schedule
+from stx.runs import hydra_job, interrupts, joblog, layout
+from stx.runs.job import Job, build_job, build_schedule
 from stx.runs.monitor import JobMonitor
 from stx.runs.tracking import (
     RunTracker,
@@ -60,7 +62,7 @@ RESUME_CHANGES = ("schedule.steps", "schedule.checkpoint_every", "tracking.metri
 
 def hydra_task(cfg: DictConfig) -> float | list[float]:
     """The Hydra task: run the job in Hydra's run dir; return its objective (``cfg.objective``)."""
-    hydra_cfg = HydraConfig.get()
+    hydra_cfg = hydra_job.config()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     log_file = run_dir / f"{hydra_cfg.job.name}.log"
     started_at = _job_started_at()
@@ -234,47 +236,48 @@ def run_tracked(
         log.info("schedule.tile=auto: %s", f"tiled with {job.loss.tile} px tiles" if hasattr(job.loss, "tile")
                  else "the job fits untiled")
     previous_handlers = interrupts.stop_on_signals()
-    started = time.perf_counter()
-    try:
-        with tracker.open(tags, parent_run_id, resume_run_id, log_file) as run_id:
-            if resume_run_id is None:
-                tracker.log_config(cfg, run_dir, tags)
-                tracker.log_inputs(job.content_path, job.style_paths)
-            log.info("MLflow run %s in %s; %d steps on %s", run_id, tracker.uri, job.schedule.steps, job.device)
-            joblog.to_file(summary(cfg, tags))
-            with JobMonitor(tracker, run_dir, job.schedule.steps, evaluate=job.judge, present=job.color.finish,
-                            started_at=started_at, first_step=start.step if start else 0) as monitor:
-                try:
-                    image = optimise_image(job.loss, content=job.content, styles=job.styles,
-                                           style_weights=job.style_weights, schedule=job.schedule,
-                                           callback=monitor, start=start, initial=job.initial)
-                except NonFiniteLossError as error:
-                    _save(tracker, job.color.finish(error.image), run_dir / (layout.LAST_FINITE + cfg.output), error.step - 1)
-                    raise
-                except (KeyboardInterrupt, TrackingError):
-                    if monitor.latest is not None:
-                        _save(tracker, monitor.latest_result(), run_dir / (layout.INTERRUPTED + cfg.output), monitor.latest.step)
-                    raise
-            image = job.color.finish(image)
-            output = _save(tracker, image, run_dir / cfg.output, job.schedule.steps)
-            evaluation = monitor.log_evaluation(image, job.schedule.steps)
-            tracker.log_metrics(monitor.performance(job.device), job.schedule.steps)
-            objective = job.objective(evaluation)
-            tracker.log_metrics(job.objective.logged(objective), job.schedule.steps)
-            tracker.describe(output, {**job.objective.logged(objective), **evaluation})
-            joblog.to_file(f"result: output {output}; " + ", ".join(f"{k} {v:.4g}" for k, v in evaluation.items())
-                           + f"; objective {objective}")
-    except TrackingError as error:
-        if tracker.run_id is None:
-            raise
-        kept = [path.name for path in sorted(run_dir.glob("*.*")) if path.is_file()]
-        raise TrackingError(
-            f"{error}. stx stopped; what the job computed is on disk in {run_dir}: {', '.join(kept)}. MLflow run "
-            f"{tracker.run_id} stays RUNNING until the next stx job on this store finds its process gone and "
-            f"closes it as FAILED."
-        ) from error
-    finally:
-        interrupts.restore(previous_handlers)
+    with _memory_held(job):
+        started = time.perf_counter()
+        try:
+            with tracker.open(tags, parent_run_id, resume_run_id, log_file) as run_id:
+                if resume_run_id is None:
+                    tracker.log_config(cfg, run_dir, tags)
+                    tracker.log_inputs(job.content_path, job.style_paths)
+                log.info("MLflow run %s in %s; %d steps on %s", run_id, tracker.uri, job.schedule.steps, job.device)
+                joblog.to_file(summary(cfg, tags))
+                with JobMonitor(tracker, run_dir, job.schedule.steps, evaluate=job.judge, present=job.color.finish,
+                                started_at=started_at, first_step=start.step if start else 0) as monitor:
+                    try:
+                        image = optimise_image(job.loss, content=job.content, styles=job.styles,
+                                               style_weights=job.style_weights, schedule=job.schedule,
+                                               callback=monitor, start=start, initial=job.initial)
+                    except NonFiniteLossError as error:
+                        _save(tracker, job.color.finish(error.image), run_dir / (layout.LAST_FINITE + cfg.output), error.step - 1)
+                        raise
+                    except (KeyboardInterrupt, TrackingError):
+                        if monitor.latest is not None:
+                            _save(tracker, monitor.latest_result(), run_dir / (layout.INTERRUPTED + cfg.output), monitor.latest.step)
+                        raise
+                image = job.color.finish(image)
+                output = _save(tracker, image, run_dir / cfg.output, job.schedule.steps)
+                evaluation = monitor.log_evaluation(image, job.schedule.steps)
+                tracker.log_metrics(monitor.performance(job.device), job.schedule.steps)
+                objective = job.objective(evaluation)
+                tracker.log_metrics(job.objective.logged(objective), job.schedule.steps)
+                tracker.describe(output, {**job.objective.logged(objective), **evaluation})
+                joblog.to_file(f"result: output {output}; " + ", ".join(f"{k} {v:.4g}" for k, v in evaluation.items())
+                               + f"; objective {objective}")
+        except TrackingError as error:
+            if tracker.run_id is None:
+                raise
+            kept = [path.name for path in sorted(run_dir.glob("*.*")) if path.is_file()]
+            raise TrackingError(
+                f"{error}. stx stopped; what the job computed is on disk in {run_dir}: {', '.join(kept)}. MLflow run "
+                f"{tracker.run_id} stays RUNNING until the next stx job on this store finds its process gone and "
+                f"closes it as FAILED."
+            ) from error
+        finally:
+            interrupts.restore(previous_handlers)
     total = monitor.latest.values["total"] if monitor.latest is not None else float("nan")
     print(
         f"stx: done in {time.perf_counter() - started:.1f} s, final loss {total:.6g}, style distance "
@@ -283,6 +286,13 @@ def run_tracked(
         flush=True,
     )
     return JobResult(run_id, output, total, evaluation, objective)
+
+
+def _memory_held(job: Job) -> contextlib.AbstractContextManager:
+    """In a batched sweep (:mod:`stx.engine.batching`), hold the job's planned memory against what the
+    device had free while it runs (waiting while the jobs running leave too little); else nothing."""
+    batch = batching.active()
+    return contextlib.nullcontext() if batch is None else batch.reserve(job.memory, job.device, available_bytes)
 
 
 def summary(cfg: DictConfig, tags: dict[str, str]) -> str:

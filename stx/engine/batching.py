@@ -1,0 +1,231 @@
+"""Several image optimisations sharing each evaluation: one encoder pass for a batch of runs.
+
+Each run is a thread running :func:`~stx.engine.optim.optimise_image` as it would alone, with its
+own objective (loss terms, weights, targets), parameter, optimiser and history. While a
+:class:`Batch` is :func:`active` in the thread, every evaluation of a level whose objective is a
+plain :class:`~stx.engine.losses.PerceptualObjective` goes through :meth:`Batch.member`'s
+evaluator instead of running alone: the runs evaluating the same encoder at the same image shape,
+precision and device (a *group*) wait for each other; the last to arrive stacks their images into
+one ``B×3×H×W`` batch, runs the encoder once, hands each run its own sample of every layer
+(:meth:`~stx.engine.losses.PerceptualObjective.score`), and back-propagates the runs' totals at
+once, which leaves each run's gradient in its own parameter. Samples never mix (the encoders have
+no batch statistics in eval mode), so a run follows the trajectory it follows alone, up to float
+rounding, and a NaN in one run stays in that run. A run that finishes, fails or moves to another
+level leaves its group and the others go on without it; L-BFGS's evaluations per step, the rise
+guard and the best image stay each run's own.
+
+:meth:`Batch.reserve` keeps the runs' planned memory within what the device had free; :meth:`Batch.stop`
+makes every run raise at its next evaluation (Ctrl-C of a batched sweep).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from stx.engine.losses import PerceptualObjective
+
+Evaluation = tuple[torch.Tensor, dict[str, torch.Tensor]]
+"""``(total, {term: value})`` detached, as :class:`~stx.engine.losses.PerceptualObjective` returns them."""
+Evaluator = Callable[[torch.Tensor], Evaluation]
+"""Evaluates the objective at an image computed from a leaf parameter (``1×3×H×W``, with its
+graph) and back-propagates the total into that parameter's gradient."""
+
+
+@dataclass(eq=False)
+class _Request:
+    objective: PerceptualObjective
+    image: torch.Tensor
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    result: Evaluation | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+
+@dataclass(eq=False)
+class _Group:
+    members: int = 0
+    waiting: list[_Request] = field(default_factory=list)
+
+
+class Batch:
+    """Where the runs of one batch meet; thread-safe. See the module's docstring."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._groups: dict[tuple, _Group] = {}
+        self._reserved: dict[str, int] = {}
+        self._budget: dict[str, int] = {}
+        self._stop: Callable[[], BaseException] | None = None
+        self._starting = 0
+        self._arrived = threading.local()
+        self.evaluations = 0
+        """Batched encoder passes run so far (one per group and round)."""
+
+    def expect(self) -> None:
+        """A run is starting in this thread: no group evaluates until it has joined one, started
+        alone, or :meth:`arrive` was called for it (so that runs started together share their
+        first evaluation instead of the first ones running ahead alone)."""
+        with self._changed:
+            self._starting += 1
+            self._arrived.done = False
+
+    def arrive(self) -> None:
+        """This thread's run no longer holds the groups back (idempotent)."""
+        with self._changed:
+            self.arrive_locked()
+
+    def stop(self, error: Callable[[], BaseException]) -> None:
+        """Make every run raise ``error()`` at its next evaluation, or now if it is waiting in a group."""
+        with self._changed:
+            self._stop = error
+            self._changed.notify_all()
+
+    @contextlib.contextmanager
+    def reserve(self, needed: int, device: torch.device, free: Callable[[torch.device], int]) -> Iterator[None]:
+        """Hold ``needed`` bytes of ``device`` while the run lasts, waiting while the runs already
+        holding some leave less than that of ``free(device)`` (measured when the first run arrived). A run
+        alone always goes (it has passed its own fit check)."""
+        key = str(device)
+        with self._changed:
+            budget = self._budget.setdefault(key, free(device))
+            while self._reserved.get(key, 0) and self._reserved[key] + needed > budget:
+                self._raise_if_stopped()
+                self.arrive_locked()
+                self._changed.wait()
+            self._reserved[key] = self._reserved.get(key, 0) + needed
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._reserved[key] -= needed
+                self._changed.notify_all()
+
+    @contextlib.contextmanager
+    def member(self, objective: PerceptualObjective, shape: torch.Size, device: torch.device,
+               autocast: Callable[[], contextlib.AbstractContextManager], precision: str) -> Iterator[Evaluator]:
+        """Join the group of ``objective``'s encoder at images of ``shape`` on ``device`` in
+        ``precision`` (``autocast()`` enters it) for as long as the block lasts; yields the evaluator."""
+        key = (id(objective.encoder), tuple(shape), str(device), precision)
+        with self._changed:
+            group = self._groups.setdefault(key, _Group())
+            group.members += 1
+            self.arrive_locked()
+
+        def evaluate(image: torch.Tensor) -> Evaluation:
+            return self._evaluate(group, _Request(objective, image, autocast))
+
+        try:
+            yield evaluate
+        finally:
+            with self._changed:
+                group.members -= 1
+                ready = self._take_if_ready(group)
+                if not group.members:
+                    self._groups.pop(key, None)
+            if ready:
+                self._run(ready)
+
+    def _raise_if_stopped(self) -> None:
+        if self._stop is not None:
+            raise self._stop()
+
+    def arrive_locked(self) -> None:
+        """:meth:`arrive`, with the lock held."""
+        if not getattr(self._arrived, "done", True):
+            self._arrived.done = True
+            self._starting -= 1
+            if not self._starting:
+                self._changed.notify_all()
+
+    def _take_if_ready(self, group: _Group) -> list[_Request]:
+        """The group's waiting requests when every member has one in and no run is still starting
+        (under the lock)."""
+        if group.waiting and len(group.waiting) >= group.members and not self._starting:
+            ready, group.waiting = group.waiting, []
+            return ready
+        return []
+
+    def _evaluate(self, group: _Group, request: _Request) -> Evaluation:
+        with self._changed:
+            self._raise_if_stopped()
+            group.waiting.append(request)
+            ready = self._take_if_ready(group)
+        while not ready:
+            with self._changed:
+                if request.done:
+                    break
+                if self._stop is not None and request in group.waiting:
+                    group.waiting.remove(request)  # not taken by a round yet: the others need not run it
+                self._raise_if_stopped()
+                self._changed.wait()
+                ready = self._take_if_ready(group)  # the last run starting has arrived: someone leads
+        if ready:
+            self._run(ready)
+        if request.error is not None:
+            raise request.error
+        assert request.result is not None
+        return request.result
+
+    def _run(self, requests: list[_Request]) -> None:
+        """One encoder pass for ``requests`` and one backward pass of their totals; each request
+        gets its result or its error, then every waiting run is woken."""
+        try:
+            evaluate_together(requests)
+        except BaseException as exc:  # the encoder's pass failed (e.g. out of memory): every run gets it
+            for request in requests:
+                if request.result is None and request.error is None:
+                    request.error = exc
+        finally:
+            with self._changed:
+                self.evaluations += 1
+                for request in requests:
+                    request.done = True
+                self._changed.notify_all()
+
+
+def evaluate_together(requests: list[_Request]) -> None:
+    """Evaluate every request's objective at its image with one pass of their (shared) encoder;
+    back-propagate; store each result, or the error of a run whose loss terms failed."""
+    encoder = requests[0].objective.encoder
+    layers = frozenset().union(*(request.objective.layers for request in requests))
+    totals: list[torch.Tensor] = []
+    with torch.enable_grad(), requests[0].autocast():
+        features = encoder(torch.cat([request.image for request in requests]), layers)
+        samples = zip(*(value.split(1) for value in features.values())) if features else [()] * len(requests)
+        for request, sample in zip(requests, samples):
+            try:
+                total, values = request.objective.score(dict(zip(features, sample)), request.image)
+            except Exception as exc:
+                request.error = exc
+                continue
+            request.result = total.detach(), {name: value.detach() for name, value in values.items()}
+            totals.append(total)
+    if totals:
+        torch.autograd.backward(totals)
+
+
+_active: contextvars.ContextVar[Batch | None] = contextvars.ContextVar("stx_batch", default=None)
+
+
+def active() -> Batch | None:
+    """The batch the optimisations of this thread (context) join, if any."""
+    return _active.get()
+
+
+@contextlib.contextmanager
+def joining(batch: Batch) -> Iterator[None]:
+    """Within the block, this thread's run evaluates in ``batch`` (:meth:`Batch.expect` at its start,
+    :meth:`Batch.arrive` at its end)."""
+    token = _active.set(batch)
+    batch.expect()
+    try:
+        yield
+    finally:
+        batch.arrive()
+        _active.reset(token)

@@ -1,0 +1,130 @@
+"""Runs sharing one encoder pass (stx.engine.batching) follow the trajectories they follow alone."""
+
+import math
+import threading
+
+import pytest
+import torch
+
+from stx.engine import batching, losses
+from stx.engine.optim import PyramidLevel, optimise_image
+from stx.errors import NonFiniteLossError
+
+from test_optim import ADAM, LBFGS, Recorder, schedule
+
+SIZE = 32
+
+
+def images(seed):
+    rng = torch.Generator().manual_seed(seed)
+    return torch.rand(1, 3, 40, 40, generator=rng), torch.rand(1, 3, 40, 40, generator=rng)
+
+
+def objective(encoder, style_weight):
+    return losses.PerceptualObjective(encoder, {
+        "content": losses.ContentLoss({"relu2_1": 1.0}),
+        "style": losses.GramStyleLoss({"relu1_1": 1.0, "relu2_1": 0.5}, score_weight=style_weight),
+    })
+
+
+def run_one(encoder, setting, results, index):
+    """One run of ``setting`` (``style_weight``, ``seed`` of its images, schedule overrides); its
+    totals per step, or the error it raised, land in ``results[index]``."""
+    weight, seed, overrides = setting
+    content, style = images(seed)
+    if overrides.pop("poisoned", False):
+        content[..., :4, :4] = math.nan  # the content loss turns NaN at the first step
+    recorder = Recorder()
+    try:
+        optimise_image(objective(encoder, weight), content=content, styles=[style], style_weights=[1.0],
+                       schedule=schedule(**overrides), callback=recorder)
+        results[index] = [info.values["total"] for info in recorder.steps]
+    except BaseException as exc:  # noqa: BLE001 — the test looks at it
+        results[index] = exc
+
+
+def run_batched(encoder, settings, batch=None):
+    batch = batch or batching.Batch()
+    results = [None] * len(settings)
+
+    def member(index):
+        with batching.joining(batch):
+            run_one(encoder, settings[index], results, index)
+
+    threads = [threading.Thread(target=member, args=(index,)) for index in range(len(settings))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results, batch
+
+
+def run_alone(encoder, settings):
+    results = [None] * len(settings)
+    for index in range(len(settings)):
+        run_one(encoder, settings[index], results, index)
+    return results
+
+
+@pytest.mark.parametrize("optimizer", [LBFGS, ADAM], ids=["lbfgs", "adam"])
+def test_each_run_of_a_batch_follows_its_trajectory_alone(vgg19_random, optimizer):
+    settings = [(weight, seed, dict(optimizer=optimizer, max_rise=0)) for weight, seed in [(1e2, 0), (1e4, 1), (1e6, 2)]]
+    alone = run_alone(vgg19_random, settings)
+    together, batch = run_batched(vgg19_random, settings)
+    assert batch.evaluations == 8  # three runs of 8 steps in 8 shared passes, not 24
+    for single, batched in zip(alone, together):
+        assert len(batched) == 8
+        assert batched == pytest.approx(single, rel=1e-4)
+    assert len({tuple(run) for run in together}) == 3  # the runs did not mix
+
+
+def test_runs_of_different_sizes_and_levels_share_only_equal_shapes(vgg19_random):
+    pyramid = dict(levels=(PyramidLevel(16, 3), PyramidLevel(SIZE, 4)))
+    settings = [(1e3, 0, pyramid), (1e3, 1, dict(levels=(PyramidLevel(SIZE, 6),))), (1e5, 2, pyramid)]
+    alone = run_alone(vgg19_random, settings)
+    together, _ = run_batched(vgg19_random, settings)
+    for single, batched in zip(alone, together):
+        assert batched == pytest.approx(single, rel=1e-4)
+
+
+def test_a_rise_guard_stop_and_a_nan_stay_in_their_runs(vgg19_random):
+    adam_rising = dict(optimizer=lambda params: torch.optim.Adam(params, lr=0.5), max_rise=1.05)
+    settings = [(1e4, 0, adam_rising), (1e4, 1, dict(poisoned=True)), (1e4, 2, {})]
+    alone = run_alone(vgg19_random, [(w, s, dict(o)) for w, s, o in settings])
+    together, _ = run_batched(vgg19_random, settings)
+    assert isinstance(alone[1], NonFiniteLossError) and isinstance(together[1], NonFiniteLossError)
+    assert together[1].step == alone[1].step
+    for index in (0, 2):
+        assert together[index] == pytest.approx(alone[index], rel=1e-4)
+    assert together[0] != pytest.approx(together[2])  # the guard took steps back in run 0 only
+
+
+def test_stop_ends_every_run_at_its_next_evaluation(vgg19_random):
+    class Stop(KeyboardInterrupt):
+        pass
+
+    batch = batching.Batch()
+    long = dict(levels=(PyramidLevel(SIZE, 10_000),))
+    stopper = threading.Timer(0.5, batch.stop, args=(Stop,))
+    stopper.start()
+    results, _ = run_batched(vgg19_random, [(1e3, seed, long) for seed in range(3)], batch)
+    assert all(isinstance(result, Stop) for result in results)
+
+
+def test_reserve_waits_while_the_memory_is_held():
+    batch = batching.Batch()
+    free = lambda device: 100
+    order = []
+
+    def hold(name, needed, seconds):
+        with batch.reserve(needed, torch.device("cpu"), free):
+            order.append(f"{name} in")
+            threading.Event().wait(seconds)
+            order.append(f"{name} out")
+
+    first = threading.Thread(target=hold, args=("a", 60, 0.3))
+    first.start()
+    threading.Event().wait(0.1)
+    hold("b", 60, 0)  # 60 + 60 > 100: waits for a
+    first.join()
+    assert order == ["a in", "a out", "b in", "b out"]
