@@ -27,7 +27,7 @@ from stx.runs.job import build_job
                         f"{', '.join(options('loss'))}."),
         ("schedule=_bse", "schedule=_bse is not an option of schedule. Options: adam, lbfgs, pyramid."),  # _base is shared
         ("hydra/launcher=jobib", "hydra/launcher=jobib is not an option of hydra/launcher. Did you mean joblib? Options: "
-                                 "basic, joblib, stx_slurm, submitit_local, submitit_slurm."),
+                                 "basic, joblib, stx_batched, stx_slurm, submitit_local, submitit_slurm."),
         ("schedule.steps=many", "schedule.steps=many is not valid: Value 'many' of type 'str' could not be converted to Integer."),
         ("loss.style.score_weight=1e3,", "cannot parse the override 'loss.style.score_weight=1e3,': mismatched input '<EOF>'"),
     ],

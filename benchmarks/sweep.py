@@ -1,0 +1,103 @@
+"""A sweep's wall time, sequential vs batched, on the same runs in one invocation.
+
+Each contender is a fresh ``stx -m`` process running the same sweep of ``--runs`` values of
+``loss.style.score_weight`` (× ``--lrs`` values of ``schedule.optimizer.lr`` when given) at
+``--size`` px × ``--steps`` steps with HED's trained VGG16 (``encoder=vgg16 encoder.weights=hed``),
+into a store of its own prepared by an untimed warm-up sweep:
+
+* basic    — ``hydra/launcher=basic``: Hydra's launcher, the jobs one after another in the process.
+* batched  — stx's default launcher (``hydra/launcher=stx_batched``, :mod:`stx.runs.launcher`): the
+             jobs as threads, sharing each encoder pass (:mod:`stx.engine.batching`).
+
+Rounds alternate the order. Reported: median seconds of the whole process (start-up, jobs, the
+sweep's summary), the median of the jobs' phase alone (the first job's start to the last job's
+end, from the runs' MLflow start and end times), and batched ÷ basic for both; then whether
+each run's final total loss is the same in both (relative difference).
+
+    python benchmarks/sweep.py [--size 48] [--steps 20] [--runs 8] [--lrs 1 0.5] [--rounds 3] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+LAUNCHERS = {"basic": ["hydra/launcher=basic"], "batched": []}
+
+
+def sweep_args(args: argparse.Namespace) -> list[str]:
+    weights = ",".join(f"{10 ** (2 + 4 * index / max(1, args.runs - 1)):.3g}" for index in range(args.runs))
+    extra = [f"schedule.optimizer.lr={','.join(map(str, args.lrs))}"] if args.lrs else []
+    return ["-m", "encoder=vgg16", "encoder.weights=hed", f"schedule.size={args.size}", f"schedule.steps={args.steps}",
+            f"device={args.device}", f"loss.style.score_weight={weights}", *extra]
+
+
+def run_sweep(name: str, args: argparse.Namespace, runs_dir: Path) -> float:
+    command = [str(Path(sys.executable).with_name("stx")), *sweep_args(args), *LAUNCHERS[name]]
+    env = {**os.environ, "STX_RUNS_DIR": str(runs_dir)}
+    started = time.perf_counter()
+    done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-3000:]}")
+    return seconds
+
+
+def latest_sweep(runs_dir: Path) -> tuple[float, dict[str, float]]:
+    """The latest sweep's jobs phase (s) and each run's final total loss, by its swept values."""
+    client = MlflowClient(f"sqlite:///{runs_dir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("stx")
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=5000)
+    parent = next(run for run in runs if run.data.tags.get("stx.sweep") == "true")
+    children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    phase = (max(run.info.end_time for run in children) - min(run.info.start_time for run in children)) / 1000
+    losses = {run.data.tags.get("stx.overrides", run.info.run_id): run.data.metrics.get("total", float("nan"))
+              for run in children}
+    return phase, losses
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=48, help="long edge, px")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--runs", type=int, default=8, help="values of loss.style.score_weight")
+    parser.add_argument("--lrs", type=float, nargs="*", default=[], help="values of schedule.optimizer.lr (× runs)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="stx-sweep-bench-") as base:
+        stores = {name: Path(base) / name for name in LAUNCHERS}
+        for name in LAUNCHERS:  # warm-up: the store, the weights cache, bytecode
+            run_sweep(name, args, stores[name])
+        wall: dict[str, list[float]] = {name: [] for name in LAUNCHERS}
+        phase: dict[str, list[float]] = {name: [] for name in LAUNCHERS}
+        finals: dict[str, dict[str, float]] = {}
+        for index in range(args.rounds):
+            for name in (list(LAUNCHERS) if index % 2 == 0 else list(reversed(LAUNCHERS))):
+                wall[name].append(run_sweep(name, args, stores[name]))
+                seconds, finals[name] = latest_sweep(stores[name])
+                phase[name].append(seconds)
+    jobs = args.runs * max(1, len(args.lrs))
+    print(f"\n{jobs} runs at {args.size} px × {args.steps} steps, HED VGG16, device {args.device}, {os.cpu_count()} CPUs, "
+          f"{args.rounds} rounds (order alternated)")
+    print(f"{'launcher':<9} {'whole s':>8} {'min–max':>13} {'jobs s':>7} {'min–max':>13}")
+    for name in LAUNCHERS:
+        print(f"{name:<9} {statistics.median(wall[name]):>8.2f} {f'{min(wall[name]):.2f}–{max(wall[name]):.2f}':>13} "
+              f"{statistics.median(phase[name]):>7.2f} {f'{min(phase[name]):.2f}–{max(phase[name]):.2f}':>13}")
+    whole = statistics.median(wall["batched"]) / statistics.median(wall["basic"])
+    jobs_ratio = statistics.median(phase["batched"]) / statistics.median(phase["basic"])
+    print(f"batched ÷ basic: whole process {whole:.2f}, jobs phase {jobs_ratio:.2f}")
+    differences = [abs(finals["batched"][key] - value) / max(abs(value), 1e-12) for key, value in finals["basic"].items()]
+    print(f"final total loss, batched vs basic, largest relative difference over the runs: {max(differences):.2e}")
+
+
+if __name__ == "__main__":
+    main()
