@@ -264,7 +264,8 @@ def tool_main(argv: list[str]) -> None:
         fail(str(error))
 
 
-LAUNCHERS = "hydra/launcher=joblib|submitit_local|submitit_slurm|stx_slurm, hydra/sweeper=optuna"
+LAUNCHERS = ("hydra/launcher=stx_batched* (a sweep's jobs of one shape share each encoder pass)|basic|joblib|"
+             "submitit_local|submitit_slurm|stx_slurm, hydra/sweeper=optuna|stx_optuna")
 
 
 def overview(primary: str = "config") -> str:
@@ -275,7 +276,8 @@ def overview(primary: str = "config") -> str:
     from stx.runs.schema import CONF_DIR
 
     defaults = yaml.safe_load((CONF_DIR / f"{primary}.yaml").read_text())["defaults"]
-    groups = {group: choice for entry in defaults if isinstance(entry, dict) for group, choice in entry.items()}
+    groups = {group: choice for entry in defaults if isinstance(entry, dict) for group, choice in entry.items()
+              if not group.startswith("override ")}  # Hydra's own groups (the launcher) are listed apart
     width = max(map(len, groups))
     lines = []
     for group, choice in groups.items():

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import signal
 import sys
 import threading
 from collections.abc import Sequence
@@ -35,7 +36,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from stx.errors import StxError
-from stx.runs import hydra_job
+from stx.runs import hydra_job, interrupts
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,8 @@ def launch(*, config: DictConfig, hydra_context: HydraContext, task_function: Ta
             try:
                 wait(futures)
             except KeyboardInterrupt as interrupt:
-                batch.stop(lambda: copy.copy(interrupt))
+                signum = getattr(interrupt, "signum", signal.SIGINT)
+                batch.stop(lambda: interrupts.Interrupted(signum))
                 wait(futures)
                 raise
             for future, job in futures.items():

@@ -62,7 +62,7 @@ def test_sweep_then_compare_then_reproduce(tmp_path, fresh_store):
     assert max(startup[1:]) < startup[0]  # one process: only the first job pays the imports, none the jobs before it
     assert {k: v for k, v in best.data.metrics.items() if k == "objective" or k.startswith("eval/")} == \
         parent.data.metrics  # the parent carries its best run's objective and quality metrics
-    jobs = [line for line in result.stdout.splitlines() if line.startswith("stx: job ")]
+    jobs = sorted(line for line in result.stdout.splitlines() if line.startswith("stx: job "))  # they start together
     assert [(line[:13], line.rpartition("=")[2]) for line in jobs] == [
         ("stx: job 1/3:", "10.0"), ("stx: job 2/3:", "1000.0"), ("stx: job 3/3:", "100000.0")]
     assert f"stx: best run {best.info.run_id} (objective {best.data.metrics['objective']:.4g})" in result.stdout

@@ -1,0 +1,91 @@
+"""The batched launcher (stx.runs.launcher, the default): which jobs share a batch, which device each
+gets, and that a batched sweep's runs are the runs the basic launcher makes, one by one."""
+
+import math
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from conftest import FAST, local_uri, stx_here
+from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+from test_reliability import LONG, client_for, start_stx, started_children, wait_for
+
+from stx.runs.launcher import assign_devices, batch_key
+from stx.runs.schema import CONF_DIR
+
+
+def composed(*overrides):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_jobs_that_differ_in_weights_share_a_batch_and_other_shapes_do_not():
+    base = batch_key(composed("loss.style.score_weight=1e3"))
+    assert batch_key(composed("loss.style.score_weight=1e5", "schedule.optimizer.lr=0.5", "seed=3")) == base
+    assert batch_key(composed("images.style_weights=[1.0]", "color=luminance")) == base
+    for other in ("schedule.size=128", "encoder=vgg16", "schedule=adam", "precision=bf16", "loss=mrf"):
+        assert batch_key(composed(other)) != base, other
+
+
+def test_devices_are_dealt_round_robin_to_the_jobs_that_leave_the_choice_open():
+    configs = [OmegaConf.create({"device": device}) for device in ("auto", "cuda", "cpu", "auto", "cuda:1", "auto")]
+    assert assign_devices(configs, 0) == [None] * 6
+    assert assign_devices(configs, 1) == [None] * 6
+    assert assign_devices(configs, 2) == ["cuda:0", "cuda:1", None, "cuda:0", None, "cuda:1"]
+    assert assign_devices(configs, 4) == ["cuda:0", "cuda:1", None, "cuda:2", None, "cuda:3"]
+
+
+def test_optuna_asks_for_trials_in_batches_of_the_batch_size():
+    config = composed("hydra/sweeper=stx_optuna", "hydra.launcher.batch_size=6")
+    assert config.hydra.sweeper.n_jobs == 6
+    assert composed("hydra/sweeper=stx_optuna").hydra.sweeper.n_jobs == composed().hydra.launcher.batch_size
+
+
+def histories(folder):
+    """Each child run's ``total`` per step and status, by its swept score weight."""
+    client = MlflowClient(local_uri(folder))
+    runs = client.search_runs([client.get_experiment_by_name("stx").experiment_id])
+    children = [run for run in runs if "mlflow.parentRunId" in run.data.tags]
+    return {run.data.params["loss.style.score_weight"]: (
+        run.info.status, [m.value for m in sorted(client.get_metric_history(run.info.run_id, "total"), key=lambda m: m.step)],
+        Path(run.data.tags["stx.run_dir"])) for run in children}
+
+
+@pytest.mark.slow
+def test_each_run_of_a_batched_sweep_is_the_run_it_is_alone_and_a_nan_fails_only_its_own(tmp_path):
+    """1e45 is finite, but not in float32: that job's loss is inf at its first step."""
+    sweep = ["-m", *FAST, "schedule.steps=6", "loss.style.score_weight=1e3,1e45,1e5,1e7"]
+    for folder, launcher in (("basic", ["hydra/launcher=basic"]), ("batched", [])):
+        (tmp_path / folder).mkdir()
+        assert stx_here(tmp_path / folder, *sweep, *launcher).returncode == 1  # a job failed
+    alone, together = histories(tmp_path / "basic"), histories(tmp_path / "batched")
+    assert together.keys() == alone.keys() and len(together) == 4
+    assert together["1e+45"][0] == alone["1e+45"][0] == "FAILED"
+    assert (together["1e+45"][2] / "last_finite_output.png").is_file()
+    for weight in ("1000.0", "100000.0", "10000000.0"):
+        status, totals, run_dir = together[weight]
+        assert status == "FINISHED" and len(totals) == 6 and (run_dir / "output.png").is_file()
+        assert totals == pytest.approx(alone[weight][1], rel=1e-4)
+        assert all(math.isfinite(total) for total in totals)
+
+
+@pytest.mark.slow
+def test_ctrl_c_closes_every_run_of_a_batched_sweep_killed_with_its_image(tmp_path):
+    process = start_stx(tmp_path, "-m", *LONG, "loss.style.score_weight=1e2,1e4")
+    for line in process.stdout:
+        if "stx: sweep parent MLflow run" in line:
+            break
+    children = wait_for(lambda: len(running := started_children(tmp_path)) == 2 and running, timeout=300)
+    process.send_signal(signal.SIGINT)
+    output = process.stdout.read()
+    assert process.wait(timeout=180) == 130, output
+    assert "Traceback" not in output, output
+    client = client_for(tmp_path)
+    for child in children:
+        run = client.get_run(child.info.run_id)
+        assert run.info.status == "KILLED"
+        assert (Path(run.data.tags["stx.run_dir"]) / "interrupted_output.png").is_file()
+    assert client.get_run(children[0].data.tags["mlflow.parentRunId"]).info.status == "KILLED"
