@@ -135,7 +135,8 @@ class MlflowSweepCallback(Callback):
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if self.parent_run_id:  # a sweep's job (Hydra calls this for a single run too)
             task = " ".join(config.hydra.overrides.task)
-            print(f"stx: job {config.hydra.job.num + 1}/{self.jobs or '?'}: {task}", flush=True)
+            # one write: the batched launcher's jobs start together, in threads
+            print(f"stx: job {config.hydra.job.num + 1}/{self.jobs or '?'}: {task}\n", end="", flush=True)
             os.environ[layout.PARENT_RUN_ENV] = self.parent_run_id
             os.environ[layout.SWEPT_KEYS_ENV] = ",".join(self.swept_keys)
 

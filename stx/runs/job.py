@@ -34,6 +34,7 @@ from stx.engine.plan import plan_memory
 from stx.errors import ConfigError
 from stx.runs import layout, plugins
 from stx.runs.objectives import Objective
+from stx.runs.schema import encoder_identity
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +303,7 @@ def shared_encoder(node: DictConfig, layers: frozenset[str], device: torch.devic
     jobs can share its passes: :mod:`stx.engine.batching`)."""
     weights = Path(str(node.get("weights")))
     stamp = (weights.stat().st_size, weights.stat().st_mtime_ns) if weights.is_file() else None
-    key = (OmegaConf.to_yaml(node, resolve=True), tuple(sorted(layers)), str(device), stamp)
+    key = (repr(encoder_identity(node)), tuple(sorted(layers)), str(device), stamp)
     if key not in _encoders:
         encoder = build(node, "encoder", "encoder")(layers=layers)
         if not isinstance(encoder, encoders.MultiLayerEncoder):

@@ -37,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from stx.errors import StxError
 from stx.runs import hydra_job, interrupts
+from stx.runs.schema import encoder_identity
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def batch_key(config: DictConfig) -> str:
     try:
         layers = sorted({str(layer) for node in config.loss.values() for layer in (node.get("layers") or {})})
         shape = {
-            "encoder": OmegaConf.to_container(config.encoder, resolve=True),
+            "encoder": encoder_identity(config.encoder),
             "layers": layers,
             "levels": OmegaConf.to_container(config.schedule.levels, resolve=True),
             "optimizer": config.schedule.optimizer.get("_target_"),

@@ -282,8 +282,8 @@ def run_tracked(
     print(
         f"stx: done in {time.perf_counter() - started:.1f} s, final loss {total:.6g}, style distance "
         f"{evaluation['style_distance']:.4g}, content distance {evaluation['content_distance']:.4g}; output {output}; "
-        f"MLflow run {run_id} (experiment '{cfg.tracking.experiment}', {tracker.uri})",
-        flush=True,
+        f"MLflow run {run_id} (experiment '{cfg.tracking.experiment}', {tracker.uri})\n",
+        end="", flush=True,  # one write: a batched sweep's jobs print from threads
     )
     return JobResult(run_id, output, total, evaluation, objective)
 
