@@ -59,7 +59,8 @@ def latest_sweep(runs_dir: Path) -> tuple[float, dict[str, float]]:
     parent = next(run for run in runs if run.data.tags.get("stx.sweep") == "true")
     children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     phase = (max(run.info.end_time for run in children) - min(run.info.start_time for run in children)) / 1000
-    losses = {run.data.tags.get("stx.overrides", run.info.run_id): run.data.metrics.get("total", float("nan"))
+    swept = ("loss.style.score_weight", "schedule.optimizer.lr")
+    losses = {tuple(run.data.params.get(key) for key in swept): run.data.metrics.get("total", float("nan"))
               for run in children}
     return phase, losses
 
