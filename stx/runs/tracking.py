@@ -97,6 +97,8 @@ def open_sqlite_store(uri: str) -> None:
     that jobs started together on a new store do not run MLflow's migrations at once (which
     leaves it half-migrated); a store that cannot be opened gets one paragraph."""
     path = Path(uri.removeprefix("sqlite:///"))
+    if (known := _opened.get(uri)) is not None and known == _identity(path):
+        return  # opened by an earlier job of this process (a sweep's), and not replaced since
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(f"{path.name}.lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
@@ -109,6 +111,20 @@ def open_sqlite_store(uri: str) -> None:
                 f"first job: tables named _alembic_tmp_*), move it aside and stx creates a new one; or give "
                 f"another tracking.uri / runs_dir."
             ) from exc
+    _opened[uri] = _identity(path)
+
+
+_opened: dict[str, tuple[int, int] | None] = {}
+"""The sqlite stores this process has opened: URI → the file's identity then (:func:`_identity`)."""
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The file's device and inode (None when it does not exist): a store replaced by another file differs."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def existing_store(uri: str) -> MlflowClient:

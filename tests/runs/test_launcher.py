@@ -13,7 +13,10 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from test_reliability import LONG, client_for, start_stx, started_children, wait_for
 
-from stx.runs.launcher import assign_devices, batch_key
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import ConfigCompositionException
+
+from stx.runs.launcher import assign_devices, batch_key, compose_jobs
 from stx.runs.schema import CONF_DIR
 
 
@@ -28,6 +31,22 @@ def test_jobs_that_differ_in_weights_share_a_batch_and_other_shapes_do_not():
     assert batch_key(composed("images.style_weights=[1.0]", "color=luminance")) == base
     for other in ("schedule.size=128", "encoder=vgg16", "schedule=adam", "precision=bf16", "loss=mrf"):
         assert batch_key(composed(other)) != base, other
+
+
+def test_jobs_composed_from_the_first_are_what_hydra_composes():
+    sweep = [["loss.style.score_weight=1000.0", "seed=0", "schedule.optimizer.lr=1"],
+             ["loss.style.score_weight=5", "seed=3", "schedule.optimizer.lr=0.5"],  # from the first
+             ["color=luminance", "seed=3", "schedule.optimizer.lr=0.5"]]  # a group: composed in full
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        master = compose("config", return_hydra_config=True)
+        loader = GlobalHydra.instance().config_loader()
+        full = [loader.load_sweep_config(master, overrides) for overrides in sweep]
+        fast = compose_jobs(master, loader, sweep)
+        with pytest.raises(ConfigCompositionException, match="schedule.steps=abc"):
+            compose_jobs(master, loader, [["schedule.steps=1"], ["schedule.steps=abc"]])  # refused as Hydra refuses it
+    assert fast[1].loss.style.score_weight == 5 and fast[1].hydra.overrides.task == sweep[1]
+    for quick, composed_in_full in zip(fast, full):
+        assert OmegaConf.to_container(quick, resolve=False) == OmegaConf.to_container(composed_in_full, resolve=False)
 
 
 def test_devices_are_dealt_round_robin_to_the_jobs_that_leave_the_choice_open():
