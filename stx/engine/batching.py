@@ -68,12 +68,14 @@ class Batch:
         """Batched encoder passes run so far (one per group and round)."""
 
     def expect(self) -> None:
-        """A run is starting in this thread: no group evaluates until it has joined one, started
-        alone, or :meth:`arrive` was called for it (so that runs started together share their
-        first evaluation instead of the first ones running ahead alone)."""
+        """A run is starting in this thread. Until the batch's first evaluation, no group evaluates
+        until it has joined one, started alone, or :meth:`arrive` was called for it, so that the runs
+        started together share their first evaluation instead of the first ones running ahead
+        alone; a run starting later does not hold the others back."""
         with self._changed:
-            self._starting += 1
-            self._arrived.done = False
+            self._arrived.done = bool(self.evaluations)
+            if not self._arrived.done:
+                self._starting += 1
 
     def arrive(self) -> None:
         """This thread's run no longer holds the groups back (idempotent)."""

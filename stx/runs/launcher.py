@@ -189,13 +189,13 @@ def launch(*, config: DictConfig, hydra_context: HydraContext, task_function: Ta
                 job.config.device = device
     if jobs:
         _job_logging(jobs[0].config)
-    batch = batching.Batch()
     progress = _progress(jobs)
     returns: dict[int, JobReturn] = {}
     groups: dict[str, list[SweepJob]] = {}
     for job in jobs:
         groups.setdefault(batch_key(job.config), []).append(job)
     for group in groups.values():
+        batch = batching.Batch()
         workers = min(len(group), batch_size * max(1, count))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stx-job") as pool:
             futures = {pool.submit(_run_job, job, hydra_context, task_function, batch, progress): job for job in group}

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from stx.engine.image import image_shape, long_edge_shape, write_image
 from stx.engine import batching
 from stx.engine.optim import Checkpoint, optimise_image
-from stx.engine.plan import available_bytes
+from stx.engine.plan import HEADROOM, available_bytes
 from stx.errors import NonFiniteLossError, StxError
 from stx.runs import hydra_job, interrupts, joblog, layout
 from stx.runs.job import Job, build_job, build_schedule
@@ -292,7 +292,9 @@ def _memory_held(job: Job) -> contextlib.AbstractContextManager:
     """In a batched sweep (:mod:`stx.engine.batching`), hold the job's planned memory against what the
     device had free while it runs (waiting while the jobs running leave too little); else nothing."""
     batch = batching.active()
-    return contextlib.nullcontext() if batch is None else batch.reserve(job.memory, job.device, available_bytes)
+    if batch is None:
+        return contextlib.nullcontext()
+    return batch.reserve(job.memory, job.device, lambda device: int(HEADROOM * available_bytes(device)))
 
 
 def summary(cfg: DictConfig, tags: dict[str, str]) -> str:

@@ -93,7 +93,8 @@ def test_sweep_then_compare_then_reproduce(tmp_path, fresh_store):
     moved = {"runs_dir", "images.content", "images.styles.0"}  # the inputs are the run's logged copies
     assert {k: v for k, v in copy.data.params.items() if k not in moved} == {k: v for k, v in original.data.params.items() if k not in moved}
     assert copy.data.params["images.content"].endswith("inputs/content/content.png")
-    assert copy.data.metrics["total"] == original.data.metrics["total"]
+    # run alone, as the batched sweep's run was not: the same up to float rounding in the batched encoder pass
+    assert copy.data.metrics["total"] == pytest.approx(original.data.metrics["total"], rel=1e-5)
     assert copy.data.metrics["reproduce/max_pixel_diff"] == 0
 
 
