@@ -64,6 +64,11 @@ class Batch:
         self._stop: Callable[[], BaseException] | None = None
         self._starting = 0
         self._arrived = threading.local()
+        self._turn = threading.Lock()
+        """Held by the member running its own work between evaluations (its optimiser's step, its
+        reporting): members take turns instead of all waking at once and trading the interpreter
+        lock at every tensor operation (a convoy that cost more than the work itself on the CPU).
+        Never taken while holding ``_changed``."""
         self.evaluations = 0
         """Batched encoder passes run so far (one per group and round)."""
 
@@ -118,6 +123,7 @@ class Batch:
             group = self._groups.setdefault(key, _Group())
             group.members += 1
             self.arrive_locked()
+        self._turn.acquire()
 
         def evaluate(image: torch.Tensor) -> Evaluation:
             return self._evaluate(group, _Request(objective, image, autocast))
@@ -125,6 +131,7 @@ class Batch:
         try:
             yield evaluate
         finally:
+            self._turn.release()
             with self._changed:
                 group.members -= 1
                 ready = self._take_if_ready(group)
@@ -158,15 +165,20 @@ class Batch:
             self._raise_if_stopped()
             group.waiting.append(request)
             ready = self._take_if_ready(group)
-        while not ready:
-            with self._changed:
-                if request.done:
-                    break
-                if self._stop is not None and request in group.waiting:
-                    group.waiting.remove(request)  # not taken by a round yet: the others need not run it
-                self._raise_if_stopped()
-                self._changed.wait()
-                ready = self._take_if_ready(group)  # the last run starting has arrived: someone leads
+        if not ready:
+            self._turn.release()
+            try:
+                while not ready:
+                    with self._changed:
+                        if request.done:
+                            break
+                        if self._stop is not None and request in group.waiting:
+                            group.waiting.remove(request)  # not taken by a round yet: the others need not run it
+                        self._raise_if_stopped()
+                        self._changed.wait()
+                        ready = self._take_if_ready(group)  # the last run starting has arrived: someone leads
+            finally:
+                self._turn.acquire()
         if ready:
             self._run(ready)
         if request.error is not None:
