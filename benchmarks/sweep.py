@@ -12,9 +12,11 @@ into a store of its own prepared by an untimed warm-up sweep:
 Rounds alternate the order. Reported: median seconds of the whole process (start-up, jobs, the
 sweep's summary), the median of the jobs' phase alone (the first job's start to the last job's
 end, from the runs' MLflow start and end times), and batched ÷ basic for both; then whether
-each run's final total loss is the same in both (relative difference).
+each run's final total loss is the same in both (relative difference). On a CUDA device it also
+samples the GPUs' utilisation every 250 ms (``nvidia-smi``) over each sweep and reports its mean.
 
     python benchmarks/sweep.py [--size 48] [--steps 20] [--runs 8] [--lrs 1 0.5] [--rounds 3] [--device cpu]
+    python benchmarks/sweep.py --device cuda --size 512 --steps 500 --runs 16 --lrs 1 0.7 0.5 0.35 --rounds 1
 """
 
 from __future__ import annotations
@@ -40,12 +42,22 @@ def sweep_args(args: argparse.Namespace) -> list[str]:
             f"device={args.device}", f"loss.style.score_weight={weights}", *extra]
 
 
-def run_sweep(name: str, args: argparse.Namespace, runs_dir: Path) -> float:
+def run_sweep(name: str, args: argparse.Namespace, runs_dir: Path, utilisation: list[float] | None = None) -> float:
+    """One sweep in a fresh process; its wall seconds. With ``utilisation``, the GPUs' mean
+    utilisation over the sweep (%) is appended to it."""
     command = [str(Path(sys.executable).with_name("stx")), *sweep_args(args), *LAUNCHERS[name]]
     env = {**os.environ, "STX_RUNS_DIR": str(runs_dir)}
+    sampler = None
+    if utilisation is not None:
+        sampler = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                    "-lms", "250"], stdout=subprocess.PIPE, text=True)
     started = time.perf_counter()
     done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seconds = time.perf_counter() - started
+    if sampler is not None:
+        sampler.terminate()
+        samples = [float(line) for line in sampler.communicate()[0].split() if line.strip().isdigit()]
+        utilisation.append(statistics.mean(samples) if samples else float("nan"))
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-3000:]}")
     return seconds
@@ -81,9 +93,10 @@ def main() -> None:
         wall: dict[str, list[float]] = {name: [] for name in LAUNCHERS}
         phase: dict[str, list[float]] = {name: [] for name in LAUNCHERS}
         finals: dict[str, dict[str, float]] = {}
+        busy: dict[str, list[float] | None] = {name: [] if args.device.startswith("cuda") else None for name in LAUNCHERS}
         for index in range(args.rounds):
             for name in (list(LAUNCHERS) if index % 2 == 0 else list(reversed(LAUNCHERS))):
-                wall[name].append(run_sweep(name, args, stores[name]))
+                wall[name].append(run_sweep(name, args, stores[name], busy[name]))
                 seconds, finals[name] = latest_sweep(stores[name])
                 phase[name].append(seconds)
     jobs = args.runs * max(1, len(args.lrs))
@@ -96,6 +109,9 @@ def main() -> None:
     whole = statistics.median(wall["batched"]) / statistics.median(wall["basic"])
     jobs_ratio = statistics.median(phase["batched"]) / statistics.median(phase["basic"])
     print(f"batched ÷ basic: whole process {whole:.2f}, jobs phase {jobs_ratio:.2f}")
+    for name, samples in busy.items():
+        if samples:
+            print(f"{name}: GPU utilisation over the sweep, mean of 250 ms samples: {statistics.median(samples):.0f} %")
     differences = [abs(finals["batched"][key] - value) / max(abs(value), 1e-12) for key, value in finals["basic"].items()]
     print(f"final total loss, batched vs basic, largest relative difference over the runs: {max(differences):.2e}")
 
