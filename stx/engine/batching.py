@@ -85,7 +85,7 @@ class Batch:
     def arrive(self) -> None:
         """This thread's run no longer holds the groups back (idempotent)."""
         with self._changed:
-            self.arrive_locked()
+            self._arrive_locked()
 
     def stop(self, error: Callable[[], BaseException]) -> None:
         """Make every run raise ``error()`` at its next evaluation, or now if it is waiting in a group."""
@@ -103,7 +103,7 @@ class Batch:
             budget = self._budget.setdefault(key, free(device))
             while self._reserved.get(key, 0) and self._reserved[key] + needed > budget:
                 self._raise_if_stopped()
-                self.arrive_locked()
+                self._arrive_locked()
                 self._changed.wait()
             self._reserved[key] = self._reserved.get(key, 0) + needed
         try:
@@ -122,7 +122,7 @@ class Batch:
         with self._changed:
             group = self._groups.setdefault(key, _Group())
             group.members += 1
-            self.arrive_locked()
+            self._arrive_locked()
         self._turn.acquire()
 
         def evaluate(image: torch.Tensor) -> Evaluation:
@@ -144,7 +144,7 @@ class Batch:
         if self._stop is not None:
             raise self._stop()
 
-    def arrive_locked(self) -> None:
+    def _arrive_locked(self) -> None:
         """:meth:`arrive`, with the lock held."""
         if not getattr(self._arrived, "done", True):
             self._arrived.done = True

@@ -3,7 +3,7 @@ threads of the sweeping process, and jobs of the same shape share each evaluatio
 (:mod:`stx.engine.batching`).
 
 Jobs whose computation has the same shape (:func:`batch_key`: encoder, the layers their losses
-read, pyramid levels, optimiser kind, bounds, tiling, content image, precision, device) form a
+read, pyramid levels' sizes, optimiser kind, bounds, tiling, content image, precision, device) form a
 *group*; groups run one after another, and within a group up to ``batch_size`` jobs per device run
 at once, each in its own thread through Hydra's task function as it would alone: its own run dir
 and ``.hydra/`` files, log file, MLflow child run, metrics, images, checkpoints and outputs, so
@@ -110,7 +110,7 @@ def batch_key(config: DictConfig) -> str:
         shape = {
             "encoder": encoder_identity(config.encoder),
             "layers": layers,
-            "levels": OmegaConf.to_container(config.schedule.levels, resolve=True),
+            "sizes": [level.size for level in config.schedule.levels],  # not steps: a run done leaves its batch
             "optimizer": config.schedule.optimizer.get("_target_"),
             "bounds": config.schedule.bounds,
             "tile": config.schedule.tile,
