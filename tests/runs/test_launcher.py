@@ -108,3 +108,13 @@ def test_ctrl_c_closes_every_run_of_a_batched_sweep_killed_with_its_image(tmp_pa
         assert run.info.status == "KILLED"
         assert (Path(run.data.tags["stx.run_dir"]) / "interrupted_output.png").is_file()
     assert client.get_run(children[0].data.tags["mlflow.parentRunId"]).info.status == "KILLED"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("hydra.job.chdir=true", "hydra.job.chdir=true cannot be honoured by hydra/launcher=stx_batched"),
+    ("hydra.launcher.batch_size=0", "hydra.launcher.batch_size=0 is not valid: use a whole number >= 1"),
+])
+def test_what_the_batched_launcher_cannot_do_is_one_paragraph_before_any_job(tmp_path, override, message):
+    result = stx_here(tmp_path, "-m", *FAST, override, "loss.style.score_weight=1e2,1e4")
+    assert result.returncode == 2 and f"stx: error: {message}" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and "stx: job" not in result.stdout
