@@ -182,18 +182,19 @@ def launch(*, config: DictConfig, hydra_context: HydraContext, task_function: Ta
             output_dir = Path(str(job_config.hydra.sweep.dir)) / str(job_config.hydra.sweep.subdir)
             job_config.hydra.runtime.output_dir = str(output_dir.resolve())
         jobs.append(SweepJob(num, list(overrides), job_config))
+    groups: dict[str, list[SweepJob]] = {}
+    for job in jobs:
+        groups.setdefault(batch_key(job.config), []).append(job)
     count = cuda_devices()
-    for job, device in zip(jobs, assign_devices([job.config for job in jobs], count)):
-        if device is not None:
-            with open_dict(job.config):
-                job.config.device = device
+    for group in groups.values():  # dealt within each group: its jobs run at once, one batch per device
+        for job, device in zip(group, assign_devices([job.config for job in group], count)):
+            if device is not None:
+                with open_dict(job.config):
+                    job.config.device = device
     if jobs:
         _job_logging(jobs[0].config)
     progress = _progress(jobs)
     returns: dict[int, JobReturn] = {}
-    groups: dict[str, list[SweepJob]] = {}
-    for job in jobs:
-        groups.setdefault(batch_key(job.config), []).append(job)
     for group in groups.values():
         batch = batching.Batch()
         workers = min(len(group), batch_size * max(1, count))
@@ -203,8 +204,10 @@ def launch(*, config: DictConfig, hydra_context: HydraContext, task_function: Ta
                 wait(futures)
             except KeyboardInterrupt as interrupt:
                 signum = getattr(interrupt, "signum", signal.SIGINT)
+                for future in futures:
+                    future.cancel()  # jobs still queued never start
                 batch.stop(lambda: interrupts.Interrupted(signum))
-                wait(futures)
+                wait([future for future in futures if not future.cancelled()])
                 raise
             for future, job in futures.items():
                 returns[job.num] = future.result()

@@ -118,3 +118,12 @@ def test_what_the_batched_launcher_cannot_do_is_one_paragraph_before_any_job(tmp
     result = stx_here(tmp_path, "-m", *FAST, override, "loss.style.score_weight=1e2,1e4")
     assert result.returncode == 2 and f"stx: error: {message}" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and "stx: job" not in result.stdout
+
+
+def test_a_sweep_on_two_gpus_deals_each_batch_to_both(tmp_path, monkeypatch):
+    """Without GPUs: the launcher believes there are two, so each job asks for the one it was dealt
+    and is refused with that device's name (what the jobs would run on)."""
+    monkeypatch.setattr("stx.runs.launcher.cuda_devices", lambda: 2)
+    result = stx_here(tmp_path, "-m", *FAST, "loss.style.score_weight=1e2,1e3,1e4,1e5")
+    refused = [line for line in result.stderr.splitlines() if "was asked for, but this machine has 0 CUDA" in line]
+    assert sorted(line.split("device=")[1][:8] for line in refused) == ["'cuda:0'", "'cuda:0'", "'cuda:1'", "'cuda:1'"]
