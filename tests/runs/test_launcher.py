@@ -92,12 +92,14 @@ def test_each_run_of_a_batched_sweep_is_the_run_it_is_alone_and_a_nan_fails_only
 
 
 @pytest.mark.slow
-def test_ctrl_c_closes_every_run_of_a_batched_sweep_killed_with_its_image(tmp_path):
-    process = start_stx(tmp_path, "-m", *LONG, "loss.style.score_weight=1e2,1e4")
+@pytest.mark.parametrize("batch_size, running", [(16, 2), (1, 1)])
+def test_ctrl_c_closes_every_run_of_a_batched_sweep_killed_with_its_image(tmp_path, batch_size, running):
+    """Both jobs in one batch, or one at a time (batch_size=1): the second, still queued, never starts."""
+    process = start_stx(tmp_path, "-m", *LONG, "loss.style.score_weight=1e2,1e4", f"hydra.launcher.batch_size={batch_size}")
     for line in process.stdout:
         if "stx: sweep parent MLflow run" in line:
             break
-    children = wait_for(lambda: len(running := started_children(tmp_path)) == 2 and running, timeout=300)
+    children = wait_for(lambda: len(started := started_children(tmp_path)) == running and started, timeout=300)
     process.send_signal(signal.SIGINT)
     output = process.stdout.read()
     assert process.wait(timeout=180) == 130, output
@@ -108,6 +110,8 @@ def test_ctrl_c_closes_every_run_of_a_batched_sweep_killed_with_its_image(tmp_pa
         assert run.info.status == "KILLED"
         assert (Path(run.data.tags["stx.run_dir"]) / "interrupted_output.png").is_file()
     assert client.get_run(children[0].data.tags["mlflow.parentRunId"]).info.status == "KILLED"
+    every = client.search_runs([client.get_experiment_by_name("stx").experiment_id])
+    assert len([run for run in every if "mlflow.parentRunId" in run.data.tags]) == running
 
 
 @pytest.mark.parametrize("override, message", [
