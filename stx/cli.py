@@ -71,7 +71,7 @@ def run_task(task: Callable[[DictConfig], float], cfg: DictConfig) -> float:
         return task(cfg)
     except (StxError, OmegaConfBaseException) as error:  # the latter: a value that cannot be resolved
         joblog.to_file(f"stx: error: {error}", logging.ERROR)
-        print(f"stx: error: {error}\n", end="", file=sys.stderr, flush=True)  # one write (batched jobs are threads)
+        hydra_job.say(f"stx: error: {error}", error=True)
         if hydra_job.config().mode == RunMode.MULTIRUN:
             return float("nan")  # the other jobs go on; the sweep callback fails the parent run
         sys.exit(2)
@@ -82,8 +82,8 @@ def run_task(task: Callable[[DictConfig], float], cfg: DictConfig) -> float:
         if not in_thread:
             interrupts.ignore()
         kept = f"its latest image kept as {INTERRUPTED}{cfg.output}" if "output" in cfg else "a checkpoint kept"
-        print(f"stx: {interrupt or 'interrupted'}; the job's MLflow run, if it had started, is marked KILLED and "
-              f"{kept}.\n", end="", file=sys.stderr, flush=True)
+        hydra_job.say(f"stx: {interrupt or 'interrupted'}; the job's MLflow run, if it had started, is marked KILLED "
+                      f"and {kept}.", error=True)
         if in_thread:
             raise  # its launcher (stx.runs.launcher) ends the sweep once every job has closed its run
         if os.environ.get(MAIN_PID_ENV) == str(os.getppid()):

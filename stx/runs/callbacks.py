@@ -37,7 +37,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from stx.errors import StxError, first_line
-from stx.runs import interrupts, layout
+from stx.runs import hydra_job, interrupts, layout
 from stx.runs.liveness import process_tags
 from stx.runs.tracking import ensure_experiment, show_params, source_tags, tracking_uri
 
@@ -135,8 +135,7 @@ class MlflowSweepCallback(Callback):
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if self.parent_run_id:  # a sweep's job (Hydra calls this for a single run too)
             task = " ".join(config.hydra.overrides.task)
-            # one write: the batched launcher's jobs start together, in threads
-            print(f"stx: job {config.hydra.job.num + 1}/{self.jobs or '?'}: {task}\n", end="", flush=True)
+            hydra_job.say(f"stx: job {config.hydra.job.num + 1}/{self.jobs or '?'}: {task}")
             os.environ[layout.PARENT_RUN_ENV] = self.parent_run_id
             os.environ[layout.SWEPT_KEYS_ENV] = ",".join(self.swept_keys)
 

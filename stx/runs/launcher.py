@@ -261,9 +261,8 @@ def _run_job(job: SweepJob, hydra_context: HydraContext, task_function: TaskFunc
     ``.hydra/`` files, log file, callbacks, the task function; its return, or its error, in a
     :class:`JobReturn`."""
     from stx.engine import batching
-    from stx.runs.monitor import shared_progress
 
-    shared_progress.set(progress)  # this thread's context only
+    hydra_job.shared_progress.set(progress)  # this thread's context only
     config = job.config
     output_dir = Path(config.hydra.runtime.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

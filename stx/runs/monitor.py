@@ -4,7 +4,6 @@ written to the run dir and the MLflow run, and what the run costs (``perf/…``)
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 import resource
 import sys
@@ -16,14 +15,11 @@ import torch
 from tqdm import tqdm
 
 from stx.engine.optim import Checkpoint, OptimizationCallback, StepInfo
-from stx.runs import joblog, layout
+from stx.runs import hydra_job, joblog, layout
 from stx.runs.tracking import RunTracker
 
 EVAL_PREFIX = "eval/"
 PERF_PREFIX = "perf/"
-shared_progress: contextvars.ContextVar[tqdm | None] = contextvars.ContextVar("stx_progress", default=None)
-"""A progress bar that the jobs running at once (a batched sweep's, :mod:`stx.runs.launcher`) advance
-together instead of drawing one each."""
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -67,7 +63,7 @@ class JobMonitor(OptimizationCallback):
         self.optimisation_started = time.perf_counter()
         # a redrawn bar on a terminal; a line every 30 s in logs (batch jobs, CI)
         interval = 0.1 if sys.stderr.isatty() else 30.0
-        self.shared = shared_progress.get()
+        self.shared = hydra_job.shared_progress.get()
         self.progress = self.shared or tqdm(total=steps, initial=first_step, desc="stx", unit="step",
                                             dynamic_ncols=True, mininterval=interval)
 

@@ -279,11 +279,10 @@ def run_tracked(
         finally:
             interrupts.restore(previous_handlers)
     total = monitor.latest.values["total"] if monitor.latest is not None else float("nan")
-    print(
+    hydra_job.say(
         f"stx: done in {time.perf_counter() - started:.1f} s, final loss {total:.6g}, style distance "
         f"{evaluation['style_distance']:.4g}, content distance {evaluation['content_distance']:.4g}; output {output}; "
-        f"MLflow run {run_id} (experiment '{cfg.tracking.experiment}', {tracker.uri})\n",
-        end="", flush=True,  # one write: a batched sweep's jobs print from threads
+        f"MLflow run {run_id} (experiment '{cfg.tracking.experiment}', {tracker.uri})"
     )
     return JobResult(run_id, output, total, evaluation, objective)
 
