@@ -14,7 +14,6 @@ the MLflow model ``model`` (registered as ``tracking.register_as`` when set).
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,6 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from torch.utils.data import DataLoader
 from torchvision.utils import make_grid
-from tqdm import tqdm
 
 from stx.engine import files
 from stx.engine.image import check_size, read_image
@@ -37,7 +35,7 @@ from stx.errors import ConfigError, NonFiniteLossError, StxError
 from stx.fast import data, export
 from stx.runs import hydra_job, interrupts, layout
 from stx.runs.job import build, build_judge, resolve_device, style_weights
-from stx.runs.monitor import EVAL_PREFIX, PERF_PREFIX, peak_memory_bytes
+from stx.runs.monitor import EVAL_PREFIX, PERF_PREFIX, peak_memory_bytes, step_bar
 from stx.runs.objectives import Objective
 from stx.runs.schema import TrainSchema
 from stx.runs.tracking import FLUSH_EVERY_S, RunTracker, device_tags, hydra_tags, source_tags, tracking_uri
@@ -231,8 +229,7 @@ class Loop:
     def run(self) -> dict[str, float]:
         """Train to the last step; return the final held-out metrics (empty without a held-out set)."""
         job, started, images = self.job, time.perf_counter(), 0
-        progress = tqdm(total=self.steps, initial=self.step, desc="stx train", unit="step", dynamic_ncols=True,
-                        mininterval=0.1 if sys.stderr.isatty() else 30.0)
+        progress = step_bar(self.steps, "stx train", self.step)
         job.model.train()
         try:
             while self.step < self.steps:

@@ -23,7 +23,6 @@ import copy
 import logging
 import os
 import signal
-import sys
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra._internal.config_loader_impl import get_overrides_dirname
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, OverrideType
@@ -39,8 +39,10 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
+from stx.engine import batching
 from stx.errors import StxError
 from stx.runs import hydra_job, interrupts
+from stx.runs.monitor import step_bar
 from stx.runs.schema import encoder_identity
 
 log = logging.getLogger(__name__)
@@ -140,27 +142,12 @@ def assign_devices(configs: Sequence[DictConfig], count: int) -> list[str | None
 
 
 def cuda_devices() -> int:
-    import torch
-
     return torch.cuda.device_count()
-
-
-class _ThreadFilter(logging.Filter):
-    """Passes the records of one thread (its job's log file)."""
-
-    def __init__(self, thread: int) -> None:
-        super().__init__()
-        self.thread = thread
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.thread == self.thread
 
 
 def launch(*, config: DictConfig, hydra_context: HydraContext, task_function: TaskFunction,
            job_overrides: Sequence[Sequence[str]], initial_job_idx: int, batch_size: int) -> list[JobReturn]:
     """Run the sweep's jobs (see the module's docstring); their returns, in job order."""
-    from stx.engine import batching
-
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise StxError(f"hydra.launcher.batch_size={batch_size!r} is not valid: use a whole number >= 1 (jobs "
                        f"evaluated together per device).")
@@ -217,17 +204,13 @@ def launch(*, config: DictConfig, hydra_context: HydraContext, task_function: Ta
 
 def _progress(jobs: list[SweepJob]) -> Any:
     """One progress bar for every step of the sweep's jobs (each job's monitor advances it)."""
-    from tqdm import tqdm
-
     def steps(config: DictConfig) -> int:
         try:
             return sum(int(level.steps) for level in config.schedule.levels)
         except Exception:  # noqa: BLE001 — the job reports its own config's problems
             return 0
 
-    interval = 0.1 if sys.stderr.isatty() else 30.0
-    return tqdm(total=sum(steps(job.config) for job in jobs), desc=f"stx: {len(jobs)} jobs", unit="step",
-                dynamic_ncols=True, mininterval=interval)
+    return step_bar(sum(steps(job.config) for job in jobs), f"stx: {len(jobs)} jobs")
 
 
 def _job_logging(config: DictConfig) -> None:
@@ -251,17 +234,16 @@ def _log_file(config: DictConfig) -> logging.Handler:
     handler = logging.FileHandler(path)
     simple = OmegaConf.select(config, "hydra.job_logging.formatters.simple.format")
     handler.setFormatter(logging.Formatter(simple or "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
-    handler.addFilter(_ThreadFilter(threading.get_ident()))
+    thread = threading.get_ident()
+    handler.addFilter(lambda record: record.thread == thread)
     return handler
 
 
-def _run_job(job: SweepJob, hydra_context: HydraContext, task_function: TaskFunction, batch: Any,
+def _run_job(job: SweepJob, hydra_context: HydraContext, task_function: TaskFunction, batch: batching.Batch,
              progress: Any) -> JobReturn:
     """One job in this thread, as Hydra's ``run_job`` runs it in a process of its own: run dir,
     ``.hydra/`` files, log file, callbacks, the task function; its return, or its error, in a
     :class:`JobReturn`."""
-    from stx.engine import batching
-
     hydra_job.shared_progress.set(progress)  # this thread's context only
     config = job.config
     output_dir = Path(config.hydra.runtime.output_dir)

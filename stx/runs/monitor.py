@@ -22,6 +22,12 @@ EVAL_PREFIX = "eval/"
 PERF_PREFIX = "perf/"
 
 
+def step_bar(total: int, desc: str, initial: int = 0) -> tqdm:
+    """A progress bar of ``total`` steps: redrawn on a terminal, a line every 30 s in logs (batch jobs, CI)."""
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
+                mininterval=0.1 if sys.stderr.isatty() else 30.0)
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """Peak memory of this job: CUDA's allocator peak on a GPU, else the process's peak RSS."""
     if device.type == "cuda":
@@ -61,11 +67,8 @@ class JobMonitor(OptimizationCallback):
         self.judging_s = 0.0
         self.first_step_at: float | None = None
         self.optimisation_started = time.perf_counter()
-        # a redrawn bar on a terminal; a line every 30 s in logs (batch jobs, CI)
-        interval = 0.1 if sys.stderr.isatty() else 30.0
         self.shared = hydra_job.shared_progress.get()
-        self.progress = self.shared or tqdm(total=steps, initial=first_step, desc="stx", unit="step",
-                                            dynamic_ncols=True, mininterval=interval)
+        self.progress = self.shared or step_bar(steps, "stx", first_step)
 
     def __enter__(self) -> JobMonitor:
         self.optimisation_started = time.perf_counter()
