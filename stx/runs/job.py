@@ -204,6 +204,15 @@ def build_judge(cfg: DictConfig, device: torch.device | str = "cpu", *, size: in
     return Judge(judge_encoder(weights, device, arch), size=size, name=judge_name(arch, weights))
 
 
+def file_stamp(path: Path) -> tuple[str, int, int] | None:
+    """``path``, its size and modification time (None when it is not a file): what a cache of
+    something read from the file is keyed by, so that a changed file is read again."""
+    if not path.is_file():
+        return None
+    info = path.stat()
+    return str(path), info.st_size, info.st_mtime_ns
+
+
 _last_judge: tuple[tuple, Judge] | None = None
 """The judge of this process's last job, with the key of its references (see :func:`judge_of`)."""
 
@@ -214,11 +223,9 @@ def judge_of(cfg: DictConfig, device: torch.device, files: InputFiles, weights: 
     same blend weights, as a sweep's jobs in one process do (its reference pass costs more than a
     small job's steps), else a new one (:func:`build_judge`) whose references are still to be set."""
     global _last_judge
-    stamp = lambda path: (str(path), path.stat().st_size, path.stat().st_mtime_ns)
     judge_weights = Path(str(cfg.judge.weights if "judge" in cfg else cfg.encoder.weights))
     key = (OmegaConf.to_yaml(cfg.judge) if "judge" in cfg else cfg.encoder.weights, str(device),
-           stamp(judge_weights) if judge_weights.is_file() else None, stamp(files.content),
-           tuple(map(stamp, files.styles)), tuple(weights))
+           file_stamp(judge_weights), file_stamp(files.content), tuple(map(file_stamp, files.styles)), tuple(weights))
     if _last_judge is not None and _last_judge[0] == key:
         return _last_judge[1], True
     judge = build_judge(cfg, device)
@@ -302,8 +309,7 @@ def shared_encoder(node: DictConfig, layers: frozenset[str], device: torch.devic
     no state between passes, so jobs share one (a sweep builds and loads it once, and a batched sweep's
     jobs can share its passes: :mod:`stx.engine.batching`)."""
     weights = Path(str(node.get("weights")))
-    stamp = (weights.stat().st_size, weights.stat().st_mtime_ns) if weights.is_file() else None
-    key = (repr(encoder_identity(node)), tuple(sorted(layers)), str(device), stamp)
+    key = (repr(encoder_identity(node)), tuple(sorted(layers)), str(device), file_stamp(weights))
     if key not in _encoders:
         encoder = build(node, "encoder", "encoder")(layers=layers)
         if not isinstance(encoder, encoders.MultiLayerEncoder):
