@@ -3,8 +3,8 @@
 Each run is a thread running :func:`~stx.engine.optim.optimise_image` as it would alone, with its
 own objective (loss terms, weights, targets), parameter, optimiser and history. While a
 :class:`Batch` is :func:`active` in the thread, every evaluation of a level whose objective is a
-plain :class:`~stx.engine.losses.PerceptualObjective` goes through :meth:`Batch.member`'s
-evaluator instead of running alone: the runs evaluating the same encoder at the same image shape,
+plain :class:`~stx.engine.losses.PerceptualObjective` reading encoder layers goes through
+:meth:`Batch.member`'s evaluator instead of running alone: the runs evaluating the same encoder at the same image shape,
 precision and device (a *group*) wait for each other; the last to arrive stacks their images into
 one ``B×3×H×W`` batch, runs the encoder once, hands each run its own sample of every layer
 (:meth:`~stx.engine.losses.PerceptualObjective.score`), and back-propagates the runs' totals at
@@ -211,7 +211,7 @@ def evaluate_together(requests: list[_Request]) -> None:
     totals: list[torch.Tensor] = []
     with torch.enable_grad(), requests[0].autocast():
         features = encoder(torch.cat([request.image for request in requests]), layers)
-        samples = zip(*(value.split(1) for value in features.values())) if features else [()] * len(requests)
+        samples = zip(*(value.split(1) for value in features.values()))
         for request, sample in zip(requests, samples):
             try:
                 total, values = request.objective.score(dict(zip(features, sample)), request.image)

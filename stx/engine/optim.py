@@ -389,7 +389,7 @@ def optimise_level(
     pending: list[tuple[int, torch.Tensor]] = []  # steps not reported yet: (step, its values stacked, on the device)
     step = first_step
     batch = batching.active()
-    batched = batch is not None and type(objective) is PerceptualObjective and objective.encoder is not None
+    batched = batch is not None and type(objective) is PerceptualObjective and bool(objective.layers)
     graphable = (schedule.cuda_graph and parameter.is_cuda and isinstance(optimizer, LBFGS)
                  and type(objective) is PerceptualObjective and not batched)
     captured: CapturedStep | None = None
