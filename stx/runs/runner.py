@@ -20,8 +20,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from stx.engine.image import image_shape, long_edge_shape, write_image
 from stx.engine import batching
+from stx.engine.image import image_shape, long_edge_shape, write_image
 from stx.engine.optim import Checkpoint, optimise_image
 from stx.engine.plan import HEADROOM, available_bytes
 from stx.errors import NonFiniteLossError, StxError

@@ -2,19 +2,17 @@
 gets, and that a batched sweep's runs are the runs the basic launcher makes, one by one."""
 
 import math
-import os
 import signal
 from pathlib import Path
 
 import pytest
 from conftest import FAST, local_uri, stx_here
 from hydra import compose, initialize_config_dir
-from mlflow.tracking import MlflowClient
-from omegaconf import OmegaConf
-from test_reliability import LONG, client_for, start_stx, started_children, wait_for
-
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+from test_reliability import LONG, assert_killed_with_their_images, client_for, start_stx, started_children, wait_for
 
 from stx.runs.launcher import assign_devices, batch_key, compose_jobs
 from stx.runs.schema import CONF_DIR
@@ -105,11 +103,7 @@ def test_ctrl_c_closes_every_run_of_a_batched_sweep_killed_with_its_image(tmp_pa
     assert process.wait(timeout=180) == 130, output
     assert "Traceback" not in output, output
     client = client_for(tmp_path)
-    for child in children:
-        run = client.get_run(child.info.run_id)
-        assert run.info.status == "KILLED"
-        assert (Path(run.data.tags["stx.run_dir"]) / "interrupted_output.png").is_file()
-    assert client.get_run(children[0].data.tags["mlflow.parentRunId"]).info.status == "KILLED"
+    assert_killed_with_their_images(client, children)
     every = client.search_runs([client.get_experiment_by_name("stx").experiment_id])
     assert len([run for run in every if "mlflow.parentRunId" in run.data.tags]) == running
 

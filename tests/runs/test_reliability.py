@@ -151,6 +151,15 @@ def started_children(tmp_path):
     return [r for r in runs if "mlflow.parentRunId" in r.data.tags and "total" in r.data.metrics]
 
 
+def assert_killed_with_their_images(client, children):
+    """Each of a stopped sweep's ``children`` is KILLED with its interrupted output, and so is their parent."""
+    for child in children:
+        run = client.get_run(child.info.run_id)
+        assert run.info.status == "KILLED"
+        assert (Path(run.data.tags["stx.run_dir"]) / "interrupted_output.png").is_file()
+    assert client.get_run(children[0].data.tags["mlflow.parentRunId"]).info.status == "KILLED"
+
+
 def test_a_terminated_joblib_sweep_closes_every_child_with_its_image(tmp_path):
     """SIGTERM to the sweep alone (``kill <pid>``) while two joblib workers run jobs: the signal
     is passed on, each job writes its interrupted output and closes its run KILLED."""
@@ -158,12 +167,7 @@ def test_a_terminated_joblib_sweep_closes_every_child_with_its_image(tmp_path):
     children = wait_for(lambda: len(running := started_children(tmp_path)) == 2 and running, timeout=300)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=180) == 143
-    client = client_for(tmp_path)
-    for child in children:
-        run = client.get_run(child.info.run_id)
-        assert run.info.status == "KILLED"
-        assert (Path(run.data.tags["stx.run_dir"]) / "interrupted_output.png").is_file()
-    assert client.get_run(children[0].data.tags["mlflow.parentRunId"]).info.status == "KILLED"
+    assert_killed_with_their_images(client_for(tmp_path), children)
 
 
 def test_a_job_stopped_on_its_own_fails_its_sweep(tmp_path):
