@@ -23,11 +23,12 @@ shared_progress: contextvars.ContextVar[Any] = contextvars.ContextVar("stx_progr
 
 
 def say(line: str, error: bool = False) -> None:
-    """Print ``line`` on stdout (stderr with ``error``) in one write, above the shared progress bar
-    when there is one: the batched launcher's jobs print from threads."""
+    """Print ``line`` on stdout (stderr with ``error``) in one write (the batched launcher's jobs print
+    from threads), above the shared progress bar when one is redrawn on a terminal (in a log, the bar
+    is a line every 30 s, and clearing it would put control characters before every line)."""
     file = sys.stderr if error else sys.stdout
     bar = shared_progress.get()
-    if bar is None:
+    if bar is None or not sys.stderr.isatty():
         print(line + "\n", end="", file=file, flush=True)
     else:
         bar.write(line, file=file)
