@@ -1,5 +1,6 @@
 """Shared fixtures and helpers: one set of fast overrides, the ``stx`` command, MLflow queries."""
 
+import contextlib
 import io
 import logging
 import os
@@ -8,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import warnings
@@ -202,11 +204,55 @@ def mlflow_server_at(folder, backend=None, port=None):
         server.wait(timeout=30)
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """The URI of an ``mlflow server`` shared by a test module."""
-    with mlflow_server_at(tmp_path_factory.mktemp("mlflow_server")) as (_, uri):
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory, store_template):
+    """The URI of an ``mlflow server`` shared by the session's tests, its sqlite store copied from
+    :func:`store_template` (no migrations at start)."""
+    folder = tmp_path_factory.mktemp("mlflow_server")
+    shutil.copy(store_template, folder / "mlflow.db")
+    with mlflow_server_at(folder) as (_, uri):
         yield uri
+
+
+@contextmanager
+def relay_to(uri):
+    """A TCP relay on a free port of 127.0.0.1 to the server at ``uri`` (``http://host:port``):
+    yields its URI and a function that takes it away at once, as a killed server goes (listening
+    socket and every connection closed; a new connection is refused)."""
+    host, port = uri.removeprefix("http://").rsplit(":", 1)
+    listener = socket.create_server(("127.0.0.1", 0))
+    open_sockets, lock = [listener], threading.Lock()
+
+    def pipe(source, sink):
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def accept():
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = listener.accept()
+                upstream = socket.create_connection((host, int(port)))
+                with lock:
+                    open_sockets.extend((client, upstream))
+                for source, sink in ((client, upstream), (upstream, client)):
+                    threading.Thread(target=pipe, args=(source, sink), daemon=True).start()
+
+    def take_away():
+        with lock:
+            for sock in open_sockets:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", take_away
+    finally:
+        take_away()
 
 
 class Totals(OptimizationCallback):

@@ -132,7 +132,8 @@ def start_job(folder, *args):
 
 
 @pytest.mark.parametrize("first,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signals_during_shutdown_do_not_keep_the_run_from_closing(tmp_path, first, code):
+def test_signals_during_shutdown_do_not_keep_the_run_from_closing(tmp_path, first, code, fresh_store):
+    fresh_store(tmp_path)
     process, run_id, lines = start_job(tmp_path, *FAST, "schedule.steps=300", "tracking.image_every=1")
     process.send_signal(first)
     while process.poll() is None:  # sent again and again while stx writes the image and closes the run
@@ -149,7 +150,8 @@ def test_signals_during_shutdown_do_not_keep_the_run_from_closing(tmp_path, firs
     assert "interrupted_output.png" in artifact_paths(client_for(tmp_path), run_id)
 
 
-def test_resume_honours_steps_and_refuses_other_overrides(tmp_path, make_cfg):
+def test_resume_honours_steps_and_refuses_other_overrides(tmp_path, make_cfg, fresh_store):
+    fresh_store(tmp_path)
     first = run_tracked(make_cfg(*FAST, "schedule.steps=2", "schedule.checkpoint_every=2"), tmp_path / "first", {})
     client = client_for(tmp_path)
     client.set_terminated(first.run_id, "KILLED")  # stopped after its checkpoint, before writing its output
@@ -166,7 +168,8 @@ def test_resume_honours_steps_and_refuses_other_overrides(tmp_path, make_cfg):
     assert run.data.tags["stx.resume.changed"] == "schedule.steps 2 -> 3; schedule.levels.0.steps 2 -> 3 (at step 2)"
 
 
-def test_non_finite_loss_fails_the_run_and_keeps_the_image(tmp_path):
+def test_non_finite_loss_fails_the_run_and_keeps_the_image(tmp_path, fresh_store):
+    fresh_store(tmp_path)
     result = stx_here(tmp_path, *FAST, "schedule.steps=3", "loss.style.score_weight=1e39")
     assert result.returncode == 2
     assert "the loss became inf at step 1" in result.stderr and "Traceback" not in result.stderr

@@ -237,7 +237,8 @@ def test_bad_training_config_is_one_paragraph(tmp_path, content_dir):
 
 
 @pytest.mark.slow
-def test_stx_train_command(tmp_path, content_dir):
+def test_stx_train_command(tmp_path, content_dir, fresh_store):
+    fresh_store(tmp_path)
     result = run_stx(tmp_path, "train", f"data.content_dir={content_dir}", *TINY, "trainer.steps=2")
     assert result.returncode == 0, result.stderr
     assert "stx: trained 2 steps; model runs:/" in result.stdout

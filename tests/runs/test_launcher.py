@@ -72,11 +72,11 @@ def histories(folder):
 
 
 @pytest.mark.slow
-def test_each_run_of_a_batched_sweep_is_the_run_it_is_alone_and_a_nan_fails_only_its_own(tmp_path):
+def test_each_run_of_a_batched_sweep_is_the_run_it_is_alone_and_a_nan_fails_only_its_own(tmp_path, fresh_store):
     """1e45 is finite, but not in float32: that job's loss is inf at its first step."""
     sweep = ["-m", *FAST, "schedule.steps=6", "loss.style.score_weight=1e3,1e45,1e5,1e7"]
     for folder, launcher in (("basic", ["hydra/launcher=basic"]), ("batched", [])):
-        (tmp_path / folder).mkdir()
+        fresh_store(tmp_path / folder)
         assert stx_here(tmp_path / folder, *sweep, *launcher).returncode == 1  # a job failed
     alone, together = histories(tmp_path / "basic"), histories(tmp_path / "batched")
     assert together.keys() == alone.keys() and len(together) == 4
@@ -92,8 +92,9 @@ def test_each_run_of_a_batched_sweep_is_the_run_it_is_alone_and_a_nan_fails_only
 
 @pytest.mark.slow
 @pytest.mark.parametrize("batch_size, running", [(16, 2), (1, 1)])
-def test_ctrl_c_closes_every_run_of_a_batched_sweep_killed_with_its_image(tmp_path, batch_size, running):
+def test_ctrl_c_closes_every_run_of_a_batched_sweep_killed_with_its_image(tmp_path, batch_size, running, fresh_store):
     """Both jobs in one batch, or one at a time (batch_size=1): the second, still queued, never starts."""
+    fresh_store(tmp_path)
     process = start_stx(tmp_path, "-m", *LONG, "loss.style.score_weight=1e2,1e4", f"hydra.launcher.batch_size={batch_size}")
     for line in process.stdout:
         if "stx: sweep parent MLflow run" in line:
@@ -113,15 +114,17 @@ def test_ctrl_c_closes_every_run_of_a_batched_sweep_killed_with_its_image(tmp_pa
     ("hydra.job.chdir=true", "hydra.job.chdir=true cannot be honoured by hydra/launcher=stx_batched"),
     ("hydra.launcher.batch_size=0", "hydra.launcher.batch_size=0 is not valid: use a whole number >= 1"),
 ])
-def test_what_the_batched_launcher_cannot_do_is_one_paragraph_before_any_job(tmp_path, override, message):
+def test_what_the_batched_launcher_cannot_do_is_one_paragraph_before_any_job(tmp_path, override, message, fresh_store):
+    fresh_store(tmp_path)
     result = stx_here(tmp_path, "-m", *FAST, override, "loss.style.score_weight=1e2,1e4")
     assert result.returncode == 2 and f"stx: error: {message}" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and "stx: job" not in result.stdout
 
 
-def test_a_sweep_on_two_gpus_deals_each_batch_to_both(tmp_path, monkeypatch):
+def test_a_sweep_on_two_gpus_deals_each_batch_to_both(tmp_path, monkeypatch, fresh_store):
     """Without GPUs: the launcher believes there are two, so each job asks for the one it was dealt
     and is refused with that device's name (what the jobs would run on)."""
+    fresh_store(tmp_path)
     monkeypatch.setattr("stx.runs.launcher.cuda_devices", lambda: 2)
     result = stx_here(tmp_path, "-m", *FAST, "loss.style.score_weight=1e2,1e3,1e4,1e5")
     refused = [line for line in result.stderr.splitlines() if "was asked for, but this machine has 0 CUDA" in line]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import STX, artifact_paths, client_for, local_uri, mlflow_server_at, stx_here
+from conftest import STX, artifact_paths, client_for, local_uri, relay_to, stx_here
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -65,12 +65,12 @@ def wait_for(condition, timeout=120):
     return value
 
 
-def running_run(tmp_path, client=None):
+def running_run(tmp_path, client=None, experiment="stx"):
     if client is None:
         if not (tmp_path / "runs" / "mlflow.db").exists():
             return None
         client = client_for(tmp_path)
-    experiment = client.get_experiment_by_name("stx")
+    experiment = client.get_experiment_by_name(experiment)
     runs = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'") if experiment else []
     children = [r for r in runs if "stx.sweep" not in r.data.tags]
     return children[0] if children else None
@@ -118,7 +118,8 @@ def test_interrupted_run_keeps_its_work_and_resumes_to_the_uninterrupted_result(
     assert again.returncode == 2 and "already FINISHED" in again.stderr
 
 
-def test_terminated_sweep_closes_its_parent(tmp_path):
+def test_terminated_sweep_closes_its_parent(tmp_path, fresh_store):
+    fresh_store(tmp_path)
     process = start_stx(tmp_path, "-m", *STEPS, "seed=0,1")
     output = wait_for_run_line(process)
     child = wait_for(lambda: running_run(tmp_path))
@@ -160,9 +161,10 @@ def assert_killed_with_their_images(client, children):
     assert client.get_run(children[0].data.tags["mlflow.parentRunId"]).info.status == "KILLED"
 
 
-def test_a_terminated_joblib_sweep_closes_every_child_with_its_image(tmp_path):
+def test_a_terminated_joblib_sweep_closes_every_child_with_its_image(tmp_path, fresh_store):
     """SIGTERM to the sweep alone (``kill <pid>``) while two joblib workers run jobs: the signal
     is passed on, each job writes its interrupted output and closes its run KILLED."""
+    fresh_store(tmp_path)
     process = start_joblib_sweep(tmp_path, *LONG)
     children = wait_for(lambda: len(running := started_children(tmp_path)) == 2 and running, timeout=300)
     process.send_signal(signal.SIGTERM)
@@ -170,10 +172,11 @@ def test_a_terminated_joblib_sweep_closes_every_child_with_its_image(tmp_path):
     assert_killed_with_their_images(client_for(tmp_path), children)
 
 
-def test_a_job_stopped_on_its_own_fails_its_sweep(tmp_path):
+def test_a_job_stopped_on_its_own_fails_its_sweep(tmp_path, fresh_store):
     """As ``scancel`` does on SLURM: SIGTERM to each job's process, not to the sweep's. The jobs'
     runs end KILLED; the sweep was not interrupted, so its parent ends FAILED. (Jobs too long to
     end on their own before the signal reaches them, even on a loaded machine.)"""
+    fresh_store(tmp_path)
     process = start_joblib_sweep(tmp_path, *LONG)
     children = wait_for(lambda: len(running := started_children(tmp_path)) == 2 and running, timeout=300)
     assert process.pid not in {int(child.data.tags["stx.pid"]) for child in children}
@@ -229,7 +232,8 @@ def assert_work_kept(run_dir, logged):
 
 
 @pytest.mark.skipif(shutil.which("chattr") is None or os.geteuid() != 0, reason="needs chattr +i (as root)")
-def test_failing_store_stops_the_job_with_one_error_and_keeps_its_work_on_disk(tmp_path):
+def test_failing_store_stops_the_job_with_one_error_and_keeps_its_work_on_disk(tmp_path, fresh_store):
+    fresh_store(tmp_path)
     process = start_stx(tmp_path, *LONG)
     output = wait_for_run_line(process)
     client = client_for(tmp_path)
@@ -250,18 +254,19 @@ def test_failing_store_stops_the_job_with_one_error_and_keeps_its_work_on_disk(t
     assert client.get_run(run.info.run_id).info.status == "FAILED"
 
 
-def test_server_going_away_stops_the_job_with_one_error_and_keeps_its_work_on_disk(tmp_path):
-    (tmp_path / "server").mkdir()
-    with mlflow_server_at(tmp_path / "server") as (server, uri):
+def test_server_going_away_stops_the_job_with_one_error_and_keeps_its_work_on_disk(tmp_path, mlflow_server):
+    """The job talks to the session's server through a relay; taking the relay away is, to the
+    job, its server killed (connections reset, new ones refused)."""
+    with relay_to(mlflow_server) as (uri, take_away):
         # MLflow retries a request for ~4 min by default; a test need not wait for that
-        process = start_stx(tmp_path, *STEPS, "tracking=server",
+        process = start_stx(tmp_path, *STEPS, "tracking=server", "tracking.experiment=going_away",
                             env={"MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
         output = wait_for_run_line(process)
-        client = MlflowClient(uri)
-        run = wait_for(lambda: (r := running_run(tmp_path, client)) and client.get_metric_history(r.info.run_id, "total") and r)
+        client = MlflowClient(mlflow_server)
+        run = wait_for(lambda: (r := running_run(tmp_path, client, "going_away"))
+                       and client.get_metric_history(r.info.run_id, "total") and r)
         logged = steps_logged(client, run.info.run_id)
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait(timeout=30)
+        take_away()
         text = failed_job_output(process, output)
     assert f"stx: error: the MLflow tracking store {uri} failed while" in text and "Connection refused" in text
     assert_work_kept(Path(run.data.tags["stx.run_dir"]), logged)

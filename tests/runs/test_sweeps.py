@@ -98,7 +98,8 @@ def test_sweep_then_compare_then_reproduce(tmp_path, fresh_store):
     assert copy.data.metrics["reproduce/max_pixel_diff"] == 0
 
 
-def test_failed_job_fails_the_parent_but_not_the_other_jobs(tmp_path):
+def test_failed_job_fails_the_parent_but_not_the_other_jobs(tmp_path, fresh_store):
+    fresh_store(tmp_path)
     result = stx_here(tmp_path, "-m", *FAST, f"images.content={CONTENT},missing.png")
     assert result.returncode == 1
     assert "stx: error: image" in result.stderr and "stx: sweep ended FAILED" in result.stderr
@@ -109,7 +110,8 @@ def test_failed_job_fails_the_parent_but_not_the_other_jobs(tmp_path):
     assert "returned nan" in parent.data.tags["stx.failed_job.1"]
 
 
-def test_a_job_without_steps_finishes_with_the_loss_of_its_starting_image(tmp_path):
+def test_a_job_without_steps_finishes_with_the_loss_of_its_starting_image(tmp_path, fresh_store):
+    fresh_store(tmp_path)
     result = stx_here(tmp_path, "-m", *FAST, "schedule.steps=0,1")
     assert result.returncode == 0, result.stderr
     client, (parent,), children = runs_by_role(local_uri(tmp_path))
@@ -121,8 +123,8 @@ def test_a_job_without_steps_finishes_with_the_loss_of_its_starting_image(tmp_pa
     assert [no_steps.value] == [m.value for m in first_of_one]  # step 1 is measured on the starting image too
 
 
-def test_output_name_reaches_reproduce_and_compare_beside_the_store(tmp_path):
-    (tmp_path / "a").mkdir()
+def test_output_name_reaches_reproduce_and_compare_beside_the_store(tmp_path, fresh_store):
+    fresh_store(tmp_path / "a")
     (tmp_path / "b").mkdir()
     made = stx_here(tmp_path / "a", *FAST, "output=result.png")
     assert made.returncode == 0, made.stderr
@@ -158,7 +160,8 @@ def test_compare_writes_beside_the_store_it_reads(tmp_path, monkeypatch, uri, fo
     assert default_out_dir(uri, "team/../exp 1") == expected / "team_.._exp_1"
 
 
-def test_optuna_sweep_returns_finite_objectives(tmp_path):
+def test_optuna_sweep_returns_finite_objectives(tmp_path, fresh_store):
+    fresh_store(tmp_path)
     result = stx_here(tmp_path, "-m", *FAST, "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2",
                      "hydra.sweeper.sampler.seed=0", "loss.style.score_weight=interval(100,10000)")
     assert result.returncode == 0, result.stderr
@@ -187,11 +190,12 @@ def test_slurm_launcher_config_composes():
 
 
 @pytest.mark.parametrize("store", ["mlflow_server", "local_sqlite"])
-def test_parallel_joblib_sweep_loses_and_duplicates_no_run(tmp_path, request, store):
+def test_parallel_joblib_sweep_loses_and_duplicates_no_run(tmp_path, request, store, fresh_store):
     if store == "mlflow_server":
         uri = request.getfixturevalue("mlflow_server")
         tracking = ["tracking=server"]
     else:
+        fresh_store(tmp_path)
         uri, tracking = local_uri(tmp_path), []
     result = run_stx(tmp_path, "-m", *FAST, *tracking, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
                      "seed=0,1,2,3", env={"MLFLOW_TRACKING_URI": uri} if tracking else None)
@@ -214,7 +218,8 @@ def test_unreachable_server_fails_fast_with_the_uri(tmp_path):
     assert time.monotonic() - started < 60
 
 
-def test_promote_reruns_a_run_larger_from_its_output(tmp_path):
+def test_promote_reruns_a_run_larger_from_its_output(tmp_path, fresh_store):
+    fresh_store(tmp_path)
     small = stx_here(tmp_path, *FAST, "schedule.steps=4")
     assert small.returncode == 0, small.stderr
     client = MlflowClient(local_uri(tmp_path))
