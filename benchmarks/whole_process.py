@@ -1,10 +1,11 @@
 """Whole-process wall time, command to command: stx's CLI vs a floor process, the PyTorch
 tutorial's approach and pystiche 1.0.1, each a fresh process doing the whole job.
 
+* import torch   — ``python -c "import torch"``: what any PyTorch program pays before its first line.
 * floor          — ``benchmarks/floor.py``: imports torch/torchvision, reads the two sample
                    images, builds VGG19 cut at relu5_1 (random weights), runs ``--steps``
                    forward + backward passes w.r.t. the input; no optimiser, no output.
-* stx            — ``stx encoder.weights=random schedule.size=S schedule.steps=N`` (otherwise the
+* stx            — ``stx encoder.weights=random judge.weights=random schedule.size=S schedule.steps=N`` (otherwise the
                    shipped defaults, MLflow tracking included), in a fresh folder with a fresh
                    runs folder (``STX_RUNS_DIR``) and MLflow store each round.
 * stx (store)    — the same into one runs folder kept across rounds (the common case: the
@@ -48,13 +49,14 @@ Command = Callable[[Path], tuple[list[str], dict[str, str]]]
 
 def contenders(size: int, steps: int, peer: Path | None, store: Path) -> dict[str, Command]:
     job = ["--size", str(size), "--steps", str(steps)]
-    stx = [str(Path(sys.executable).with_name("stx")), "encoder.weights=random", f"schedule.size={size}",
-           f"schedule.steps={steps}"]
+    stx = [str(Path(sys.executable).with_name("stx")), "encoder.weights=random", "judge.weights=random",
+           f"schedule.size={size}", f"schedule.steps={steps}"]
 
     def python(interpreter: str | Path, script: Path, *extra: str) -> Command:
         return lambda folder: ([str(interpreter), str(script), *job, *extra], dict(os.environ))
 
     commands: dict[str, Command] = {
+        "import torch": lambda folder: ([sys.executable, "-c", "import torch"], dict(os.environ)),
         "floor": python(sys.executable, HERE / "floor.py"),
         "stx": lambda folder: (stx, {**os.environ, "STX_RUNS_DIR": str(folder / "runs")}),
         "stx (store)": lambda folder: (stx, {**os.environ, "STX_RUNS_DIR": str(store)}),
@@ -90,8 +92,7 @@ def stx_phases(runs: Path, steps: int, wall: float) -> dict[str, float] | None:
         perf = {row["key"]: float(row["value"]) for row in csv.DictReader(file) if row["key"].startswith("perf/")}
     if not {"perf/startup_seconds", "perf/seconds_per_step"} <= perf.keys():
         return None
-    per_step = perf["perf/seconds_per_step"]
-    before = perf["perf/startup_seconds"] - per_step  # startup_seconds ends after the first step
+    before, per_step = perf["perf/startup_seconds"], perf["perf/seconds_per_step"]  # start-up ends as step 1 starts
     return {"to first step": before, "steps": per_step * steps, "rest": wall - before - per_step * steps}
 
 
@@ -131,6 +132,8 @@ def report(size: int, args: argparse.Namespace, seconds: dict[str, list[float]],
         own = "floor@peer" if name in ("pystiche", "floor@peer") else "floor"
         print(f"{name:<12} {median[name]:>9.2f} {f'{min(values):.2f}–{max(values):.2f}':>15} "
               f"{median[name] / median['floor']:>8.3f} {median[name] / median[own]:>11.3f}")
+    print(f"stx ÷ import torch: {median['stx'] / median['import torch']:.2f} (fresh store), "
+          f"{median['stx (store)'] / median['import torch']:.2f} (existing store)")
     if phases:
         split = ", ".join(f"{key} {statistics.median(p[key] for p in phases):.2f} s" for key in phases[0])
         print(f"stx (fresh store) phases, median (from its perf/ metrics): {split}")

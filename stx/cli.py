@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from stx.errors import StxError
-from stx.runs import hydra_job, interrupts, joblog
+from stx.runs import hydra_job, interrupts, joblog, store_process
 from stx.runs.schema import CONF_PACKAGE, runs_dir
 
 COMMANDS = ("compare", "reproduce", "promote", "ui", "init", "stylize", "serve")
@@ -360,6 +360,17 @@ def app_main(app: Callable[[], object] = hydra_main) -> None:
         fail(one_line(str(error)))
 
 
+NO_SINGLE_JOB = ("-m", "--multirun", "-c", "--cfg", "-i", "--info", "--hydra-help", "-sc", "--shell-completion", "-p",
+                 "--package")
+"""Hydra's flags after which ``stx`` runs no single job in this process (a sweep, or a print-out)."""
+
+
+def runs_one_job(args: list[str]) -> bool:
+    """Whether the command line ``args`` (without ``train`` or a tool command) runs one new job
+    here, which logs through the store's helper process (:mod:`stx.runs.store_process`)."""
+    return not any(arg in NO_SINGLE_JOB or arg.startswith(("--cfg=", "resume=", "hydra.mode=")) for arg in args)
+
+
 MAIN_PID_ENV = "STX_MAIN_PID"
 """The process the ``stx`` command started in; a job in a child of it runs in a launcher's worker."""
 
@@ -380,6 +391,9 @@ def main() -> None:
             sys.argv = [sys.argv[0], *sys.argv[2:]]  # Hydra reads sys.argv
             app_main(train_main)
         else:
+            if runs_one_job(sys.argv[1:]):
+                store_process.prestart()
+                atexit.register(store_process.stop)
             app_main()
     except KeyboardInterrupt as interrupt:  # outside a job (the job reports its own)
         interrupts.ignore()

@@ -32,6 +32,15 @@ class ImageError(StxError):
     """An image file is missing, unreadable or of an impossible size."""
 
 
+class TrackingError(StxError):
+    """The tracking store cannot be reached or used."""
+
+
+class StoreFailure(Exception):
+    """A call to the MLflow store failed; the message is the store's (or the OS's) error. Not a
+    user's mistake in itself: the job turns it into a :class:`TrackingError` saying what it was doing."""
+
+
 class WeightsError(StxError):
     """Encoder weights cannot be found or loaded."""
 

@@ -94,7 +94,7 @@ def stx_here(folder, *args, env=None):
 def store_template(tmp_path_factory):
     """An empty sqlite MLflow store with MLflow's tables made (the migrations take seconds): see
     :func:`fresh_store`."""
-    from stx.runs.tracking import open_sqlite_store
+    from stx.runs.store import open_sqlite_store
 
     path = tmp_path_factory.mktemp("store_template") / "mlflow.db"
     open_sqlite_store(f"sqlite:///{path}")
@@ -181,6 +181,7 @@ def mlflow_server_at(folder, backend=None, port=None):
         [mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
          "--backend-store-uri", backend or f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "artifacts")],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no GenAI job runners polling meanwhile
     )
     uri = f"http://127.0.0.1:{port}"
     try:

@@ -5,6 +5,7 @@ the flags); the rest calls its ``main`` in this process (conftest.stx_here)."""
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -221,3 +222,18 @@ def test_help_version_and_a_private_config_file_from_the_command_line(tmp_path):
     assert base.returncode == 2 and base.stderr.strip() == (
         "stx: error: schedule=_base is a shared base of the schedule group, not an option; stx --help lists the options.")
     assert not (tmp_path / "runs" / "mlflow.db").exists()  # refused before any run was opened
+
+
+@pytest.mark.slow
+def test_a_single_job_loads_mlflow_only_in_its_store_process(tmp_path, fresh_store):
+    """MLflow's import (1–2 s) runs in the helper process while the job is built; the job's own
+    process never loads it, and its run is in the store as a job's always is."""
+    fresh_store(tmp_path)
+    code = ("import sys\nfrom stx import cli\nsys.argv = ['stx', *sys.argv[1:]]\ncli.main()\n"
+            "print('mlflow modules:', sorted(m for m in sys.modules if m.split('.')[0] == 'mlflow'))\n")
+    result = subprocess.run([sys.executable, "-c", code, *FAST], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "STX_RUNS_DIR": str(tmp_path / "runs")})
+    assert result.returncode == 0, result.stderr
+    assert "mlflow modules: []" in result.stdout
+    client, run = only_run(tmp_path)
+    assert run.info.status == "FINISHED" and run.data.tags["stx.pid"] != "" and "total" in run.data.metrics

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 from hydra.utils import to_absolute_path
 from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from torch.utils.data import DataLoader
@@ -38,6 +37,7 @@ from stx.runs.job import build, build_judge, resolve_device, style_weights
 from stx.runs.monitor import EVAL_PREFIX, PERF_PREFIX, peak_memory_bytes, step_bar
 from stx.runs.objectives import Objective
 from stx.runs.schema import TrainSchema
+from stx.runs.store import opened
 from stx.runs.tracking import FLUSH_EVERY_S, RunTracker, device_tags, hydra_tags, source_tags, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ def resumed_config(cfg: DictConfig, overrides: list[str], run_dir: Path) -> tupl
             f"resume={cfg.resume} continues the training run with the config it logged, so {', '.join(refused)} "
             f"cannot be applied; on resume only {', '.join(RESUME_KEEPS[1:])} may be given."
         )
-    client = MlflowClient(tracking_uri(cfg.tracking))
+    client = opened(tracking_uri(cfg.tracking))
     try:
         client.get_run(cfg.resume)
     except MlflowException as exc:
@@ -181,7 +181,7 @@ def train(
             layout.TAG_KIND: "train", **({layout.TAG_JUDGE: job.judges[0].name} if job.judges else {})}
     start = 0
     if resume_run_id is not None:
-        path = layout.download_artifact(tracker.client, resume_run_id, layout.CHECKPOINT, run_dir / "resumed_from",
+        path = layout.download_artifact(opened(tracker.uri), resume_run_id, layout.CHECKPOINT, run_dir / "resumed_from",
                                         hint="it ran with trainer.checkpoint_every=0: there is nothing to resume from")
         start = load_state(job, path)
         tags[layout.TAG_RESUMED_AT_STEP] = str(start)

@@ -26,20 +26,20 @@ import shlex
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
-from mlflow.entities import Param, RunStatus
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from stx.errors import StxError, first_line
 from stx.runs import hydra_job, interrupts, layout
 from stx.runs.liveness import process_tags
-from stx.runs.tracking import ensure_experiment, show_params, source_tags, tracking_uri
+from stx.runs.tracking import source_tags, tracking_uri
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 
 def exit_with(error: StxError) -> None:
@@ -98,9 +98,13 @@ class MlflowSweepCallback(Callback):
         self._closed = False
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from mlflow.entities import Param  # MLflow loads for a sweep here, for a single job in a helper process
+
+        from stx.runs.store import ensure_experiment, opened, show_params
+
         try:
             self.uri = tracking_uri(config.tracking)
-            client = MlflowClient(self.uri)
+            client = opened(self.uri)
             experiment_id = ensure_experiment(client, config.tracking.experiment, config.tracking.artifact_location)
         except StxError as error:
             exit_with(error)
@@ -148,6 +152,9 @@ class MlflowSweepCallback(Callback):
         elif not _finite(job_return._return_value):
             reason = f"returned {job_return._return_value!r}"
         if reason:
+            from mlflow.exceptions import MlflowException
+            from mlflow.tracking import MlflowClient
+
             try:
                 MlflowClient(self.uri).set_tag(self.parent_run_id, f"{layout.TAG_FAILED_JOB}{config.hydra.job.num}", reason[:5000])
             except (MlflowException, OSError) as exc:
@@ -166,6 +173,8 @@ class MlflowSweepCallback(Callback):
     def finish(self, completed: bool = False) -> str | None:
         """:meth:`close`, or None with one error on stderr when the store fails (Hydra would only
         warn about an exception in a callback, and the sweep would exit 0)."""
+        from mlflow.exceptions import MlflowException
+
         try:
             return self.close(completed)
         except (MlflowException, OSError) as exc:
@@ -178,6 +187,9 @@ class MlflowSweepCallback(Callback):
         """End the parent and return its status: FINISHED only if the sweep completed and every
         child finished; KILLED if the sweep itself was interrupted (Ctrl-C or SIGTERM here);
         FAILED otherwise, e.g. when a child was stopped on its own (``scancel``) or failed."""
+        from mlflow.entities import RunStatus
+        from mlflow.tracking import MlflowClient
+
         if self._closed or not self.parent_run_id:
             return None
         self._closed = True
@@ -231,6 +243,9 @@ class MlflowSweepCallback(Callback):
     def report(self, status: str) -> None:
         """The sweep's result in a few lines: its status, the best run (or the Pareto set), where
         its table, contact sheet and scatter plot are, and how to see its runs in MLflow's UI."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
         try:
             parent = MlflowClient(self.uri).get_run(self.parent_run_id)
         except (MlflowException, OSError):

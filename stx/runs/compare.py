@@ -26,7 +26,7 @@ from stx.runs import layout
 from stx.runs.liveness import dead_reason
 from stx.runs.monitor import EVAL_PREFIX
 from stx.runs.schema import runs_dir
-from stx.runs.tracking import existing_store
+from stx.runs.store import existing_store
 
 CELL = 256
 LABEL_LINE = 14

@@ -15,9 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
-from mlflow.entities import Run, ViewType
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -25,6 +22,9 @@ from stx.errors import ConfigError, StxError
 from stx.runs.schema import CONF_DIR, StxSchema
 
 if TYPE_CHECKING:
+    from mlflow.entities import Run
+    from mlflow.tracking import MlflowClient
+
     from stx.engine.optim import Checkpoint
 
 CONFIG = "config.yaml"
@@ -218,6 +218,8 @@ def download_artifact(
     client: MlflowClient, run_id: str, path: str, folder: Path, hint: str = "only runs made by stx hold it"
 ) -> Path:
     """Download artifact ``path`` of ``run_id`` into ``folder``; a missing one raises with ``hint``."""
+    from mlflow.exceptions import MlflowException
+
     try:
         return Path(client.download_artifacts(run_id, path, str(folder)))
     except (MlflowException, OSError) as exc:
@@ -242,6 +244,9 @@ logged before then name ``stx.losses.GramStyleLoss``, now ``stx.engine.losses.Gr
 def find_run(client: MlflowClient, ref: str) -> Run | None:
     """The run whose id is ``ref``, else the one whose id starts with it (the 8-character ids
     ``stx compare`` prints), else None; :class:`StxError` when several ids start with it."""
+    from mlflow.entities import ViewType
+    from mlflow.exceptions import MlflowException
+
     try:
         return client.get_run(ref)
     except MlflowException:

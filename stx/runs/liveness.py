@@ -16,11 +16,15 @@ import os
 import socket
 import time
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
 import psutil
-from mlflow.entities import Run, RunStatus
-from mlflow.tracking import MlflowClient
 
 from stx.runs import layout
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+    from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +136,7 @@ def close_dead_runs(client: MlflowClient, experiment_id: str) -> list[str]:
                        f"{reason}: the job ended without closing its run (killed by SIGKILL or the out-of-memory "
                        f"killer, power loss, or its tracking store failed) after its last heartbeat at {last}; "
                        f"closed as FAILED by stx (pid {os.getpid()} on {socket.gethostname()}).")
-        client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED), end_time=int(beat * 1000))
+        client.set_terminated(run.info.run_id, "FAILED", end_time=int(beat * 1000))
         closed.append(run.info.run_id)
     if closed:
         log.warning("closed %d run(s) whose process is gone as FAILED: %s", len(closed), ", ".join(closed))

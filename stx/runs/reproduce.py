@@ -18,7 +18,8 @@ from stx.errors import StxError
 from stx.runs import layout
 from stx.runs.runner import JobResult, run_tracked
 from stx.runs.schema import runs_dir
-from stx.runs.tracking import existing_store, source_tags
+from stx.runs.store import existing_store
+from stx.runs.tracking import source_tags
 
 COPIED_TAGS = ("hydra.", layout.TAG_JOB_NUM)
 

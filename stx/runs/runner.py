@@ -9,15 +9,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
-from mlflow.entities import Run
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from stx.engine import batching
@@ -28,15 +25,11 @@ from stx.errors import NonFiniteLossError, StxError
 from stx.runs import hydra_job, interrupts, joblog, layout
 from stx.runs.job import Job, build_job, build_schedule
 from stx.runs.monitor import JobMonitor
-from stx.runs.tracking import (
-    RunTracker,
-    TrackingError,
-    check_not_running,
-    device_tags,
-    hydra_tags,
-    source_tags,
-    tracking_uri,
-)
+from stx.runs.tracking import RunTracker, TrackingError, device_tags, hydra_tags, open_ahead, source_tags, tracking_uri
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+    from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +96,13 @@ def resume(cfg: DictConfig, run_dir: Path, log_file: Path | None = None, overrid
     ``cfg`` (``schedule.steps`` sets the steps of the checkpoint's pyramid level and the later
     ones; levels already finished keep theirs), any other but :data:`RESUME_KEEPS` is refused.
     """
+    from mlflow.exceptions import MlflowException  # MLflow loads here only when a run is resumed
+
+    from stx.runs.store import check_not_running, opened
+
     run_id = cfg.resume
     changed = _resume_overrides(run_id, overrides)
-    client = MlflowClient(tracking_uri(cfg.tracking))
+    client = opened(tracking_uri(cfg.tracking))
     try:
         run = client.get_run(run_id)
     except MlflowException as exc:
@@ -227,6 +224,7 @@ def run_tracked(
     ``started_at``, unix time, default now) and its objective computed (``objective``).
     """
     started_at = time.time() if started_at is None else started_at
+    open_ahead(cfg.tracking)
     job = build_job(cfg)
     tracker = RunTracker(cfg.tracking, run_dir)
     tags = {**tags, **source_tags(), **device_tags(job.device), layout.TAG_RUN_DIR: str(run_dir),

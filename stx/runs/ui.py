@@ -1,12 +1,13 @@
 """``stx ui``: MLflow's UI on a store, opened on stx's view of an experiment's runs (see
-:data:`stx.runs.tracking.VIEW_KEY`): sorted by objective, the quality metrics and swept params as columns."""
+:data:`stx.runs.store.VIEW_KEY`): sorted by objective, the quality metrics and swept params as columns."""
 
 from __future__ import annotations
 
 import os
 import sys
 
-from stx.runs.tracking import TrackingError, VIEW_TAG, existing_store, show_params, view_link
+from stx.runs.store import VIEW_TAG, existing_store, show_params, view_link
+from stx.runs.tracking import TrackingError
 
 
 def open_ui(uri: str, experiment: str, host: str, port: int) -> None:

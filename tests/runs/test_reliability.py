@@ -272,7 +272,7 @@ def test_server_going_away_stops_the_job_with_one_error_and_keeps_its_work_on_di
     assert_work_kept(Path(run.data.tags["stx.run_dir"]), logged)
 
 
-OPEN_STORE = "import sys; from stx.runs.tracking import open_sqlite_store; open_sqlite_store(sys.argv[1])"
+OPEN_STORE = "import sys; from stx.runs.store import open_sqlite_store; open_sqlite_store(sys.argv[1])"
 
 
 @pytest.mark.slow
@@ -288,7 +288,8 @@ def test_jobs_started_together_on_a_new_store_all_open_it(tmp_path):
 
 
 def test_a_store_that_cannot_be_opened_is_one_paragraph(tmp_path):
-    from stx.runs.tracking import TrackingError, open_sqlite_store
+    from stx.runs.store import open_sqlite_store
+    from stx.runs.tracking import TrackingError
 
     broken = tmp_path / "mlflow.db"
     broken.write_bytes(b"this is not a database" * 100)

@@ -15,7 +15,8 @@ from stx.runs import layout, liveness
 from stx.runs.compare import compare
 from stx.runs.reproduce import promote, reproduce
 from stx.runs.runner import resume, run_tracked
-from stx.runs.tracking import TrackingError, existing_store
+from stx.runs.store import existing_store
+from stx.runs.tracking import TrackingError
 
 JOB = ["encoder.weights=random", "judge.weights=random", "schedule.size=32", "tracking.image_every=0"]
 

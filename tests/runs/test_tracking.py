@@ -19,7 +19,8 @@ from omegaconf import OmegaConf
 import stx.runs.monitor
 import stx.runs.tracking
 from stx.engine.optim import StepInfo
-from stx.runs import layout
+from stx.errors import StoreFailure
+from stx.runs import layout, store_process
 from stx.runs.compare import compare
 from stx.runs.liveness import DEAD_AFTER_S, close_dead_runs, process_start
 from stx.runs.runner import run_tracked
@@ -190,13 +191,13 @@ def test_compare_shows_a_running_run_whose_process_is_gone_as_dead(tmp_path, cli
 def test_a_run_records_its_process_and_each_flush_refreshes_its_heartbeat(tmp_path, client, no_flush_wait):
     tracker = RunTracker(tracking(client), tmp_path / "job")
     with tracker.open({}) as run_id:
-        tags = tracker.client.get_run(run_id).data.tags
+        tags = client.get_run(run_id).data.tags
         assert (tags[layout.TAG_HOST], tags[layout.TAG_PID]) == (socket.gethostname(), str(os.getpid()))
         assert tags[layout.TAG_PID_START] == process_start(os.getpid())
-        tracker.client.set_tag(run_id, layout.TAG_HEARTBEAT, "0")
+        client.set_tag(run_id, layout.TAG_HEARTBEAT, "0")
         before = int(time.time())
         tracker.log_step(step(1))
-        assert int(tracker.client.get_run(run_id).data.tags[layout.TAG_HEARTBEAT]) >= before
+        assert int(client.get_run(run_id).data.tags[layout.TAG_HEARTBEAT]) >= before
 
 
 def test_a_checkpoint_flushes_the_metrics_before_it(tmp_path, client, monkeypatch):
@@ -207,10 +208,10 @@ def test_a_checkpoint_flushes_the_metrics_before_it(tmp_path, client, monkeypatc
     with tracker.open({}) as run_id:
         for n in range(1, 6):
             tracker.log_step(step(n))
-        assert steps_logged(tracker.client, run_id) == []
+        assert steps_logged(client, run_id) == []
         tracker.log_checkpoint(checkpoint, 5)
-        assert steps_logged(tracker.client, run_id) == [1, 2, 3, 4, 5]
-        assert tracker.client.get_run(run_id).data.tags[layout.TAG_CHECKPOINT_STEP] == "5"
+        assert steps_logged(client, run_id) == [1, 2, 3, 4, 5]
+        assert client.get_run(run_id).data.tags[layout.TAG_CHECKPOINT_STEP] == "5"
 
 
 def test_a_reopened_run_logs_no_step_twice(tmp_path, client, no_flush_wait):
@@ -219,7 +220,6 @@ def test_a_reopened_run_logs_no_step_twice(tmp_path, client, no_flush_wait):
         for n in range(1, 9):
             first.log_step(step(n))
         raise KeyboardInterrupt
-    client = first.client
     assert client.get_run(run_id).info.status == "KILLED"
 
     resumed = RunTracker(tracking(client, image_every=2), tmp_path / "resumed")
@@ -243,7 +243,7 @@ def test_a_live_run_is_not_reopened(tmp_path, client):
         with pytest.raises(TrackingError, match=f"run {run_id} is still RUNNING in process {os.getpid()} on "):
             with RunTracker(tracking(client), tmp_path / "other").open({}, run_id=run_id):
                 pass
-        assert tracker.client.get_run(run_id).info.status == "RUNNING"
+        assert client.get_run(run_id).info.status == "RUNNING"
 
 
 @pytest.mark.parametrize(("error", "status"), [(None, "FINISHED"), (RuntimeError, "FAILED"), (KeyboardInterrupt, "KILLED")])
@@ -254,34 +254,58 @@ def test_the_log_file_is_logged_whatever_the_outcome(tmp_path, client, error, st
     with pytest.raises(error) if error else nullcontext(), tracker.open({}, log_file=log_file) as run_id:
         if error:
             raise error("stopped")
-    assert tracker.client.get_run(run_id).info.status == status
-    assert "stx.log" in artifact_paths(tracker.client, run_id)
+    assert client.get_run(run_id).info.status == status
+    assert "stx.log" in artifact_paths(client, run_id)
 
 
 def test_a_store_locked_for_a_while_is_waited_for_and_one_locked_for_good_fails(tmp_path, client, monkeypatch):
-    from mlflow.exceptions import MlflowException
-
     monkeypatch.setattr(stx.runs.tracking, "LOCKED_RETRY_S", (0.0, 0.0, 0.0))
     tracker = RunTracker(tracking(client), tmp_path / "job")
     calls = []
 
-    def locked(times):
-        def call():
-            calls.append(1)
-            if len(calls) <= times:
-                raise MlflowException("(sqlite3.OperationalError) database is locked")
-            return "done"
-        return call
+    class Locked:
+        def __init__(self, times):
+            self.times = times
 
-    assert tracker._store("logging metrics", locked(3)) == "done" and len(calls) == 4 and tracker.failure is None
+        def call(self, method, *args):
+            calls.append(method)
+            if len(calls) <= self.times:
+                raise StoreFailure("(sqlite3.OperationalError) database is locked")
+            return "done"
+
+    tracker.store = Locked(3)
+    assert tracker._store("logging metrics", "log_batch") == "done" and len(calls) == 4 and tracker.failure is None
     calls.clear()
+    tracker.store = Locked(4)
     with pytest.raises(TrackingError, match="failed while logging metrics: .*database is locked"):
-        tracker._store("logging metrics", locked(4))
+        tracker._store("logging metrics", "log_batch")
     assert len(calls) == 4 and tracker.failure is not None
 
 
+def test_a_job_logs_through_the_store_process_what_it_logs_here(tmp_path, client, monkeypatch, no_flush_wait):
+    """The helper process a single job logs through (MLflow loads there while the job is built):
+    the same run, metrics and tags; the store's error raised here; it ends when its stdin closes."""
+    helper = store_process.StoreProcess()
+    monkeypatch.setattr(stx.runs.tracking, "store_for", lambda uri: store_process.RemoteStore(helper, uri))
+    tracker = RunTracker(tracking(client, image_every=2), tmp_path / "job")
+    with tracker.open({"stx.test": "remote"}) as run_id:
+        for n in (1, 2, 3):
+            tracker.log_step(step(n))
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["stx.test"] == "remote"
+    assert run.data.tags[layout.TAG_PID] == str(os.getpid()) != str(helper.process.pid)
+    assert steps_logged(client, run_id) == [1, 2, 3] and run.data.metrics["style"] == 1.5
+    assert [p for p in artifact_paths(client, run_id) if p.startswith("images/") and p.endswith(".png")]
+
+    with pytest.raises(TrackingError, match=r"failed while reopening the run: Run with id=0+ not found"):
+        with RunTracker(tracking(client), tmp_path / "other").open({}, run_id="0" * 32):
+            pass
+    helper.process.stdin.close()
+    assert helper.process.wait(timeout=60) == 0
+
+
 def test_each_experiment_carries_stx_view_of_its_runs_and_a_sweep_adds_its_swept_params(client):
-    from stx.runs.tracking import VIEW_TAG, ensure_experiment, show_params
+    from stx.runs.store import VIEW_TAG, ensure_experiment, show_params
 
     created = ensure_experiment(client, "views", None)
     view = json.loads(client.get_experiment(created).tags[VIEW_TAG])
@@ -303,7 +327,7 @@ def test_each_experiment_carries_stx_view_of_its_runs_and_a_sweep_adds_its_swept
 
 def test_stx_ui_prints_the_view_and_serves_the_store_it_is_given(client, tmp_path, monkeypatch, capsys):
     from stx import cli
-    from stx.runs.tracking import ensure_experiment
+    from stx.runs.store import ensure_experiment
 
     missing = f"sqlite:///{tmp_path}/elsewhere/mlflow.db"
     with pytest.raises(SystemExit):
