@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import conftest
 import numpy as np
 import pytest
 from conftest import STX, artifact_paths, client_for, only_run, options, run_stx, stx_here
@@ -231,7 +232,7 @@ def test_a_single_job_loads_mlflow_only_in_its_store_process(tmp_path, fresh_sto
     fresh_store(tmp_path)
     code = ("import sys\nfrom stx import cli\nsys.argv = ['stx', *sys.argv[1:]]\ncli.main()\n"
             "print('mlflow modules:', sorted(m for m in sys.modules if m.split('.')[0] == 'mlflow'))\n")
-    result = subprocess.run([sys.executable, "-c", code, *FAST], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    result = subprocess.run([sys.executable, "-c", code, *conftest.FAST], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "STX_RUNS_DIR": str(tmp_path / "runs")})
     assert result.returncode == 0, result.stderr
     assert "mlflow modules: []" in result.stdout

@@ -259,7 +259,7 @@ def test_server_going_away_stops_the_job_with_one_error_and_keeps_its_work_on_di
     job, its server killed (connections reset, new ones refused)."""
     with relay_to(mlflow_server) as (uri, take_away):
         # MLflow retries a request for ~4 min by default; a test need not wait for that
-        process = start_stx(tmp_path, *STEPS, "tracking=server", "tracking.experiment=going_away",
+        process = start_stx(tmp_path, *LONG, "tracking=server", "tracking.experiment=going_away",
                             env={"MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
         output = wait_for_run_line(process)
         client = MlflowClient(mlflow_server)
