@@ -38,7 +38,7 @@ from stx.runs.monitor import EVAL_PREFIX, PERF_PREFIX, peak_memory_bytes, step_b
 from stx.runs.objectives import Objective
 from stx.runs.schema import TrainSchema
 from stx.runs.store import opened
-from stx.runs.tracking import FLUSH_EVERY_S, RunTracker, device_tags, hydra_tags, source_tags, tracking_uri
+from stx.runs.tracking import RunTracker, device_tags, hydra_tags, source_tags, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +293,7 @@ class Loop:
         every = cfg.trainer.checkpoint_every
         if every and self.step % every == 0 and self.step < self.steps:
             self.checkpoint()
-        if time.monotonic() - tracker.last_flush >= FLUSH_EVERY_S:
+        if time.monotonic() - tracker.last_flush >= tracker.flush_seconds:
             tracker.flush()
 
     @torch.no_grad()

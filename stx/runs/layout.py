@@ -230,6 +230,7 @@ LEGACY_VALUES = {
     "color": {"_target_": "stx.engine.color.ColorControl"},
     "schedule.tile": "off",
     "encoder.softmax": None,
+    "tracking.flush_seconds": 5.0,
 }
 """Config keys added after runs were logged without them: the value that does what stx did
 before the key existed, filled in when such a run is reproduced, resumed or promoted."""

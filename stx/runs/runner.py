@@ -48,7 +48,8 @@ class JobResult:
 
 RESUME_KEEPS = ("resume", "tracking", "tracking.uri", "runs_dir")
 """Overrides that only choose where a resumed run is found and where the resumed job writes."""
-RESUME_CHANGES = ("schedule.steps", "schedule.checkpoint_every", "tracking.metrics_every", "tracking.image_every")
+RESUME_CHANGES = ("schedule.steps", "schedule.checkpoint_every", "tracking.metrics_every", "tracking.image_every",
+                  "tracking.flush_seconds")
 """Overrides a resumed run honours; they are recorded in its ``config.yaml`` and the tag
 ``stx.resume.changed``. Any other override is refused: the run would no longer be one job."""
 

@@ -88,6 +88,7 @@ class TrackingSchema:
     experiment: str = MISSING
     metrics_every: int = MISSING
     image_every: int = MISSING
+    flush_seconds: float = MISSING
     system_metrics: bool = MISSING
 
 

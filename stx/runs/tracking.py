@@ -32,12 +32,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from stx.engine.image import to_pil
 from stx.engine.optim import StepInfo
-from stx.errors import StoreFailure, TrackingError, first_line
+from stx.errors import ConfigError, StoreFailure, TrackingError, first_line
 from stx.runs import layout, store_process
 from stx.runs.liveness import heartbeat, process_tags
 
 SOURCE_DIR = Path(__file__).resolve().parents[2]
-FLUSH_EVERY_S = 5.0
 LOCKED_RETRY_S = (1.0, 2.0, 4.0)
 """Waits before retrying a call that a local sqlite store refused as locked (another process was
 writing longer than sqlite's own 5 s wait, e.g. on a loaded machine); then it counts as failed."""
@@ -164,6 +163,10 @@ class RunTracker:
         self.uri = tracking_uri(tracking)
         self.metrics_every = max(1, int(tracking.metrics_every))
         self.image_every = int(tracking.image_every)
+        self.flush_seconds = float(tracking.flush_seconds)
+        if not 0 <= self.flush_seconds < float("inf"):
+            raise ConfigError(f"tracking.flush_seconds={tracking.flush_seconds} is not valid: use a number of seconds >= 0 "
+                              f"(0 writes the metrics at every step).")
         self.system_metrics = bool(tracking.system_metrics)
         self.metrics_file = run_dir / layout.METRICS_FILE
         self.failure: TrackingError | None = None
@@ -267,12 +270,12 @@ class RunTracker:
 
     def log_step(self, info: StepInfo) -> None:
         """The image every ``image_every`` steps; loss terms every ``metrics_every`` steps, buffered
-        and flushed every :data:`FLUSH_EVERY_S`. Steps a reopened run had logged are skipped."""
+        and flushed every ``tracking.flush_seconds``. Steps a reopened run had logged are skipped."""
         if self.image_every > 0 and info.step % self.image_every == 0 and info.step > max(self.logged_through.values(), default=-1):
             self.log_image(info.image, info.step)
         if info.step % self.metrics_every == 0:
             self.log_metrics(info.values, info.step)
-        if time.monotonic() - self.last_flush >= FLUSH_EVERY_S:
+        if time.monotonic() - self.last_flush >= self.flush_seconds:
             self.flush()
 
     def log_metrics(self, values: Mapping[str, float], step: int) -> None:

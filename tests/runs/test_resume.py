@@ -76,7 +76,7 @@ def test_resume_refuses_any_other_override_by_name(make_cfg, override):
     overrides = ["resume=0123abcd", "schedule.steps=6", override]
     with pytest.raises(StxError, match=rf"resume=0123abcd continues the run with the config it logged, so {override} "
                                        r"cannot be applied .* only schedule.steps, schedule.checkpoint_every, "
-                                       r"tracking.metrics_every, tracking.image_every can change"):
+                                       r"tracking.metrics_every, tracking.image_every, tracking.flush_seconds can change"):
         resume(make_cfg(*overrides), make_cfg().runs_dir, overrides=overrides)
 
 

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 import stx.runs.monitor
 import stx.runs.tracking
 from stx.engine.optim import StepInfo
-from stx.errors import StoreFailure
+from stx.errors import ConfigError, StoreFailure
 from stx.runs import layout, store_process
 from stx.runs.compare import compare
 from stx.runs.liveness import DEAD_AFTER_S, close_dead_runs, process_start
@@ -37,7 +37,8 @@ def client(tmp_path, fresh_store):
 def tracking(client, **changes):
     folder = Path(client.tracking_uri.removeprefix("sqlite:///")).parent
     return OmegaConf.create({"uri": client.tracking_uri, "artifact_location": str(folder / "artifacts"),
-                             "experiment": "stx", "metrics_every": 1, "image_every": 0, "system_metrics": False, **changes})
+                             "experiment": "stx", "metrics_every": 1, "image_every": 0, "flush_seconds": 5.0, "system_metrics": False,
+                              **changes})
 
 
 def step(n):
@@ -71,11 +72,6 @@ def frozen(path):
         chattr(path, "-i")
 
 
-@pytest.fixture
-def no_flush_wait(monkeypatch):
-    monkeypatch.setattr(stx.runs.tracking, "FLUSH_EVERY_S", 0.0)
-
-
 def test_a_failing_store_raises_one_error_skips_later_calls_and_keeps_the_metrics_on_disk(tmp_path, client, freezable, capfd, caplog):
     job_dir = tmp_path / "job"
     tracker = RunTracker(tracking(client), job_dir)
@@ -102,9 +98,8 @@ def test_a_failing_store_raises_one_error_skips_later_calls_and_keeps_the_metric
         (1, "total", 1.0), (1, "style", 0.5), (2, "total", 2.0), (2, "style", 1.0), (3, "total", 3.0), (3, "style", 1.5)]
 
 
-def test_a_job_whose_store_fails_stops_and_writes_its_image_and_metrics(tmp_path, client, freezable, make_cfg, monkeypatch,
-                                                                        no_flush_wait):
-    cfg = make_cfg(*FAST, "schedule.steps=6", "tracking.image_every=0")
+def test_a_job_whose_store_fails_stops_and_writes_its_image_and_metrics(tmp_path, client, freezable, make_cfg, monkeypatch):
+    cfg = make_cfg(*FAST, "schedule.steps=6", "tracking.image_every=0", "tracking.flush_seconds=0")
     db = tmp_path / "runs" / "mlflow.db"
     report = stx.runs.monitor.JobMonitor.on_step
 
@@ -188,8 +183,8 @@ def test_compare_shows_a_running_run_whose_process_is_gone_as_dead(tmp_path, cli
     assert statuses == {dead[:8]: "DEAD", live[:8]: "RUNNING"}
 
 
-def test_a_run_records_its_process_and_each_flush_refreshes_its_heartbeat(tmp_path, client, no_flush_wait):
-    tracker = RunTracker(tracking(client), tmp_path / "job")
+def test_a_run_records_its_process_and_each_flush_refreshes_its_heartbeat(tmp_path, client):
+    tracker = RunTracker(tracking(client, flush_seconds=0), tmp_path / "job")
     with tracker.open({}) as run_id:
         tags = client.get_run(run_id).data.tags
         assert (tags[layout.TAG_HOST], tags[layout.TAG_PID]) == (socket.gethostname(), str(os.getpid()))
@@ -200,9 +195,8 @@ def test_a_run_records_its_process_and_each_flush_refreshes_its_heartbeat(tmp_pa
         assert int(client.get_run(run_id).data.tags[layout.TAG_HEARTBEAT]) >= before
 
 
-def test_a_checkpoint_flushes_the_metrics_before_it(tmp_path, client, monkeypatch):
-    monkeypatch.setattr(stx.runs.tracking, "FLUSH_EVERY_S", 1e9)
-    tracker = RunTracker(tracking(client), tmp_path / "job")
+def test_a_checkpoint_flushes_the_metrics_before_it(tmp_path, client):
+    tracker = RunTracker(tracking(client, flush_seconds=1e9), tmp_path / "job")
     checkpoint = tmp_path / "checkpoint.pt"
     checkpoint.write_bytes(b"state")
     with tracker.open({}) as run_id:
@@ -214,15 +208,15 @@ def test_a_checkpoint_flushes_the_metrics_before_it(tmp_path, client, monkeypatc
         assert client.get_run(run_id).data.tags[layout.TAG_CHECKPOINT_STEP] == "5"
 
 
-def test_a_reopened_run_logs_no_step_twice(tmp_path, client, no_flush_wait):
-    first = RunTracker(tracking(client, image_every=2), tmp_path / "job")
+def test_a_reopened_run_logs_no_step_twice(tmp_path, client):
+    first = RunTracker(tracking(client, image_every=2, flush_seconds=0), tmp_path / "job")
     with pytest.raises(KeyboardInterrupt), first.open({}) as run_id:
         for n in range(1, 9):
             first.log_step(step(n))
         raise KeyboardInterrupt
     assert client.get_run(run_id).info.status == "KILLED"
 
-    resumed = RunTracker(tracking(client, image_every=2), tmp_path / "resumed")
+    resumed = RunTracker(tracking(client, image_every=2, flush_seconds=0), tmp_path / "resumed")
     with resumed.open({}, run_id=run_id):  # resumed from a checkpoint at step 5
         assert client.get_run(run_id).info.status == "RUNNING"
         for n in range(6, 11):
@@ -282,12 +276,12 @@ def test_a_store_locked_for_a_while_is_waited_for_and_one_locked_for_good_fails(
     assert len(calls) == 4 and tracker.failure is not None
 
 
-def test_a_job_logs_through_the_store_process_what_it_logs_here(tmp_path, client, monkeypatch, no_flush_wait):
+def test_a_job_logs_through_the_store_process_what_it_logs_here(tmp_path, client, monkeypatch):
     """The helper process a single job logs through (MLflow loads there while the job is built):
     the same run, metrics and tags; the store's error raised here; it ends when its stdin closes."""
     helper = store_process.StoreProcess()
     monkeypatch.setattr(stx.runs.tracking, "store_for", lambda uri: store_process.RemoteStore(helper, uri))
-    tracker = RunTracker(tracking(client, image_every=2), tmp_path / "job")
+    tracker = RunTracker(tracking(client, image_every=2, flush_seconds=0), tmp_path / "job")
     with tracker.open({"stx.test": "remote"}) as run_id:
         for n in (1, 2, 3):
             tracker.log_step(step(n))
@@ -355,3 +349,9 @@ def test_a_run_page_shows_the_output_and_its_scores_first(tmp_path, client, make
     assert note.startswith(f"**output.png**: objective {run.data.metrics['objective']:.4g}, style distance ")
     assert note.endswith(f"![output.png](get-artifact?path=output.png&run_uuid={result.run_id})")
     assert "output.png" in [artifact.path for artifact in client.list_artifacts(result.run_id)]  # what it shows
+
+
+@pytest.mark.parametrize("seconds", [-1.0, float("inf"), float("nan")])
+def test_a_flush_interval_that_is_not_a_duration_is_one_paragraph(tmp_path, client, seconds):
+    with pytest.raises(ConfigError, match=rf"^tracking.flush_seconds={seconds} is not valid: use a number of seconds >= 0"):
+        RunTracker(tracking(client, flush_seconds=seconds), tmp_path / "job")
