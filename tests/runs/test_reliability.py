@@ -23,11 +23,11 @@ from stx.runs.liveness import close_dead_runs
 
 pytestmark = pytest.mark.slow
 
-STEPS = ["encoder.weights=random", "schedule.size=32", "schedule.steps=300", "tracking.image_every=0",
+STEPS = ["encoder.weights=random", "schedule.size=32", "schedule.steps=120", "tracking.image_every=0",
          "judge.weights=random"]
 LONG = [*STEPS[:2], "schedule.steps=20000", *STEPS[3:]]
 """A job that cannot end before the test acts on it, even on a loaded machine."""
-EVERY_STEP = list(range(1, 301))
+EVERY_STEP = list(range(1, 121))
 
 
 def start_stx(tmp_path, *args, env=None):
@@ -94,7 +94,7 @@ def test_interrupted_run_keeps_its_work_and_resumes_to_the_uninterrupted_result(
     killed = client.get_run(run.info.run_id)
     assert killed.info.status == "KILLED" and killed.data.tags["stx.error"] == "interrupted"
     logged_steps = steps_logged(client, run.info.run_id)
-    assert 5 <= max(logged_steps) < 300  # metrics up to the interruption were kept
+    assert 5 <= max(logged_steps) < 120  # metrics up to the interruption were kept
     run_dir = Path(killed.data.tags["stx.run_dir"])
     assert (run_dir / "interrupted_output.png").is_file()
     assert {"interrupted_output.png", "checkpoint/checkpoint.pt", "stx.log"} <= set(artifact_paths(client, run.info.run_id))
