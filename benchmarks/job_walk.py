@@ -103,7 +103,6 @@ def walk(modules: dict[str, Module], module: str, function: str, tainted: set[st
         return
     node, here = modules[module].functions[function], modules[module]
     cls = function.split(".")[0] if "." in function else None
-    params = [a.arg for a in (*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs)]
     tainted = set(tainted)
     for statement in ast.walk(node):  # assignments from the config taint their targets (flow-insensitive)
         if isinstance(statement, (ast.Assign, ast.AnnAssign, ast.AugAssign)) and statement.value is not None:

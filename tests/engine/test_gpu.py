@@ -90,7 +90,7 @@ def test_cuda_graph_replays_the_same_steps(vgg19_random, monkeypatch, precision,
         restarts.clear()
         runs[graph] = (*optimise_on("cuda", precision, vgg19_random, torch.Generator().manual_seed(0), steps=25,
                                     optimizer=LBFGS, cuda_graph=graph, lr=lr), len(restarts))
-    (image, totals, restarted), (graphed_image, graphed_totals, graphed_restarted) = runs[False], runs[True]
+    (_, totals, restarted), (_, graphed_totals, graphed_restarted) = runs[False], runs[True]
     # the same arithmetic up to cuDNN's choice of algorithms: the first steps agree closely, and
     # the trajectories end close
     torch.testing.assert_close(torch.tensor(graphed_totals[:4]), torch.tensor(totals[:4]), rtol=1e-4, atol=0)

@@ -286,7 +286,7 @@ def test_only_the_first_frame_is_read_with_one_log_line(tmp_path, caplog, name):
 
 def test_file_over_the_pixel_limit_is_refused_from_its_header(tmp_path):
     path = png(tmp_path / "huge.png", 100_000, 60_000, 8, 2)  # 6 Gpx claimed; the pixel data is junk
-    message = rf"huge\.png' has 100000×60000 = 6,000,000,000 pixels, more than stx reads \(268,435,456\): downscale"
+    message = r"huge\.png' has 100000×60000 = 6,000,000,000 pixels, more than stx reads \(268,435,456\): downscale"
     with pytest.raises(ImageError, match=message):
         read_image(path, 64)
     with pytest.raises(ImageError, match=message):
