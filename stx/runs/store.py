@@ -15,9 +15,10 @@ import logging
 import os
 import pickle
 import signal
+import sqlite3
 import sys
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -51,18 +52,22 @@ def open_sqlite_store(uri: str) -> None:
     path = Path(uri.removeprefix("sqlite:///"))
     if (known := _opened.get(uri)) is not None and known == _identity(path):
         return  # opened by an earlier job of this process (a sweep's), and not replaced since
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f"{path.name}.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        try:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(f"{path.name}.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            database = Path(str(path).split("?")[0]).absolute()  # sqlite:///x.db?mode=ro names x.db
+            mode = "ro" if database.exists() else "rwc"
+            with closing(sqlite3.connect(f"{database.as_uri()}?mode={mode}", uri=True, timeout=30)) as connection:
+                connection.execute("PRAGMA schema_version")  # a file sqlite cannot open fails here at once
             MlflowClient(uri).get_experiment_by_name("Default")  # creates the store, or checks its schema
-        except Exception as exc:  # sqlalchemy's and alembic's errors, MlflowException
-            raise TrackingError(
-                f"the MLflow store {path} could not be opened ({type(exc).__name__}: {first_line(exc)[:300]}). If another "
-                f"program holds it locked, wait for it and run again; if it was left half-created (an interrupted "
-                f"first job: tables named _alembic_tmp_*), move it aside and stx creates a new one; or give "
-                f"another tracking.uri / runs_dir."
-            ) from exc
+    except Exception as exc:  # the OS's, sqlite's, sqlalchemy's and alembic's errors, MlflowException
+        raise TrackingError(
+            f"the MLflow store {path} could not be opened ({type(exc).__name__}: {first_line(exc)[:300]}). If another "
+            f"program holds it locked, wait for it and run again; if it was left half-created (an interrupted "
+            f"first job: tables named _alembic_tmp_*), move it aside and stx creates a new one; or give "
+            f"another tracking.uri / runs_dir."
+        ) from exc
     _opened[uri] = _identity(path)
 
 

@@ -288,11 +288,16 @@ def test_jobs_started_together_on_a_new_store_all_open_it(tmp_path):
     assert client.search_experiments(filter_string="name = 'after'")
 
 
-def test_a_store_that_cannot_be_opened_is_one_paragraph(tmp_path):
+@pytest.mark.parametrize("kind", ["not a database", "a folder"])
+def test_a_store_that_cannot_be_opened_is_one_paragraph(tmp_path, kind):
+    """At once: MLflow itself would retry a path sqlite cannot open for minutes."""
     from stx.runs.store import open_sqlite_store
     from stx.runs.tracking import TrackingError
 
     broken = tmp_path / "mlflow.db"
-    broken.write_bytes(b"this is not a database" * 100)
+    if kind == "a folder":
+        broken.mkdir()
+    else:
+        broken.write_bytes(b"this is not a database" * 100)
     with pytest.raises(TrackingError, match=rf"the MLflow store {broken} could not be opened .* move it aside"):
         open_sqlite_store(f"sqlite:///{broken}")
