@@ -56,12 +56,14 @@ class Inputs:
 @dataclass(frozen=True)
 class InputFiles:
     """A job's input files after :func:`check_files`: absolute paths, the content file's
-    ``(H, W)`` and the peak bytes of decoding the largest input at the largest level."""
+    ``(H, W)``, the content's ``(H, W)`` at the largest level (``schedule.size``) and the peak
+    bytes of decoding the largest input at that level."""
 
     content: Path
     styles: list[Path]
     init: Path | None
     content_shape: tuple[int, int]
+    shape: tuple[int, int]
     decoding: int
 
     def read(self, objective: PerceptualObjective, schedule: Schedule, device: torch.device,
@@ -128,7 +130,7 @@ def check_files(objective: PerceptualObjective, schedule: Schedule, content: Pat
         shapes.append((height, width))
     if init is not None:
         decoding = max(decoding, decode_bytes(*image_shape(init), schedule.size))
-    return InputFiles(content, list(styles), init, shapes[0], decoding)
+    return InputFiles(content, list(styles), init, shapes[0], long_edge_shape(*shapes[0], schedule.size), decoding)
 
 
 def check_aspect(mask: Path, image: Path, where: str) -> None:

@@ -25,11 +25,10 @@ from pathlib import Path
 
 import torch
 
-from stx.engine.image import long_edge_shape
 from stx.engine.inputs import InputFiles
 from stx.engine.losses import EncodingLoss, MRFStyleLoss, PerceptualObjective
 from stx.engine.optim import Schedule
-from stx.engine.tiling import Reach, TiledObjective, check_tile, check_tileable
+from stx.engine.tiling import Reach, TiledObjective, check_tileable
 from stx.errors import ConfigError
 
 FLOAT = 4
@@ -66,11 +65,11 @@ def plan_memory(setting: str, objective: PerceptualObjective, schedule: Schedule
     setting = str(setting).strip().lower()
     if setting not in ("off", "auto") and not setting.isdigit():
         raise ConfigError(f"schedule.tile={setting!r} is not valid; use off, auto, or a tile edge in px (e.g. 512).")
-    height, width = long_edge_shape(*files.content_shape, schedule.size)
+    height, width = files.shape
     reach, untileable = None, None
     if setting != "off" and objective.encoder is not None:
         try:
-            reach = check_tileable(objective)
+            reach = check_tileable(objective, tile=int(setting) if setting.isdigit() else None)
         except ConfigError as reason:
             if setting != "auto":
                 raise
@@ -84,7 +83,7 @@ def plan_memory(setting: str, objective: PerceptualObjective, schedule: Schedule
         return MemoryPlan(estimate, tile, (height, width), files.content_shape)
 
     if setting.isdigit() and reach is not None:
-        return fitting(check_tile(int(setting), reach))
+        return fitting(int(setting))
     try:
         return fitting(None)
     except ConfigError as untiled_error:

@@ -114,8 +114,9 @@ def _own(span: tuple[int, int], start: int, length: int, jump: int, features: in
     return slice(first - start // jump, last - start // jump)
 
 
-def check_tileable(objective: PerceptualObjective, where: str = "schedule.tile") -> Reach:
-    """The encoder's :class:`Reach`, after checking that every loss reading it can be tiled."""
+def check_tileable(objective: PerceptualObjective, where: str = "schedule.tile", tile: int | None = None) -> Reach:
+    """The encoder's :class:`Reach`, after checking that every loss reading it can be tiled and,
+    given a ``tile`` edge (px), that it is a positive multiple of the encoder's total stride."""
     for name, loss in objective.losses.items():
         if loss.layers and not (isinstance(loss, EncodingLoss) and loss.tileable()):
             raise ConfigError(
@@ -123,15 +124,11 @@ def check_tileable(objective: PerceptualObjective, where: str = "schedule.tile")
                 f"feature positions. Tileable terms: content, Gram and mean–std losses without "
                 f"normalize_gradients, and total variation; use {where}=off for this loss set."
             )
-    return encoder_reach(objective.encoder, where)
-
-
-def check_tile(tile: int, reach: Reach) -> int:
-    """``tile`` (px), after checking it is a positive multiple of the encoder's total stride."""
-    if tile <= 0 or tile % reach.align:
+    reach = encoder_reach(objective.encoder, where)
+    if tile is not None and (tile <= 0 or tile % reach.align):
         raise ConfigError(f"schedule.tile={tile} is not valid: use a multiple of {reach.align} px "
                           f"(the encoder's total stride), or auto or off.")
-    return tile
+    return reach
 
 
 @dataclass(frozen=True)
@@ -155,8 +152,8 @@ class TiledObjective(nn.Module):
     def __init__(self, objective: PerceptualObjective, tile: int) -> None:
         super().__init__()
         self.objective = objective
-        self.reach = check_tileable(objective)
-        self.tile = check_tile(tile, self.reach)
+        self.reach = check_tileable(objective, tile=tile)
+        self.tile = tile
         self.layers = objective.layers
 
     @property

@@ -246,21 +246,25 @@ def run_tracked(
                     tracker.log_inputs(job.content_path, job.style_paths)
                 log.info("MLflow run %s in %s; %d steps on %s", run_id, tracker.uri, job.schedule.steps, job.device)
                 joblog.to_file(summary(cfg, tags))
+                kept = None  # what the job leaves: (name prefix, image, step), written and logged in one place
                 with JobMonitor(tracker, run_dir, job.schedule.steps, evaluate=job.judge, present=job.color.finish,
                                 started_at=started_at, first_step=start.step if start else 0) as monitor:
                     try:
                         image = optimise_image(job.loss, content=job.content, styles=job.styles,
                                                style_weights=job.style_weights, schedule=job.schedule,
                                                callback=monitor, start=start, initial=job.initial)
+                        kept = "", job.color.finish(image), job.schedule.steps
                     except NonFiniteLossError as error:
-                        _save(tracker, job.color.finish(error.image), run_dir / (layout.LAST_FINITE + cfg.output), error.step - 1)
+                        kept = layout.LAST_FINITE, job.color.finish(error.image), error.step - 1
                         raise
                     except (KeyboardInterrupt, TrackingError):
                         if monitor.latest is not None:
-                            _save(tracker, monitor.latest_result(), run_dir / (layout.INTERRUPTED + cfg.output), monitor.latest.step)
+                            kept = layout.INTERRUPTED, monitor.latest_result(), monitor.latest.step
                         raise
-                image = job.color.finish(image)
-                output = _save(tracker, image, run_dir / cfg.output, job.schedule.steps)
+                    finally:
+                        if kept is not None:
+                            output = _save(tracker, kept[1], run_dir / (kept[0] + cfg.output), kept[2])
+                image = kept[1]
                 evaluation = monitor.log_evaluation(image, job.schedule.steps)
                 tracker.log_metrics(monitor.performance(job.device), job.schedule.steps)
                 objective = job.objective(evaluation)
@@ -271,9 +275,9 @@ def run_tracked(
         except TrackingError as error:
             if tracker.run_id is None:
                 raise
-            kept = [path.name for path in sorted(run_dir.glob("*.*")) if path.is_file()]
+            on_disk = [path.name for path in sorted(run_dir.glob("*.*")) if path.is_file()]
             raise TrackingError(
-                f"{error}. stx stopped; what the job computed is on disk in {run_dir}: {', '.join(kept)}. MLflow run "
+                f"{error}. stx stopped; what the job computed is on disk in {run_dir}: {', '.join(on_disk)}. MLflow run "
                 f"{tracker.run_id} stays RUNNING until the next stx job on this store finds its process gone and "
                 f"closes it as FAILED."
             ) from error
