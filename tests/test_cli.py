@@ -238,3 +238,13 @@ def test_a_single_job_loads_mlflow_only_in_its_store_process(tmp_path, fresh_sto
     assert "mlflow modules: []" in result.stdout
     client, run = only_run(tmp_path)
     assert run.info.status == "FINISHED" and run.data.tags["stx.pid"] != "" and "total" in run.data.metrics
+
+
+def test_the_command_and_a_sweeps_callbacks_load_neither_torch_nor_mlflow():
+    """What every ``stx`` process loads before its config is checked (the command, Hydra's callbacks,
+    the launcher's entry point): a sweep whose jobs run in other processes (joblib, SLURM) loads MLflow
+    for its parent run only, and torch only for its summary."""
+    code = ("import sys\nimport stx.cli, stx.runs.callbacks, hydra_plugins.stx_launcher\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision', 'mlflow'}))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

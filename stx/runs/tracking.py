@@ -25,16 +25,18 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from stx.engine.image import to_pil
-from stx.engine.optim import StepInfo
 from stx.errors import ConfigError, StoreFailure, TrackingError, first_line
 from stx.runs import layout, store_process
 from stx.runs.liveness import heartbeat, process_tags
+
+if TYPE_CHECKING:  # torch loads with the job, not with a sweep's parent (whose jobs may run elsewhere)
+    import torch
+
+    from stx.engine.optim import StepInfo
 
 SOURCE_DIR = Path(__file__).resolve().parents[2]
 LOCKED_RETRY_S = (1.0, 2.0, 4.0)
@@ -111,6 +113,8 @@ def _version(name: str) -> str:
 def device_tags(device: torch.device) -> dict[str, str]:
     tags = {"device": str(device)}
     if device.type == "cuda":
+        import torch
+
         tags["device.name"] = torch.cuda.get_device_name(device)
     return tags
 
@@ -302,6 +306,8 @@ class RunTracker:
             self._store("logging metrics", "log_batch", self.run_id, metrics=metrics, tags=heartbeat())
 
     def log_image(self, image: torch.Tensor, step: int) -> None:
+        from stx.engine.image import to_pil
+
         self._store("logging the image", "log_image", self.run_id, to_pil(image), layout.IMAGE_KEY, step)
         self.last_image_step = step
 
