@@ -25,8 +25,9 @@ pytestmark = pytest.mark.slow
 
 STEPS = ["encoder.weights=random", "schedule.size=32", "schedule.steps=120", "tracking.image_every=0",
          "judge.weights=random"]
-LONG = [*STEPS[:2], "schedule.steps=20000", *STEPS[3:]]
-"""A job that cannot end before the test acts on it, even on a loaded machine."""
+LONG = [*STEPS[:2], "schedule.steps=20000", *STEPS[3:], "tracking.flush_seconds=0.5"]
+"""A job that cannot end before the test acts on it, even on a loaded machine; its metrics reach the
+store every 0.5 s (the tests wait for its first ones)."""
 EVERY_STEP = list(range(1, 121))
 
 
@@ -234,7 +235,7 @@ def assert_work_kept(run_dir, logged):
 @pytest.mark.skipif(shutil.which("chattr") is None or os.geteuid() != 0, reason="needs chattr +i (as root)")
 def test_failing_store_stops_the_job_with_one_error_and_keeps_its_work_on_disk(tmp_path, fresh_store):
     fresh_store(tmp_path)
-    process = start_stx(tmp_path, *LONG, "tracking.flush_seconds=0.5")
+    process = start_stx(tmp_path, *LONG)
     output = wait_for_run_line(process)
     client = client_for(tmp_path)
     run = wait_for(lambda: (r := running_run(tmp_path)) and client.get_metric_history(r.info.run_id, "total") and r)
@@ -260,7 +261,6 @@ def test_server_going_away_stops_the_job_with_one_error_and_keeps_its_work_on_di
     with relay_to(mlflow_server) as (uri, take_away):
         # MLflow retries a request for ~4 min by default; a test need not wait for that
         process = start_stx(tmp_path, *LONG, "tracking=server", "tracking.experiment=going_away",
-                            "tracking.flush_seconds=0.5",
                             env={"MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
         output = wait_for_run_line(process)
         client = MlflowClient(mlflow_server)
