@@ -27,4 +27,6 @@ def open_ui(uri: str, experiment: str, host: str, port: int) -> None:
     print(f"stx: {experiment!r} in the MLflow UI: {view_link(f'http://{host}:{port}', found.experiment_id)} "
           f"(Ctrl-C stops the UI)", flush=True)
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    # MLflow 3's server also starts GenAI job runners (7 processes polling at ~14 % of a CPU); stx's runs use none
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.execv(sys.executable, command)
