@@ -419,16 +419,18 @@ def exit_without_teardown(code: int | str | None) -> NoReturn:
     garbage-collecting torch's, MLflow's and SQLAlchemy's objects after the work is done (3.5 s after
     a 1-step job on a loaded 2-core machine). The exit handlers (logging's flush, MLflow's, weakref
     finalizers) still run first; while a non-daemon thread is still running, or for a text exit
-    code, the normal exit is taken. Executors' worker threads are ended first, as the normal exit
-    ends them (their pending work done): MLflow keeps an idle pool for artifact uploads, which
-    otherwise sent a sweep down the slow exit (1.5–2 s) once in three."""
-    shutdown_executors = getattr(futures_thread, "_python_exit", None)  # CPython's own exit hook for them
-    if shutdown_executors is not None:
-        shutdown_executors()
-    others = [thread for thread in threading.enumerate() if thread is not threading.main_thread()]
+    code, the normal exit is taken. Executors' worker threads do not count: after the exit handlers
+    (which may still use them) they are ended as the normal exit ends them, their pending work done.
+    (MLflow keeps an idle pool for artifact uploads, which sent a sweep down the slow exit, 1.5–2 s,
+    once in three.)"""
+    workers = set(getattr(futures_thread, "_threads_queues", {}))  # CPython's registry of executors' threads
+    others = [thread for thread in threading.enumerate() if thread is not threading.main_thread() and thread not in workers]
     if isinstance(code, str) or any(thread.is_alive() and not thread.daemon for thread in others):
         sys.exit(code)
     atexit._run_exitfuncs()  # what the normal exit runs before the teardown
+    end_executors = getattr(futures_thread, "_python_exit", None)  # the normal exit's hook for executors
+    if end_executors is not None:
+        end_executors()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code or 0)
