@@ -1,11 +1,18 @@
 """Follow a job's config through stx's code, statically, and count how the walk moves between modules.
 
 From a root function (default ``run_tracked``, the runner's entry; ``--root train`` for ``stx train``),
-every call that receives the config, or a value computed from it, is followed depth first in
-source order. The walk is the sequence of modules entered by those calls (returns are not
-counted); a *stay* is a stretch of consecutive calls in one module, a *climb* a call into a
-module that sits higher in the import order (one that imports, directly or not, the module the
-call leaves), a *return* a stay in a module the walk had been in before.
+calls are followed depth first in source order, in two walks:
+
+* the *config walk* follows every call that receives the config or a part of it: a name bound to
+  the config, one of its nodes or values (``cfg.schedule``, ``cfg.images.styles[0]``, a loop over
+  one), or a parameter that received one of those;
+* the *value walk* also follows every value computed from them (tensors, objectives, files), down
+  into the engine's internals.
+
+A walk is the sequence of modules entered by those calls (returns are not counted); a *stay* is a
+stretch of consecutive calls in one module, a *climb* a call into a module that sits higher in the
+import order (one that imports, directly or not, the module the call leaves), a *return* a stay in
+a module the walk had been in before.
 
     python benchmarks/job_walk.py [--root run_tracked|train] [--show]
 
@@ -96,26 +103,42 @@ def names_in(node: ast.AST) -> set[str]:
     return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
 
 
+def part_of_config(node: ast.AST, tainted: set[str]) -> bool:
+    """Whether ``node`` is a tainted name or an attribute or item of one (``cfg.schedule.size``)."""
+    while isinstance(node, (ast.Attribute, ast.Subscript)):
+        node = node.value
+    return isinstance(node, ast.Name) and node.id in tainted
+
+
+def computed_from(node: ast.AST, tainted: set[str]) -> bool:
+    """Whether ``node`` mentions a tainted name anywhere."""
+    return bool(names_in(node) & tainted)
+
+
 def walk(modules: dict[str, Module], module: str, function: str, tainted: set[str], trail: list[str],
-         stack: tuple[str, ...] = ()) -> None:
+         carries=computed_from, stack: tuple[str, ...] = ()) -> None:
+    """Append to ``trail`` the module of every function the tainted names reach from ``function``;
+    ``carries(expression, tainted)`` says whether an expression carries them on."""
     key = f"{module}:{function}"
     if key in stack or len(stack) > 30:
         return
     node, here = modules[module].functions[function], modules[module]
     cls = function.split(".")[0] if "." in function else None
     tainted = set(tainted)
-    for statement in ast.walk(node):  # assignments from the config taint their targets (flow-insensitive)
+    for statement in ast.walk(node):  # assignments and loops over tainted values taint their targets (flow-insensitive)
         if isinstance(statement, (ast.Assign, ast.AnnAssign, ast.AugAssign)) and statement.value is not None:
-            if names_in(statement.value) & tainted:
+            if carries(statement.value, tainted):
                 targets = statement.targets if isinstance(statement, ast.Assign) else [statement.target]
                 tainted |= set().union(*(names_in(t) for t in targets))
+        elif isinstance(statement, (ast.For, ast.comprehension)) and carries(statement.iter, tainted):
+            tainted |= names_in(statement.target)
     trail.append(module)
     calls = sorted((n for n in ast.walk(node) if isinstance(n, ast.Call)), key=lambda n: (n.lineno, n.col_offset))
     for call in calls:
         arguments = [*call.args, *(k.value for k in call.keywords)]
         if isinstance(call.func, ast.Attribute):
             arguments.append(call.func.value)  # cfg.method(...) and job.method(...) carry it too
-        if not any(names_in(a) & tainted for a in arguments):
+        if not any(carries(a, tainted) for a in arguments):
             continue
         callee = resolve(modules, here, cls, call.func)
         if callee is None:
@@ -124,11 +147,11 @@ def walk(modules: dict[str, Module], module: str, function: str, tainted: set[st
         callee_params = [a.arg for a in (*callee_node.args.posonlyargs, *callee_node.args.args, *callee_node.args.kwonlyargs)]
         if callee_params[:1] in (["self"], ["cls"]):
             callee_params = callee_params[1:]
-        passed = {p for p, a in zip(callee_params, call.args) if names_in(a) & tainted}
-        passed |= {k.arg for k in call.keywords if k.arg and names_in(k.value) & tainted}
-        if isinstance(call.func, ast.Attribute) and names_in(call.func.value) & tainted:
+        passed = {p for p, a in zip(callee_params, call.args) if carries(a, tainted)}
+        passed |= {k.arg for k in call.keywords if k.arg and carries(k.value, tainted)}
+        if isinstance(call.func, ast.Attribute) and carries(call.func.value, tainted):
             passed.add("self")
-        walk(modules, *callee, passed, trail, (*stack, key))
+        walk(modules, *callee, passed, trail, carries, (*stack, key))
 
 
 def import_rank(modules: dict[str, Module]) -> dict[str, set[str]]:
@@ -155,18 +178,19 @@ def main() -> None:
     modules = load()
     (module, function), = [(m, f) for m, mod in modules.items() for f in mod.functions if f == args.root]
     params = modules[module].functions[function].args.args
-    trail: list[str] = []
-    walk(modules, module, function, {params[0].arg} | CONFIG_NAMES, trail)
-    stays = [m for i, m in enumerate(trail) if i == 0 or trail[i - 1] != m]
     imports = import_rank(modules)
-    climbs = sum(1 for a, b in zip(stays, stays[1:]) if a in imports[b])
-    returns = sum(1 for i, m in enumerate(stays) if m in stays[:i])
-    entered = Counter(stays)
-    print(f"root {module}.{function}: {len(stays)} stays in {len(entered)} modules, {climbs} climbs back up, "
-          f"{returns} returns to a module already left")
-    print("entered most:", ", ".join(f"{m} {n}" for m, n in entered.most_common(6)))
-    if args.show:
-        print(" -> ".join(m.removeprefix("stx.") for m in stays))
+    print(f"root {module}.{function}")
+    for name, carries in (("config walk", part_of_config), ("value walk", computed_from)):
+        trail: list[str] = []
+        walk(modules, module, function, {params[0].arg} | CONFIG_NAMES, trail, carries)
+        stays = [m for i, m in enumerate(trail) if i == 0 or trail[i - 1] != m]
+        climbs = sum(1 for a, b in zip(stays, stays[1:]) if a in imports[b])
+        returns = sum(1 for i, m in enumerate(stays) if m in stays[:i])
+        entered = Counter(stays)
+        print(f"{name}: {len(stays)} stays in {len(entered)} modules, {climbs} climbs back up, {returns} returns to "
+              f"a module already left; entered most: {', '.join(f'{m} {n}' for m, n in entered.most_common(4))}")
+        if args.show:
+            print("   ", " -> ".join(m.removeprefix("stx.") for m in stays))
 
 
 if __name__ == "__main__":

@@ -74,11 +74,10 @@ def build_training(cfg: DictConfig) -> Training:
                           f"stx train data.content_dir=/path/to/images.") from exc
     except OmegaConfBaseException as exc:
         raise ConfigError(f"the config cannot be resolved: {str(exc).splitlines()[0]}") from exc
+    # The config is read into values top to bottom: settings and built parts (the judge last), sizes and
+    # style images, the content data.
     cfg.data.content_dir = to_absolute_path(cfg.data.content_dir)  # logged absolute, for a resume from elsewhere
-    device = resolve_device(cfg.device)
     trainer = cfg.trainer
-    crop = check_size(cfg.data.crop, "data.crop")
-    eval_size = check_size(cfg.data.eval_size, "data.eval_size")
     for key in ("batch_size", "steps"):
         if trainer[key] < 1:
             raise ConfigError(f"trainer.{key}={trainer[key]} is not valid: use a whole number >= 1.")
@@ -88,6 +87,22 @@ def build_training(cfg: DictConfig) -> Training:
                           f"{', '.join(export.FORMATS)}.")
     if trainer.checkpoint_every < 0 or cfg.data.workers < 0:
         raise ConfigError("trainer.checkpoint_every and data.workers must be >= 0 (0: off / load in process).")
+    device = resolve_device(cfg.device)
+    weights = style_weights(cfg.images)
+    loss_set = {str(name): build(node, f"loss.{name}", "loss") for name, node in cfg.loss.items()}
+    layers = frozenset().union(*(loss.layers for loss in loss_set.values()))
+    encoder = build(cfg.encoder, "encoder", "encoder")(layers=layers) if layers else None
+    torch.manual_seed(cfg.seed)  # the model's initial weights
+    model = build(cfg.model, "model", "model").to(device)
+    optimizer = build(trainer.optimizer, "trainer.optimizer", "schedule.optimizer")(model.parameters())
+    scheduler = None
+    if trainer.lr_schedule is not None:
+        scheduler = build(trainer.lr_schedule, "trainer.lr_schedule", "trainer.lr_schedule")(optimizer)
+    first = build_judge(cfg, device) if cfg.data.holdout else None  # data.holdout > 0 holds images out
+    crop = check_size(cfg.data.crop, "data.crop")
+    eval_size = check_size(cfg.data.eval_size, "data.eval_size")
+    style_paths = [Path(to_absolute_path(path)) for path in cfg.images.styles]
+    styles = [read_image(path, check_size(trainer.style_size, "trainer.style_size")).to(device) for path in style_paths]
     files = data.scan(cfg.data.content_dir)
     train_paths, held_paths = data.split(files.paths, cfg.data.holdout)
     if len(train_paths) < trainer.batch_size:
@@ -96,29 +111,17 @@ def build_training(cfg: DictConfig) -> Training:
             f"{cfg.data.content_dir} ({files.skipped} file(s) skipped, {len(held_paths)} held out): lower it or "
             f"add images."
         )
-    loss_set = {str(name): build(node, f"loss.{name}", "loss") for name, node in cfg.loss.items()}
-    layers = frozenset().union(*(loss.layers for loss in loss_set.values()))
-    encoder = build(cfg.encoder, "encoder", "encoder")(layers=layers) if layers else None
-    loss = PerceptualObjective(encoder, loss_set).to(device)
-    style_paths = [Path(to_absolute_path(path)) for path in cfg.images.styles]
-    weights = style_weights(cfg.images)
-    styles = [read_image(path, check_size(trainer.style_size, "trainer.style_size")).to(device) for path in style_paths]
-    loss.set_styles(styles, weights)
-    torch.manual_seed(cfg.seed)  # the model's initial weights
-    model = build(cfg.model, "model", "model").to(device)
-    optimizer = build(trainer.optimizer, "trainer.optimizer", "schedule.optimizer")(model.parameters())
-    scheduler = None
-    if trainer.lr_schedule is not None:
-        scheduler = build(trainer.lr_schedule, "trainer.lr_schedule", "trainer.lr_schedule")(optimizer)
-    held_out = torch.cat([centre_square(data.read_short_edge(path, eval_size), eval_size) for path in held_paths]) \
+    dataset = data.ContentCrops(train_paths, crop, cfg.seed)
+    held_out = torch.cat([centre_square(data.read_short_edge(held, eval_size), eval_size) for held in held_paths]) \
         if held_paths else torch.empty(0, 3, eval_size, eval_size)
-    judges, first = [], build_judge(cfg, device) if held_paths else None
+    loss = PerceptualObjective(encoder, loss_set).to(device)
+    loss.set_styles(styles, weights)
+    judges = []
     for image in held_out:
         judge = Judge(first.encoder, name=first.name)
         judge.set_references(image[None].to(device), styles, weights)
         judges.append(judge)
     objective = Objective(metrics=dict(cfg.objective.metrics), pareto=cfg.objective.pareto)
-    dataset = data.ContentCrops(train_paths, crop, cfg.seed)
     return Training(model, loss, optimizer, scheduler, dataset, held_out.to(device), judges, style_paths, device,
                     objective, files.skipped)
 

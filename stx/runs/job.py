@@ -34,7 +34,6 @@ from stx.engine.plan import plan_memory
 from stx.errors import ConfigError
 from stx.runs import layout, plugins
 from stx.runs.objectives import Objective
-from stx.runs.schema import encoder_identity
 
 log = logging.getLogger(__name__)
 
@@ -244,26 +243,27 @@ def build_job(cfg: DictConfig) -> Job:
 
 
 def _build_job(cfg: DictConfig) -> Job:
+    # The config is read here, top to bottom, into values; the engine and layout get values only,
+    # each called once, in the order they import one another (the judge, the output name, the plan).
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"the config cannot be resolved: {exc}") from exc
-    layout.check_output(cfg.output)
     device = resolve_device(cfg.device)
     objective = Objective(metrics=dict(cfg.objective.metrics), pareto=cfg.objective.pareto)
-
     content_path, style_paths, init_path = input_paths(cfg)
     weights = style_weights(cfg.images)
     loss = build_objective(cfg, device)
     schedule = build_schedule(cfg)
     schedule.autocast(device)
+    control = build(cfg.color, "color", "color")
     files = check_files(loss, schedule, content_path, style_paths, init_path)
+    judge, judged = judge_of(cfg, device, files, weights)
+    layout.check_output(cfg.output)
     plan = plan_memory(cfg.schedule.tile, loss, schedule, files, device)
     if max(plan.content_shape) < schedule.size:
         log.warning("stx: warning: images.content is %d×%d px; it is upscaled to a %d px long edge (schedule.size), "
                     "which adds no detail", plan.content_shape[1], plan.content_shape[0], schedule.size)
-    judge, judged = judge_of(cfg, device, files, weights)
-    control = build(cfg.color, "color", "color")
     inputs = files.read(loss, schedule, device, None if judged else judge.size)
     content, styles = control.prepare(inputs.content, inputs.styles)
     initial = None if inputs.initial is None else control.start(inputs.initial)
@@ -298,6 +298,15 @@ def build_objective(cfg: DictConfig, device: torch.device | str = "cpu") -> loss
     return losses.PerceptualObjective(encoder, loss_set).to(device)
 
 
+def encoder_identity(node: DictConfig) -> dict[str, Any]:
+    """The settings of an ``encoder`` config that make the encoder what it is, resolved: all of them
+    but ``seed`` when the weights are trained (the seed only draws random weights)."""
+    settings = OmegaConf.to_container(node, resolve=True)
+    if settings.get("weights") != "random":
+        settings.pop("seed", None)
+    return settings
+
+
 ENCODERS_KEPT = 4
 _encoders: dict[tuple, encoders.MultiLayerEncoder] = {}
 """The encoders last built in this process (at most :data:`ENCODERS_KEPT`), by config, layers and device."""
@@ -308,8 +317,7 @@ def shared_encoder(node: DictConfig, layers: frozenset[str], device: torch.devic
     of this process with the same settings and weights file, else a new one. Encoders are frozen and hold
     no state between passes, so jobs share one (a sweep builds and loads it once, and a batched sweep's
     jobs can share its passes: :mod:`stx.engine.batching`)."""
-    weights = Path(str(node.get("weights")))
-    key = (repr(encoder_identity(node)), tuple(sorted(layers)), str(device), file_stamp(weights))
+    key = (repr(encoder_identity(node)), tuple(sorted(layers)), str(device), file_stamp(Path(str(node.get("weights")))))
     if key not in _encoders:
         encoder = build(node, "encoder", "encoder")(layers=layers)
         if not isinstance(encoder, encoders.MultiLayerEncoder):

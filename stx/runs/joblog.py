@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import logging
 
+from omegaconf import DictConfig
+
+from stx.runs import layout
+
 log = logging.getLogger("stx")
 
 
@@ -14,3 +18,11 @@ def to_file(message: str, level: int = logging.INFO) -> None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)
+
+
+def summary(cfg: DictConfig, tags: dict[str, str]) -> str:
+    """The job in a few lines for its log file: name, overrides, config choices, images, size and steps."""
+    choices = ", ".join(sorted(f"{group}={choice}" for group, choice in layout.choices(tags).items()))
+    return (f"job {tags.get(layout.TAG_RUN_NAME, '')!r}: overrides: {tags.get(layout.TAG_OVERRIDES) or '(none)'}\n"
+            f"  choices: {choices}\n  content: {cfg.images.content}\n  styles: {', '.join(cfg.images.styles)}\n"
+            f"  size: {cfg.schedule.size} px, steps: {cfg.schedule.steps}, device: {cfg.device}, seed: {cfg.seed}")

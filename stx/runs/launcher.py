@@ -42,8 +42,8 @@ from omegaconf.errors import OmegaConfBaseException
 from stx.engine import batching
 from stx.errors import StxError
 from stx.runs import hydra_job, interrupts
+from stx.runs.job import encoder_identity
 from stx.runs.monitor import step_bar
-from stx.runs.schema import encoder_identity
 
 log = logging.getLogger(__name__)
 

@@ -245,7 +245,7 @@ def run_tracked(
                     tracker.log_config(cfg, run_dir, tags)
                     tracker.log_inputs(job.content_path, job.style_paths)
                 log.info("MLflow run %s in %s; %d steps on %s", run_id, tracker.uri, job.schedule.steps, job.device)
-                joblog.to_file(summary(cfg, tags))
+                joblog.to_file(joblog.summary(cfg, tags))
                 kept = None  # what the job leaves: (name prefix, image, step), written and logged in one place
                 with JobMonitor(tracker, run_dir, job.schedule.steps, evaluate=job.judge, present=job.color.finish,
                                 started_at=started_at, first_step=start.step if start else 0) as monitor:
@@ -299,14 +299,6 @@ def _memory_held(job: Job) -> contextlib.AbstractContextManager:
     if batch is None:
         return contextlib.nullcontext()
     return batch.reserve(job.memory, job.device, lambda device: int(HEADROOM * available_bytes(device)))
-
-
-def summary(cfg: DictConfig, tags: dict[str, str]) -> str:
-    """The job in a few lines for its log file: name, overrides, config choices, images, size and steps."""
-    choices = ", ".join(sorted(f"{group}={choice}" for group, choice in layout.choices(tags).items()))
-    return (f"job {tags.get(layout.TAG_RUN_NAME, '')!r}: overrides: {tags.get(layout.TAG_OVERRIDES) or '(none)'}\n"
-            f"  choices: {choices}\n  content: {cfg.images.content}\n  styles: {', '.join(cfg.images.styles)}\n"
-            f"  size: {cfg.schedule.size} px, steps: {cfg.schedule.steps}, device: {cfg.device}, seed: {cfg.seed}")
 
 
 def _save(tracker: RunTracker, image: torch.Tensor, path: Path, step: int) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, OmegaConf
 
 CONF_PACKAGE = "stx.conf"
 """The config tree: ``conf/`` in the repository, the package ``stx.conf`` once installed."""
@@ -31,15 +31,6 @@ def runs_dir() -> str:
 OmegaConf.register_new_resolver("stx.runs_dir", runs_dir, replace=True)
 OmegaConf.register_new_resolver("stx.asset", lambda name: str(ASSETS_DIR / name), replace=True)
 OmegaConf.register_new_resolver("floordiv", lambda a, b: int(a) // int(b), replace=True)
-
-
-def encoder_identity(node: DictConfig) -> dict[str, Any]:
-    """The settings of an ``encoder`` config that make the encoder what it is, resolved: all of them
-    but ``seed`` when the weights are trained (the seed only draws random weights)."""
-    settings = OmegaConf.to_container(node, resolve=True)
-    if settings.get("weights") != "random":
-        settings.pop("seed", None)
-    return settings
 
 
 @dataclass

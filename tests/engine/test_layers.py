@@ -1,10 +1,13 @@
 """The layers: the engine imports no Hydra, OmegaConf or MLflow (so it can be used as a library);
-no module imports from a layer above its own; stx's module-level imports have no cycle."""
+no module imports from a layer above its own; stx's module-level imports have no cycle; a job's config
+takes one straight path through the modules."""
 
 import ast
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import stx
 
@@ -94,3 +97,14 @@ def test_a_vgg_job_imports_neither_torchvision_nor_dynamo(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path).stdout
     assert out.split() == ["vgg19/random", "[]"], out
+
+
+@pytest.mark.parametrize("root", ["run_tracked", "train"])
+def test_a_jobs_config_takes_one_straight_path(root):
+    """benchmarks/job_walk.py's config walk: at most 12 stays, 2 climbs back up, no module entered more than twice."""
+    done = subprocess.run([sys.executable, str(PACKAGE.parent / "benchmarks" / "job_walk.py"), "--root", root],
+                          capture_output=True, text=True, check=True)
+    line = next(line for line in done.stdout.splitlines() if line.startswith("config walk:"))
+    stays, climbs = int(line.split()[2]), int(line.split(" climbs")[0].split()[-1])
+    most = int(line.split("entered most: ")[1].split(",")[0].split()[-1])
+    assert stays <= 12 and climbs <= 2 and most <= 2, line
