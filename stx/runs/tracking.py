@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # torch loads with the job, not with a sweep's parent (whose 
     import torch
 
     from stx.engine.optim import StepInfo
+    from stx.runs.store import MetricPoint
 
 SOURCE_DIR = Path(__file__).resolve().parents[2]
 LOCKED_RETRY_S = (1.0, 2.0, 4.0)
@@ -180,7 +181,7 @@ class RunTracker:
         self._store("closing runs whose process is gone", "close_dead_runs", self.experiment_id)
         self.last_image_step = -1
         self.run_id: str | None = None
-        self.pending: list[tuple[str, float, int, int]] = []
+        self.pending: list[MetricPoint] = []
         """Metric points to write at the next flush: key, value, unix time in ms, step."""
         self.logged_through: dict[str, int] = {}
         """Per metric key, the last step a reopened run had logged (its steps up to it are skipped)."""
