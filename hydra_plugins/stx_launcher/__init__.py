@@ -21,7 +21,11 @@ class BatchedLauncher(Launcher):
         self.task_function: TaskFunction | None = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        from stx.runs.composer import ComposingOnce
+
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
+        # The sweeper holds this same context: its check of each batch then composes the jobs the launch runs.
+        hydra_context.config_loader = ComposingOnce(hydra_context.config_loader)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from stx.runs import launcher

@@ -16,6 +16,11 @@ guard and the best image stay each run's own.
 
 :meth:`Batch.reserve` keeps the runs' planned memory within what the device had free; :meth:`Batch.stop`
 makes every run raise at its next evaluation (Ctrl-C of a batched sweep).
+
+On the CPU, a batch given a ``cpu_thread`` runs its encoder passes there: one thread with the
+process's intra-op threads, while the runs' own threads use one each (:func:`cpu_evaluator`).
+Every thread that runs a parallel region keeps its own team of OpenMP threads, and eight runs'
+teams spinning on two cores slowed every pass by a third.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import contextlib
 import contextvars
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -56,7 +62,9 @@ class _Group:
 class Batch:
     """Where the runs of one batch meet; thread-safe. See the module's docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, cpu_thread: Executor | None = None) -> None:
+        self._cpu_thread = cpu_thread
+        """Where encoder passes on the CPU run (:func:`cpu_evaluator`); None: in the run that leads them."""
         self._changed = threading.Condition()
         self._groups: dict[tuple, _Group] = {}
         self._reserved: dict[str, int] = {}
@@ -190,7 +198,10 @@ class Batch:
         """One encoder pass for ``requests`` and one backward pass of their totals; each request
         gets its result or its error, then every waiting run is woken."""
         try:
-            evaluate_together(requests)
+            if self._cpu_thread is not None and requests[0].image.device.type == "cpu":
+                self._cpu_thread.submit(evaluate_together, requests).result()
+            else:
+                evaluate_together(requests)
         except BaseException as exc:  # the encoder's pass failed (e.g. out of memory): every run gets it
             for request in requests:
                 if request.result is None and request.error is None:
@@ -222,6 +233,17 @@ def evaluate_together(requests: list[_Request]) -> None:
             totals.append(total)
     if totals:
         torch.autograd.backward(totals)
+
+
+def cpu_evaluator(threads: int) -> ThreadPoolExecutor:
+    """One thread for a batch's encoder passes on the CPU, with ``threads`` intra-op threads of its
+    own, whatever the runs' threads set later (torch's thread count is each thread's, taken from a
+    process-wide default when the thread first uses it). Shut it down after the runs."""
+    def start() -> None:
+        torch.set_num_threads(threads)
+        torch.get_num_threads()  # fixes this thread's count now, before the runs' threads change the default
+
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="stx-encoder", initializer=start)
 
 
 _active: contextvars.ContextVar[Batch | None] = contextvars.ContextVar("stx_batch", default=None)

@@ -25,23 +25,20 @@ import os
 import signal
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Executor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from hydra._internal.config_loader_impl import get_overrides_dirname
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Override, OverrideType
 from hydra.core.utils import JobReturn, JobStatus, _save_config, configure_log, filter_overrides, setup_globals
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
-from omegaconf.errors import OmegaConfBaseException
 
 from stx.engine import batching
 from stx.errors import StxError
 from stx.runs import hydra_job, interrupts
+from stx.runs.composer import ComposingOnce
 from stx.runs.job import encoder_identity
 from stx.runs.monitor import step_bar
 
@@ -55,53 +52,6 @@ class SweepJob:
     num: int
     overrides: list[str]
     config: DictConfig
-
-
-def compose_jobs(config: DictConfig, loader: Any, job_overrides: Sequence[Sequence[str]]) -> list[DictConfig]:
-    """Each job's config, as Hydra's ``load_sweep_config`` composes it: the first one composed in full,
-    each later one that differs from it only in the values of plain keys (``key=value``, no config
-    group, no ``+``/``~``, a scalar value) as a copy of it with those values set, at a thirtieth of a
-    composition's cost (a 64-job sweep would spend seconds composing); any other, in full."""
-    parser = OverridesParser.create()
-    first: tuple[DictConfig, list[Override]] | None = None
-    configs = []
-    for overrides in job_overrides:
-        parsed = parser.parse_overrides(list(overrides))
-        job = _from_first(*first, parsed) if first is not None else None
-        if job is None:
-            job = loader.load_sweep_config(config, list(overrides))
-            first = first or (job, parsed)
-        configs.append(job)
-    return configs
-
-
-def _from_first(first: DictConfig, first_overrides: list[Override], overrides: list[Override]) -> DictConfig | None:
-    """``first`` with the plain values in which ``overrides`` differ from ``first_overrides`` set, or
-    None when they differ in anything else (see :func:`compose_jobs`)."""
-    def plain(override: Override) -> bool:
-        return (override.type == OverrideType.CHANGE and override.package is None and not override.is_hydra_override()
-                and "/" not in override.key_or_group and override.key_or_group not in first.hydra.runtime.choices
-                and isinstance(override.value(), (str, int, float, bool, type(None))))
-
-    if len(overrides) != len(first_overrides):
-        return None
-    changed = [new for old, new in zip(first_overrides, overrides) if old.input_line != new.input_line]
-    if not all(plain(old) and plain(new) and old.key_or_group == new.key_or_group
-               for old, new in zip(first_overrides, overrides) if old.input_line != new.input_line):
-        return None
-    job = copy.deepcopy(first)
-    try:
-        for override in changed:
-            OmegaConf.update(job, override.key_or_group, override.value(), merge=True)
-    except OmegaConfBaseException:
-        return None  # a full composition reports it
-    task = [override for override in overrides if not override.is_hydra_override()]
-    dirname = job.hydra.job.config.override_dirname
-    with open_dict(job.hydra):
-        job.hydra.overrides.task = [override.input_line for override in task]
-        job.hydra.job.override_dirname = get_overrides_dirname(
-            overrides=task, kv_sep=dirname.kv_sep, item_sep=dirname.item_sep, exclude_keys=dirname.exclude_keys)
-    return job
 
 
 def batch_key(config: DictConfig) -> str:
@@ -159,7 +109,8 @@ def launch(*, config: DictConfig, hydra_context: HydraContext, task_function: Ta
     Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
     log.info(f"Launching {len(job_overrides)} jobs in batches of up to {batch_size} per device")
     jobs = []
-    composed = compose_jobs(config, hydra_context.config_loader, job_overrides)
+    loader = hydra_context.config_loader
+    composed = (loader if isinstance(loader, ComposingOnce) else ComposingOnce(loader)).compose(config, job_overrides)
     for index, (overrides, job_config) in enumerate(zip(job_overrides, composed)):
         num = initial_job_idx + index
         log.info(f"\t#{num} : {' '.join(filter_overrides(overrides))}")
@@ -182,24 +133,43 @@ def launch(*, config: DictConfig, hydra_context: HydraContext, task_function: Ta
         _job_logging(jobs[0].config)
     progress = _progress(jobs)
     returns: dict[int, JobReturn] = {}
-    for group in groups.values():
-        batch = batching.Batch()
-        workers = min(len(group), batch_size * max(1, count))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stx-job") as pool:
-            futures = {pool.submit(_run_job, job, hydra_context, task_function, batch, progress): job for job in group}
-            try:
-                wait(futures)
-            except KeyboardInterrupt as interrupt:
-                signum = getattr(interrupt, "signum", signal.SIGINT)
-                for future in futures:
-                    future.cancel()  # jobs still queued never start
-                batch.stop(lambda: interrupts.Interrupted(signum))
-                wait([future for future in futures if not future.cancelled()])
-                raise
-            for future, job in futures.items():
-                returns[job.num] = future.result()
+    threads = torch.get_num_threads()
+    encoder_thread = batching.cpu_evaluator(threads)
+    encoder_thread.submit(torch.get_num_threads).result()  # started before any job thread changes the default
+    try:
+        for group in groups.values():
+            _run_group(group, batch_size, count, threads, encoder_thread, hydra_context, task_function, progress,
+                       returns)
+    finally:
+        encoder_thread.shutdown()
+        torch.set_num_threads(threads)
     progress.close()
     return [returns[job.num] for job in jobs]
+
+
+def _run_group(group: list[SweepJob], batch_size: int, devices: int, threads: int, encoder_thread: Executor,
+               hydra_context: HydraContext, task_function: TaskFunction, progress: Any,
+               returns: dict[int, JobReturn]) -> None:
+    """Run one group's jobs, up to ``batch_size`` per device at once, into ``returns``. When several
+    share the batch, their threads use one intra-op thread each and the CPU's encoder passes run
+    in ``encoder_thread`` with ``threads`` (see :mod:`stx.engine.batching`)."""
+    batch = batching.Batch(encoder_thread)
+    workers = min(len(group), batch_size * max(1, devices))
+    job_threads = 1 if workers > 1 else threads
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stx-job",
+                            initializer=torch.set_num_threads, initargs=(job_threads,)) as pool:
+        futures = {pool.submit(_run_job, job, hydra_context, task_function, batch, progress): job for job in group}
+        try:
+            wait(futures)
+        except KeyboardInterrupt as interrupt:
+            signum = getattr(interrupt, "signum", signal.SIGINT)
+            for future in futures:
+                future.cancel()  # jobs still queued never start
+            batch.stop(lambda: interrupts.Interrupted(signum))
+            wait([future for future in futures if not future.cancelled()])
+            raise
+        for future, job in futures.items():
+            returns[job.num] = future.result()
 
 
 def _progress(jobs: list[SweepJob]) -> Any:

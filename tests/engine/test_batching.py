@@ -66,11 +66,20 @@ def run_alone(encoder, settings):
     return results
 
 
-@pytest.mark.parametrize("optimizer", [LBFGS, ADAM], ids=["lbfgs", "adam"])
-def test_each_run_of_a_batch_follows_its_trajectory_alone(vgg19_random, optimizer):
+@pytest.mark.parametrize("optimizer, encoder_thread", [(LBFGS, False), (ADAM, False), (LBFGS, True)],
+                         ids=["lbfgs", "adam", "lbfgs-encoder-thread"])
+def test_each_run_of_a_batch_follows_its_trajectory_alone(vgg19_random, optimizer, encoder_thread, monkeypatch):
+    passes_ran_in = set()
+    evaluate_together = batching.evaluate_together
+    monkeypatch.setattr(batching, "evaluate_together",
+                        lambda requests: (passes_ran_in.add(threading.current_thread().name), evaluate_together(requests)))
     settings = [(weight, seed, dict(optimizer=optimizer, max_rise=0)) for weight, seed in [(1e2, 0), (1e4, 1), (1e6, 2)]]
     alone = run_alone(vgg19_random, settings)
-    together, batch = run_batched(vgg19_random, settings)
+    evaluator = batching.cpu_evaluator(torch.get_num_threads()) if encoder_thread else None
+    together, batch = run_batched(vgg19_random, settings, batching.Batch(evaluator))
+    if evaluator is not None:
+        evaluator.shutdown()
+        assert {name.split("_")[0] for name in passes_ran_in} == {"stx-encoder"}
     assert batch.evaluations == 8  # three runs of 8 steps in 8 shared passes, not 24
     for single, batched in zip(alone, together):
         assert len(batched) == 8

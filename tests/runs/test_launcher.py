@@ -14,7 +14,8 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from test_reliability import LONG, assert_killed_with_their_images, client_for, start_stx, started_children, wait_for
 
-from stx.runs.launcher import assign_devices, batch_key, compose_jobs
+from stx.runs.composer import ComposingOnce
+from stx.runs.launcher import assign_devices, batch_key
 from stx.runs.schema import CONF_DIR
 
 
@@ -39,9 +40,13 @@ def test_jobs_composed_from_the_first_are_what_hydra_composes():
         master = compose("config", return_hydra_config=True)
         loader = GlobalHydra.instance().config_loader()
         full = [loader.load_sweep_config(master, overrides) for overrides in sweep]
-        fast = compose_jobs(master, loader, sweep)
+        once = ComposingOnce(loader)
+        checked = [once.load_sweep_config(master, overrides) for overrides in sweep]  # the sweeper's check
+        fast = once.compose(master, sweep)
+        assert all(a is b for a, b in zip(checked, fast))  # composed once
+        assert once.compose(master, sweep[1:2])[0] is not fast[1]  # handed out once
         with pytest.raises(ConfigCompositionException, match="schedule.steps=abc"):
-            compose_jobs(master, loader, [["schedule.steps=1"], ["schedule.steps=abc"]])  # refused as Hydra refuses it
+            ComposingOnce(loader).compose(master, [["schedule.steps=1"], ["schedule.steps=abc"]])  # as Hydra refuses it
     assert fast[1].loss.style.score_weight == 5 and fast[1].hydra.overrides.task == sweep[1]
     for quick, composed_in_full in zip(fast, full):
         assert OmegaConf.to_container(quick, resolve=False) == OmegaConf.to_container(composed_in_full, resolve=False)
