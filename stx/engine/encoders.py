@@ -36,6 +36,7 @@ from stx.engine import files
 from stx.errors import ConfigError, WeightsError
 
 _tracing = threading.Lock()
+_SHAPE_KEEPING = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.Identity, nn.Sigmoid, nn.Tanh)
 """Held while an encoder's shapes are traced (its hooks are the modules' own, shared by all threads)."""
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -231,9 +232,11 @@ class MultiLayerEncoder(nn.Module):
         return out
 
     def _trace(self, height: int, width: int) -> tuple[dict[str, tuple[int, int, int]], int]:
-        """Run the stack on the meta device (shapes only, no memory, no arithmetic) for an
-        ``H×W`` input: ``(C, H, W)`` of each stage reached, and the elements of all leaf modules'
-        outputs. Stages after one that an edge is too small for are left out."""
+        """The shapes a pass at ``H×W`` produces: ``(C, H, W)`` of each stage reached, and the
+        elements of all leaf modules' outputs. Convolutions, poolings and activations are worked
+        out by their formulas (:func:`_simple_shape`), other stages run on the meta device
+        (shapes only, no memory, no arithmetic; its first use loads sympy, 0.3 s). Stages after one
+        that an edge is too small for are left out."""
         with _tracing:
             if (height, width) not in self._traces:
                 self._traces[height, width] = self._trace_now(height, width)
@@ -250,13 +253,20 @@ class MultiLayerEncoder(nn.Module):
         leaves = [module for module in self.features.modules() if next(module.children(), None) is None]
         hooks = [leaf.register_forward_hook(count) for leaf in leaves]
         shapes: dict[str, tuple[int, int, int]] = {}
-        x = torch.empty(1, 3, height, width, device="meta")
+        shape: tuple[int, int, int] = (3, height, width)
         try:
             for name, stage in zip(self.names, self.features):
-                state = {key: torch.empty_like(value, device="meta")
-                         for key, value in chain(stage.named_parameters(), stage.named_buffers())}
-                x = functional_call(stage, state, (x,))
-                shapes[name] = tuple(x.shape[1:])
+                simple = _simple_shape(stage, shape)
+                if simple is None:
+                    x = torch.empty(1, *shape, device="meta")
+                    state = {key: torch.empty_like(value, device="meta")
+                             for key, value in chain(stage.named_parameters(), stage.named_buffers())}
+                    simple = tuple(functional_call(stage, state, (x,)).shape[1:])
+                else:
+                    sizes.append(math.prod(simple))
+                if min(simple) < 1:
+                    break
+                shape = shapes[name] = simple
         except RuntimeError:  # an edge fell below a kernel's or pooling's size
             pass
         finally:
@@ -417,13 +427,16 @@ def _trunk_from_state(arch: str, state: dict[str, torch.Tensor]) -> nn.Module:
     prefix = ARCHITECTURES[arch].prefix
     if prefix and any(key.startswith(prefix) for key in state):
         state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-    trunk = _skeleton(arch).to_empty(device="cpu")
+    trunk = _skeleton(arch)
     parts = {name for name, _ in trunk.named_children()}  # leaves out the head (ResNet's fc)
+    expected = trunk.state_dict()
     state = {k: v for k, v in state.items() if k.split(".")[0] in parts}
-    problems = _mismatches(trunk.state_dict(), state)
+    problems = _mismatches(expected, state)
     if problems:
         raise WeightsError(problems)
-    trunk.load_state_dict(state)
+    # The tensors given become the trunk's (assign): no copy, and no empty CPU tensors made from meta
+    # ones first, which loads torch's symbolic shapes and sympy (0.3 s).
+    trunk.load_state_dict({k: v.to("cpu", expected[k].dtype) for k, v in state.items()}, assign=True)
     return trunk
 
 
@@ -560,3 +573,29 @@ def efficientnet_b0(
     """EfficientNet-B0 encoder (layers ``stem``, ``stage1_0`` … ``stage7_0``, ``head_conv``); it has no
     max poolings, so ``pooling`` must be ``"max"``; see :func:`build_encoder`."""
     return build_encoder("efficientnet_b0", layers, weights=weights, pooling=pooling, seed=seed, softmax=softmax)
+
+
+def _simple_shape(module: nn.Module, shape: tuple[int, int, int]) -> tuple[int, int, int] | None:
+    """``(C, H, W)`` of ``module``'s output for a ``C×H×W`` input when it is a convolution, a
+    max or average pooling or a shape-keeping activation (an edge below 1 when the input is too
+    small); None for anything else."""
+    if isinstance(module, _SHAPE_KEEPING):
+        return shape
+    if isinstance(module, nn.Conv2d) and not isinstance(module.padding, str):
+        channels, dilation, ceil = module.out_channels, module.dilation, False
+    elif isinstance(module, nn.MaxPool2d):
+        channels, dilation, ceil = shape[0], module.dilation, module.ceil_mode
+    elif isinstance(module, nn.AvgPool2d):
+        channels, dilation, ceil = shape[0], 1, module.ceil_mode
+    else:
+        return None
+    pair = lambda value: tuple(value) if isinstance(value, (tuple, list)) else (value, value)  # noqa: E731
+    edges = []
+    for edge, kernel, stride, padding, spread in zip(shape[1:], pair(module.kernel_size), pair(module.stride),
+                                                     pair(module.padding), pair(dilation)):
+        span = edge + 2 * padding - spread * (kernel - 1) - 1
+        out = (-(-span // stride) if ceil else span // stride) + 1
+        if ceil and (out - 1) * stride >= edge + padding:  # the last window would start in the padding
+            out -= 1
+        edges.append(out if span >= 0 else 0)
+    return channels, edges[0], edges[1]

@@ -246,11 +246,15 @@ def test_avg_pooling_on_new_encoders():
         encoders.efficientnet_b0(["stem"], weights="random", pooling="avg", seed=0)
 
 
-def test_shapes_and_activation_count_match_a_real_pass(rng):
-    """The meta-device trace behind the memory estimate and the size checks, against a real pass."""
-    for arch, layers in NEW_ENCODERS.items():
-        encoder = getattr(encoders, arch)(layers, weights="random", pooling="max", seed=0, softmax=1.0)
-        traced, elements = encoder.layer_shapes(72, 40), encoder.activation_elements(72, 40)
+@pytest.mark.parametrize("height, width", [(72, 40), (37, 50)])
+def test_shapes_and_activation_count_match_a_real_pass(rng, height, width):
+    """The trace behind the memory estimate and the size checks (formulas for convolutions and
+    poolings, the meta device for the rest), against a real pass."""
+    chosen = {**{(arch, "max"): layers for arch, layers in NEW_ENCODERS.items()},
+              ("vgg19", "max"): ["relu1_1", "relu4_2", "relu5_1"], ("vgg16", "avg"): ["relu2_2", "relu5_3"]}
+    for (arch, pooling), layers in chosen.items():
+        encoder = getattr(encoders, arch)(layers, weights="random", pooling=pooling, seed=0, softmax=1.0)
+        traced, elements = encoder.layer_shapes(height, width), encoder.activation_elements(height, width)
         sizes, shapes = [], {}
         for module in encoder.features.modules():
             if next(module.children(), None) is None:
@@ -258,7 +262,7 @@ def test_shapes_and_activation_count_match_a_real_pass(rng):
         for name, stage in zip(encoder.names, encoder.features):
             stage.register_forward_hook(lambda _, __, out, name=name: shapes.__setitem__(name, tuple(out.shape[1:])))
         with torch.no_grad():
-            out = encoder(torch.rand(1, 3, 72, 40, generator=rng))
+            out = encoder(torch.rand(1, 3, height, width, generator=rng))
         assert traced == shapes
         assert elements == sum(sizes) + sum(o.numel() for o in out.values())
 
