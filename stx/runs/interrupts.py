@@ -11,10 +11,11 @@ ignored.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psutil
@@ -63,12 +64,38 @@ received: int | None = None
 
 
 def _interrupt(signum: int, frame: Any) -> None:
-    global received
+    global received, _pending
     received = signum
     hold_off()
     if sweep_workers:
         psutil.wait_procs(forward(signum), timeout=WORKERS_WAIT_S)
+    if _uninterruptible:
+        _pending = signum  # raised when the block ends (see uninterruptible)
+        return
     raise Interrupted(signum)
+
+
+_uninterruptible = 0
+"""How many :func:`uninterruptible` blocks the main thread is in."""
+_pending: int | None = None
+"""The stop signal received inside them, to raise when they end."""
+
+
+@contextlib.contextmanager
+def uninterruptible() -> Iterator[None]:
+    """A block that a stop signal does not cut short: one that arrives meanwhile is raised as
+    :class:`Interrupted` when the block ends (a call to the store's helper process is one block:
+    cut between its request and its answer, the answers would fall out of step with the calls)."""
+    global _uninterruptible, _pending
+    main = threading.current_thread() is threading.main_thread()
+    _uninterruptible += main
+    try:
+        yield
+    finally:
+        _uninterruptible -= main
+        if main and not _uninterruptible and _pending is not None:
+            signum, _pending = _pending, None
+            raise Interrupted(signum)
 
 
 sweep_workers = False

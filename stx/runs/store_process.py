@@ -15,6 +15,7 @@ import threading
 from typing import Any
 
 from stx.errors import StoreFailure
+from stx.runs import interrupts
 
 _process: StoreProcess | None = None
 
@@ -32,7 +33,7 @@ class StoreProcess:
     def open_ahead(self, uri: str) -> None:
         """Have the helper open the store at ``uri`` now, without waiting: a new store's creation
         (seconds) then overlaps the job's build. A failure is raised by the next call on it."""
-        with self.lock:
+        with self.lock, interrupts.uninterruptible():
             try:
                 pickle.dump((uri, "ready", (), {}), self.process.stdin)
                 self.process.stdin.flush()
@@ -42,7 +43,7 @@ class StoreProcess:
 
     def call(self, uri: str, method: str, *args: Any, **kwargs: Any) -> Any:
         """``JobStore(uri).call(method, *args, **kwargs)`` in the helper; what it raises is raised here."""
-        with self.lock:
+        with self.lock, interrupts.uninterruptible():
             try:
                 pickle.dump((uri, method, args, kwargs), self.process.stdin)
                 self.process.stdin.flush()

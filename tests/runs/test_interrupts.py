@@ -41,3 +41,18 @@ def test_restore_puts_back_the_previous_handlers():
 
 def test_a_plain_keyboard_interrupt_exits_130():
     assert interrupts.exit_code(KeyboardInterrupt()) == 130
+
+
+def test_a_signal_inside_an_uninterruptible_block_is_raised_when_it_ends(job_handlers, capfd):
+    """A call to the store's helper process is such a block: cut between its request and its answer,
+    the next call would read this one's answer (a run then left RUNNING, seen under load in CI)."""
+    done = []
+    with pytest.raises(interrupts.Interrupted) as stopped:
+        with interrupts.uninterruptible():
+            os.kill(os.getpid(), signal.SIGTERM)
+            done.append("answer read")
+        done.append("not reached")
+    assert done == ["answer read"] and stopped.value.signum == signal.SIGTERM
+    with interrupts.uninterruptible():  # later blocks: the signal was raised once
+        os.kill(os.getpid(), signal.SIGINT)  # held off now, as any signal while stopping
+    assert "while stopping" in capfd.readouterr().err
