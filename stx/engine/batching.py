@@ -62,7 +62,9 @@ class _Group:
 class Batch:
     """Where the runs of one batch meet; thread-safe. See the module's docstring."""
 
-    def __init__(self, cpu_thread: Executor | None = None) -> None:
+    def __init__(self, cpu_thread: Executor | None = None, size: int = 0) -> None:
+        self.size = size
+        """How many runs the launcher runs in this batch at once (0: not said)."""
         self._cpu_thread = cpu_thread
         """Where encoder passes on the CPU run (:func:`cpu_evaluator`); None: in the run that leads them."""
         self._changed = threading.Condition()

@@ -153,8 +153,8 @@ def _run_group(group: list[SweepJob], batch_size: int, devices: int, threads: in
     """Run one group's jobs, up to ``batch_size`` per device at once, into ``returns``. When several
     share the batch, their threads use one intra-op thread each and the CPU's encoder passes run
     in ``encoder_thread`` with ``threads`` (see :mod:`stx.engine.batching`)."""
-    batch = batching.Batch(encoder_thread)
     workers = min(len(group), batch_size * max(1, devices))
+    batch = batching.Batch(encoder_thread, size=workers)
     job_threads = 1 if workers > 1 else threads
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stx-job",
                             initializer=torch.set_num_threads, initargs=(job_threads,)) as pool:

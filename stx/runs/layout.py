@@ -63,6 +63,9 @@ TAG_TILE = "stx.tile"
 TAG_BATCHED = "stx.batched"
 """``true`` on a run of a batched sweep (hydra/launcher=stx_batched): it stepped together with its batch,
 so its ``perf/seconds_per_step`` is the batch's time per step and ``perf/peak_memory_bytes`` the process's."""
+TAG_BATCH_SIZE = "stx.batch_size"
+"""On a run of a batched sweep: how many runs its batch ran at once (all devices together), the runs that
+shared each ``perf/seconds_per_step`` (fewer once some have finished)."""
 TAG_JUDGE = "stx.judge"
 """The judge that scored a run's eval/ metrics, ``<arch>/<weights>`` (stx.engine.judge.judge_name)."""
 TAG_CHECKPOINT_STEP = "stx.checkpoint_step"

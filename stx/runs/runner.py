@@ -231,8 +231,9 @@ def run_tracked(
     tags = {**tags, **source_tags(), **device_tags(job.device), layout.TAG_RUN_DIR: str(run_dir),
             layout.TAG_OUTPUT: cfg.output, layout.TAG_JUDGE: job.judge.name,
             layout.TAG_TILE: str(getattr(job.loss, "tile", "off"))}
-    if batching.active() is not None:
+    if (batch := batching.active()) is not None:
         tags[layout.TAG_BATCHED] = "true"
+        tags[layout.TAG_BATCH_SIZE] = str(batch.size)
     if cfg.schedule.tile == "auto":
         log.info("schedule.tile=auto: %s", f"tiled with {job.loss.tile} px tiles" if hasattr(job.loss, "tile")
                  else "the job fits untiled")

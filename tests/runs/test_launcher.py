@@ -67,12 +67,13 @@ def test_optuna_asks_for_trials_in_batches_of_the_batch_size():
 
 
 def histories(folder):
-    """Each child run's status, ``stx.batched`` tag, ``total`` per step and run dir, by its swept score weight."""
+    """Each child run's status, ``stx.batched`` and ``stx.batch_size`` tags, ``total`` per step and run dir, by
+    its swept score weight."""
     client = MlflowClient(local_uri(folder))
     runs = client.search_runs([client.get_experiment_by_name("stx").experiment_id])
     children = [run for run in runs if "mlflow.parentRunId" in run.data.tags]
     return {run.data.params["loss.style.score_weight"]: (
-        run.info.status, run.data.tags.get("stx.batched"), [m.value for m in sorted(client.get_metric_history(run.info.run_id, "total"), key=lambda m: m.step)],
+        run.info.status, (run.data.tags.get("stx.batched"), run.data.tags.get("stx.batch_size")), [m.value for m in sorted(client.get_metric_history(run.info.run_id, "total"), key=lambda m: m.step)],
         Path(run.data.tags["stx.run_dir"])) for run in children}
 
 
@@ -87,7 +88,7 @@ def test_each_run_of_a_batched_sweep_is_the_run_it_is_alone_and_a_nan_fails_only
     assert together.keys() == alone.keys() and len(together) == 4
     assert together["1e+45"][0] == alone["1e+45"][0] == "FAILED"
     assert (together["1e+45"][3] / "last_finite_output.png").is_file()
-    assert {run[1] for run in together.values()} == {"true"} and {run[1] for run in alone.values()} == {None}
+    assert {run[1] for run in together.values()} == {("true", "4")} and {run[1] for run in alone.values()} == {(None, None)}
     for weight in ("1000.0", "100000.0", "10000000.0"):
         status, _, totals, run_dir = together[weight]
         assert status == "FINISHED" and len(totals) == 6 and (run_dir / "output.png").is_file()
