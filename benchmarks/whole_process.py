@@ -49,8 +49,9 @@ Command = Callable[[Path], tuple[list[str], dict[str, str]]]
 
 def contenders(size: int, steps: int, peer: Path | None, store: Path) -> dict[str, Command]:
     job = ["--size", str(size), "--steps", str(steps)]
-    stx = [str(Path(sys.executable).with_name("stx")), "encoder.weights=random", "judge.weights=random",
-           f"schedule.size={size}", f"schedule.steps={steps}"]
+    installed = Path(sys.executable).with_name("stx")  # the command; python -m stx where it is not installed as one
+    stx = [*([str(installed)] if installed.is_file() else [sys.executable, "-m", "stx"]), "encoder.weights=random",
+           "judge.weights=random", f"schedule.size={size}", f"schedule.steps={steps}"]
 
     def python(interpreter: str | Path, script: Path, *extra: str) -> Command:
         return lambda folder: ([str(interpreter), str(script), *job, *extra], dict(os.environ))
