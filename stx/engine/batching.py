@@ -237,15 +237,19 @@ def evaluate_together(requests: list[_Request]) -> None:
         torch.autograd.backward(totals)
 
 
+def use_threads(threads: int) -> None:
+    """Give the calling thread ``threads`` intra-op threads for good. torch's count is each thread's,
+    taken from a process-wide default when the thread first uses it, which ``set_num_threads`` also
+    changes: reading the count right after fixes this thread's before another thread changes the default."""
+    torch.set_num_threads(threads)
+    torch.get_num_threads()
+
+
 def cpu_evaluator(threads: int) -> ThreadPoolExecutor:
     """One thread for a batch's encoder passes on the CPU, with ``threads`` intra-op threads of its
-    own, whatever the runs' threads set later (torch's thread count is each thread's, taken from a
-    process-wide default when the thread first uses it). Shut it down after the runs."""
-    def start() -> None:
-        torch.set_num_threads(threads)
-        torch.get_num_threads()  # fixes this thread's count now, before the runs' threads change the default
-
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="stx-encoder", initializer=start)
+    own (:func:`use_threads`). Shut it down after the runs."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="stx-encoder", initializer=use_threads,
+                              initargs=(threads,))
 
 
 _active: contextvars.ContextVar[Batch | None] = contextvars.ContextVar("stx_batch", default=None)

@@ -23,7 +23,7 @@ import math
 import socket
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -36,8 +36,9 @@ from stx.engine import files
 from stx.errors import ConfigError, WeightsError
 
 _tracing = threading.Lock()
-_SHAPE_KEEPING = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.Identity, nn.Sigmoid, nn.Tanh)
 """Held while an encoder's shapes are traced (its hooks are the modules' own, shared by all threads)."""
+_SHAPE_KEEPING = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.Identity, nn.Sigmoid, nn.Tanh)
+"""Modules whose output has their input's shape (the shape trace passes them by)."""
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -575,6 +576,11 @@ def efficientnet_b0(
     return build_encoder("efficientnet_b0", layers, weights=weights, pooling=pooling, seed=seed, softmax=softmax)
 
 
+def pair(value: int | Sequence[int]) -> tuple[int, int]:
+    """A module's size setting (kernel, stride, padding, dilation) as ``(along H, along W)``."""
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
 def _simple_shape(module: nn.Module, shape: tuple[int, int, int]) -> tuple[int, int, int] | None:
     """``(C, H, W)`` of ``module``'s output for a ``C×H×W`` input when it is a convolution, a
     max or average pooling or a shape-keeping activation (an edge below 1 when the input is too
@@ -589,7 +595,6 @@ def _simple_shape(module: nn.Module, shape: tuple[int, int, int]) -> tuple[int, 
         channels, dilation, ceil = shape[0], 1, module.ceil_mode
     else:
         return None
-    pair = lambda value: tuple(value) if isinstance(value, (tuple, list)) else (value, value)  # noqa: E731
     edges = []
     for edge, kernel, stride, padding, spread in zip(shape[1:], pair(module.kernel_size), pair(module.stride),
                                                      pair(module.padding), pair(dilation)):

@@ -29,17 +29,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from stx.engine.encoders import MultiLayerEncoder
+from stx.engine.encoders import MultiLayerEncoder, pair
 from stx.engine.losses import EncodingLoss, PerceptualObjective
 from stx.errors import ConfigError
 
 LOCAL_MODULES = (nn.ReLU, nn.BatchNorm2d, nn.Identity, nn.Dropout)
 """Modules that act on each position on its own (in eval mode)."""
 WINDOW_MODULES = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
-
-
-def _pair(value: int | Sequence[int]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
 @dataclass(frozen=True)
@@ -66,8 +62,8 @@ def encoder_reach(encoder: MultiLayerEncoder, where: str = "schedule.tile") -> R
         if isinstance(module, WINDOW_MODULES):
             if getattr(module, "ceil_mode", False):
                 raise ConfigError(f"{where} cannot tile a pooling layer with ceil_mode (layer {name}).")
-            kernel, stride = max(_pair(module.kernel_size)), max(_pair(module.stride))
-            padding, dilation = max(_pair(module.padding)), max(_pair(getattr(module, "dilation", 1)))
+            kernel, stride = max(pair(module.kernel_size)), max(pair(module.stride))
+            padding, dilation = max(pair(module.padding)), max(pair(getattr(module, "dilation", 1)))
             before += padding * jump
             after += (dilation * (kernel - 1) - padding) * jump
             jump *= stride

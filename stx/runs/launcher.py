@@ -135,7 +135,6 @@ def launch(*, config: DictConfig, hydra_context: HydraContext, task_function: Ta
     returns: dict[int, JobReturn] = {}
     threads = torch.get_num_threads()
     encoder_thread = batching.cpu_evaluator(threads)
-    encoder_thread.submit(torch.get_num_threads).result()  # started before any job thread changes the default
     try:
         for group in groups.values():
             _run_group(group, batch_size, count, threads, encoder_thread, hydra_context, task_function, progress,
@@ -157,7 +156,7 @@ def _run_group(group: list[SweepJob], batch_size: int, devices: int, threads: in
     batch = batching.Batch(encoder_thread, size=workers)
     job_threads = 1 if workers > 1 else threads
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stx-job",
-                            initializer=torch.set_num_threads, initargs=(job_threads,)) as pool:
+                            initializer=batching.use_threads, initargs=(job_threads,)) as pool:
         futures = {pool.submit(_run_job, job, hydra_context, task_function, batch, progress): job for job in group}
         try:
             wait(futures)
