@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from stx.errors import StxError
-from stx.runs import hydra_job, interrupts, joblog, store_process
+from stx.runs import hydra_job, interrupts, joblog, startup, store_process
 from stx.runs.schema import CONF_PACKAGE, runs_dir
 
 COMMANDS = ("compare", "reproduce", "promote", "ui", "init", "stylize", "serve")
@@ -46,7 +46,8 @@ class _Task:
 @hydra.main(config_path=f"pkg://{CONF_PACKAGE}", config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> float:
     def task(cfg: DictConfig) -> float:
-        from stx.runs.runner import hydra_task  # torch & mlflow load after the command line is checked
+        with startup.heavy_imports():  # torch loads after the command line is checked
+            from stx.runs.runner import hydra_task
 
         return hydra_task(cfg)
 
@@ -56,7 +57,8 @@ def hydra_main(cfg: DictConfig) -> float:
 @hydra.main(config_path=f"pkg://{CONF_PACKAGE}", config_name="train", version_base="1.3")
 def train_main(cfg: DictConfig) -> float:
     def task(cfg: DictConfig) -> float:
-        from stx.fast.train import hydra_task
+        with startup.heavy_imports():
+            from stx.fast.train import hydra_task
 
         return hydra_task(cfg)
 

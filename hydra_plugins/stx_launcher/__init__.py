@@ -28,7 +28,10 @@ class BatchedLauncher(Launcher):
         hydra_context.config_loader = ComposingOnce(hydra_context.config_loader)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from stx.runs import launcher
+        from stx.runs.startup import heavy_imports
+
+        with heavy_imports():
+            from stx.runs import launcher
 
         assert self.config is not None and self.hydra_context is not None and self.task_function is not None
         return launcher.launch(config=self.config, hydra_context=self.hydra_context, task_function=self.task_function,

@@ -7,7 +7,8 @@
   optimises; :mod:`~stx.runs.tracking`: the MLflow store; :mod:`~stx.runs.layout`: artifact names,
   tags and logged configs.
 - :mod:`~stx.runs.callbacks`: Hydra callbacks (a sweep's parent run); :mod:`~stx.runs.interrupts`,
-  :mod:`~stx.runs.liveness`: stopped and dead runs.
+  :mod:`~stx.runs.liveness`: stopped and dead runs; :mod:`~stx.runs.startup`: loading torch and
+  MLflow without the garbage collector's walks.
 - :mod:`~stx.runs.compare`, :mod:`~stx.runs.reproduce`: closing the loop on logged runs;
   :mod:`~stx.runs.plugins`, :mod:`~stx.runs.project`: user code and ``stx init``.
 

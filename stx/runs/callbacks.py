@@ -34,7 +34,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from stx.errors import StxError, first_line
-from stx.runs import hydra_job, interrupts, layout
+from stx.runs import hydra_job, interrupts, layout, startup
 from stx.runs.liveness import process_tags
 from stx.runs.tracking import source_tags, tracking_uri
 
@@ -98,9 +98,10 @@ class MlflowSweepCallback(Callback):
         self._closed = False
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from mlflow.entities import Param  # MLflow loads for a sweep here, for a single job in a helper process
+        with startup.heavy_imports():  # MLflow loads for a sweep here, for a single job in a helper process
+            from mlflow.entities import Param
 
-        from stx.runs.store import ensure_experiment, opened, show_params
+            from stx.runs.store import ensure_experiment, opened, show_params
 
         try:
             self.uri = tracking_uri(config.tracking)

@@ -2,7 +2,7 @@
 :class:`JobStore`, the calls one job makes for its run with plain values in and out.
 
 This is the one module of a job's path that imports MLflow (1–2 s of a job's start-up). A single
-job runs it in a helper process (``python -m stx.runs.store``, :mod:`stx.runs.store_process`),
+job runs it in a helper process (``python -m stx.runs.store_process``, :mod:`stx.runs.store_process`),
 started before the job imports torch, so that MLflow loads while the job is built; a sweep, which
 has MLflow loaded for its parent run, calls it in its own process.
 """
@@ -279,7 +279,3 @@ def serve() -> None:
             answer = ("raise", StoreFailure(f"{type(exc).__name__}: {exc}"))
         pickle.dump(answer, answers)
         answers.flush()
-
-
-if __name__ == "__main__":
-    serve()

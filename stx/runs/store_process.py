@@ -15,16 +15,16 @@ import threading
 from typing import Any
 
 from stx.errors import StoreFailure
-from stx.runs import interrupts
+from stx.runs import interrupts, startup
 
 _process: StoreProcess | None = None
 
 
 class StoreProcess:
-    """``python -m stx.runs.store``, answering one call at a time (calls from several threads take turns)."""
+    """``python -m stx.runs.store_process``, answering one call at a time (calls from several threads take turns)."""
 
     def __init__(self) -> None:
-        self.process = subprocess.Popen([sys.executable, "-m", "stx.runs.store"], stdin=subprocess.PIPE,
+        self.process = subprocess.Popen([sys.executable, "-m", "stx.runs.store_process"], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE)
         self.lock = threading.Lock()
         self.unanswered = 0
@@ -85,3 +85,9 @@ def stop() -> None:
     """End the helper now (at exit: every call has been answered); it ignores SIGTERM, so SIGKILL."""
     if _process is not None and _process.process.poll() is None:
         _process.process.kill()
+
+
+if __name__ == "__main__":  # the helper itself: MLflow loads, then it serves until stdin closes
+    with startup.heavy_imports():
+        from stx.runs.store import serve
+    serve()
