@@ -363,15 +363,15 @@ def app_main(app: Callable[[], object] = hydra_main) -> None:
         fail(one_line(str(error)))
 
 
-NO_SINGLE_JOB = ("-m", "--multirun", "-c", "--cfg", "-i", "--info", "--hydra-help", "-sc", "--shell-completion", "-p",
-                 "--package")
-"""Hydra's flags after which ``stx`` runs no single job in this process (a sweep, or a print-out)."""
+NO_JOBS = ("-c", "--cfg", "-i", "--info", "--hydra-help", "-sc", "--shell-completion", "-p", "--package")
+"""Hydra's flags after which ``stx`` runs no job in this process (a print-out)."""
 
 
-def runs_one_job(args: list[str]) -> bool:
-    """Whether the command line ``args`` (without ``train`` or a tool command) runs one new job
-    here, which logs through the store's helper process (:mod:`stx.runs.store_process`)."""
-    return not any(arg in NO_SINGLE_JOB or arg.startswith(("--cfg=", "resume=", "hydra.mode=")) for arg in args)
+def logs_through_helper(args: list[str]) -> bool:
+    """Whether the command line ``args`` (without ``train`` or a tool command) runs a new job or a
+    sweep here, which log through the store's helper process (:mod:`stx.runs.store_process`); a
+    resumed run reads its checkpoint with MLflow here."""
+    return not any(arg in NO_JOBS or arg.startswith(("--cfg=", "resume=")) for arg in args)
 
 
 MAIN_PID_ENV = "STX_MAIN_PID"
@@ -394,7 +394,7 @@ def main() -> None:
             sys.argv = [sys.argv[0], *sys.argv[2:]]  # Hydra reads sys.argv
             app_main(train_main)
         else:
-            if runs_one_job(sys.argv[1:]):
+            if logs_through_helper(sys.argv[1:]):
                 store_process.prestart()
                 atexit.register(store_process.stop)
             app_main()

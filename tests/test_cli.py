@@ -16,6 +16,7 @@ import pytest
 from conftest import STX, artifact_paths, client_for, only_run, options, run_stx, stx_here
 from PIL import Image
 
+from stx.runs import layout
 from stx.runs.runner import run_tracked
 
 pytestmark = pytest.mark.slow
@@ -226,24 +227,35 @@ def test_help_version_and_a_private_config_file_from_the_command_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_single_job_loads_mlflow_only_in_its_store_process(tmp_path, fresh_store):
-    """MLflow's import (1–2 s) runs in the helper process while the job is built; the job's own
-    process never loads it, and its run is in the store as a job's always is."""
+@pytest.mark.parametrize("sweep", [[], ["-m", "seed=0,1"]], ids=["job", "sweep"])
+def test_mlflow_loads_only_in_the_store_process(tmp_path, fresh_store, sweep):
+    """MLflow's import (1–2 s) runs in the helper process while the job is built; the process that
+    runs the job, or a sweep's jobs and its parent run, never loads it, and the runs are in the store
+    as always (a sweep's summary included)."""
     fresh_store(tmp_path)
-    code = ("import sys\nfrom stx import cli\nsys.argv = ['stx', *sys.argv[1:]]\ncli.main()\n"
-            "print('mlflow modules:', sorted(m for m in sys.modules if m.split('.')[0] == 'mlflow'))\n")
-    result = subprocess.run([sys.executable, "-c", code, *conftest.FAST], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "STX_RUNS_DIR": str(tmp_path / "runs")})
+    code = ("import sys\nfrom stx import cli\nsys.argv = ['stx', *sys.argv[1:]]\ntry:\n    cli.main()\nfinally:\n"
+            "    print('mlflow modules:', sorted(m for m in sys.modules if m.split('.')[0] == 'mlflow'))\n")
+    result = subprocess.run([sys.executable, "-c", code, *sweep, *conftest.FAST], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "STX_RUNS_DIR": str(tmp_path / "runs")})
     assert result.returncode == 0, result.stderr
     assert "mlflow modules: []" in result.stdout
-    client, run = only_run(tmp_path)
-    assert run.info.status == "FINISHED" and run.data.tags["stx.pid"] != "" and "total" in run.data.metrics
+    if not sweep:
+        client, run = only_run(tmp_path)
+        assert run.info.status == "FINISHED" and run.data.tags["stx.pid"] != "" and "total" in run.data.metrics
+        return
+    client = client_for(tmp_path)
+    runs = client.search_runs([client.get_experiment_by_name("stx").experiment_id])
+    (parent,) = [run for run in runs if run.data.tags.get(layout.TAG_SWEEP) == "true"]
+    children = [run for run in runs if run.data.tags.get(layout.TAG_PARENT) == parent.info.run_id]
+    assert len(children) == 2 and {run.info.status for run in [parent, *children]} == {"FINISHED"}
+    assert parent.data.tags[layout.TAG_SWEEP_JOBS] == "2" and layout.TAG_BEST_RUN in parent.data.tags
+    assert {item.path for item in client.list_artifacts(parent.info.run_id, "compare")} >= {
+        "compare/table.txt", "compare/contact_sheet.png"}
 
 
 def test_the_command_and_a_sweeps_callbacks_load_neither_torch_nor_mlflow():
     """What every ``stx`` process loads before its config is checked (the command, Hydra's callbacks,
-    the launcher's entry point): a sweep whose jobs run in other processes (joblib, SLURM) loads MLflow
-    for its parent run only, and torch only for its summary."""
+    the launcher's entry point); MLflow loads in the store's helper process, torch where jobs run."""
     code = ("import sys\nimport stx.cli, stx.runs.callbacks, hydra_plugins.stx_launcher\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision', 'mlflow'}))\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

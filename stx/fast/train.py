@@ -34,7 +34,7 @@ from stx.errors import ConfigError, NonFiniteLossError, StxError
 from stx.fast import data, export
 from stx.runs import hydra_job, interrupts, layout
 from stx.runs.job import build, build_judge, resolve_device, style_weights
-from stx.runs.monitor import EVAL_PREFIX, PERF_PREFIX, peak_memory_bytes, step_bar
+from stx.runs.monitor import peak_memory_bytes, step_bar
 from stx.runs.objectives import Objective
 from stx.runs.schema import TrainSchema
 from stx.runs.store import opened
@@ -256,7 +256,7 @@ class Loop:
         perf = {"peak_memory_bytes": float(peak_memory_bytes(job.device))}
         if images and seconds > 0:
             perf["images_per_second"] = images / seconds
-        self.tracker.log_metrics({PERF_PREFIX + k: v for k, v in perf.items()}, self.steps)
+        self.tracker.log_metrics({layout.PERF_PREFIX + k: v for k, v in perf.items()}, self.steps)
         if self.cfg.trainer.checkpoint_every:
             self.checkpoint()
         return evaluation
@@ -311,7 +311,7 @@ class Loop:
         self.tracker.log_image(make_grid(outputs, nrow=len(outputs), padding=2)[None], self.step)
         scores = [judge(output[None]) for judge, output in zip(job.judges, outputs)]
         mean = {name: sum(score[name] for score in scores) / len(scores) for name in scores[0]}
-        self.tracker.log_metrics({EVAL_PREFIX + name: value for name, value in mean.items()}, self.step)
+        self.tracker.log_metrics({layout.EVAL_PREFIX + name: value for name, value in mean.items()}, self.step)
         return mean
 
     def checkpoint(self) -> None:

@@ -4,17 +4,17 @@
 can be written, so that a bad one gets a clear message instead of a traceback.
 
 :class:`MlflowSweepCallback` gives a sweep (``stx -m …``) one parent MLflow run and each job
-a child run. In the
-launching process it creates the experiment once (no race between parallel jobs) and the
-parent run, tagged with the command line and sweep dir. Every launcher (basic, joblib,
-submitit) pickles callbacks into the job's process, where :meth:`on_job_start` hands the
-parent run id to the job through ``$STX_PARENT_RUN_ID`` and :meth:`on_job_end` records a
-failed job on the parent. The parent is closed FINISHED, or FAILED when any job failed or
-when the sweep stops early — Hydra skips ``on_multirun_end`` when a job raises, so an
-``atexit`` hook closes it then. The parent carries the launching process's host and pid (no
-heartbeat), so if the store fails and the parent cannot be closed, the next job on the store
-closes it as FAILED once that process is gone (:mod:`stx.runs.liveness`); the sweep then says so
-and exits 1.
+a child run. In the launching process it creates the experiment once (no race between parallel
+jobs) and the parent run, tagged with the command line and sweep dir, through the store's helper
+process and from a thread of its own, while the sweep composes its jobs and loads torch (each job
+waits for it). Every launcher (basic, joblib, submitit) pickles callbacks into the job's process,
+where :meth:`on_job_start` hands the parent run id to the job through ``$STX_PARENT_RUN_ID`` and
+:meth:`on_job_end` records a failed job on the parent. The parent is closed FINISHED, or FAILED
+when any job failed or when the sweep stops early — Hydra skips ``on_multirun_end`` when a job
+raises, so an ``atexit`` hook closes it then. The parent carries the launching process's host and
+pid (no heartbeat), so if the store fails and the parent cannot be closed, the next job on the
+store closes it as FAILED once that process is gone (:mod:`stx.runs.liveness`); the sweep then
+says so and exits 1.
 """
 
 from __future__ import annotations
@@ -25,21 +25,19 @@ import os
 import shlex
 import sys
 import tempfile
+import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from stx.errors import StxError, first_line
-from stx.runs import hydra_job, interrupts, layout, startup
+from stx.errors import StoreFailure, StxError, TrackingError, first_line
+from stx.runs import hydra_job, interrupts, layout
 from stx.runs.liveness import process_tags
-from stx.runs.tracking import source_tags, tracking_uri
-
-if TYPE_CHECKING:
-    from mlflow.tracking import MlflowClient
+from stx.runs.tracking import Store, source_tags, store_for, tracking_uri
 
 
 def exit_with(error: StxError) -> None:
@@ -95,18 +93,22 @@ class MlflowSweepCallback(Callback):
         self.swept_keys: list[str] = []
         self.sweep_config: DictConfig | None = None
         self.jobs: int | None = None
+        self._store: Store | None = None
+        self._opening: threading.Thread | None = None
+        self._opening_error: StxError | None = None
+        self._lock = threading.Lock()
         self._closed = False
 
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """The store's ``method(*args, **kwargs)`` (:class:`~stx.runs.store.JobStore`), in the helper
+        process when ``stx`` started one (:func:`~stx.runs.tracking.store_for`)."""
+        if self._store is None:
+            self._store = store_for(self.uri)
+        return self._store.call(method, *args, **kwargs)
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        with startup.heavy_imports():  # MLflow loads for a sweep here, for a single job in a helper process
-            from mlflow.entities import Param
-
-            from stx.runs.store import ensure_experiment, opened, show_params
-
         try:
             self.uri = tracking_uri(config.tracking)
-            client = opened(self.uri)
-            experiment_id = ensure_experiment(client, config.tracking.experiment, config.tracking.artifact_location)
         except StxError as error:
             exit_with(error)
         self.sweep_dir = str(Path(config.hydra.sweep.dir).resolve())
@@ -125,24 +127,67 @@ class MlflowSweepCallback(Callback):
         overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
         self.swept_keys = [o.key_or_group for o in overrides if o.is_sweep_override()]
         self.swept_keys += [str(key) for key in (config.hydra.sweeper.get("params") or {})]
-        show_params(client, experiment_id, [layout.param_key(key) for key in self.swept_keys])
         if warning := idle_seed_warning(config, self.swept_keys):
             print(f"stx: warning: {warning}", file=sys.stderr, flush=True)
         swept = layout.run_name(tags[layout.TAG_OVERRIDES], self.swept_keys)  # "sw=1e1,1e3,1e5"
-        run = client.create_run(experiment_id, run_name=f"sweep {swept or command}"[:250], tags=tags)
-        self.parent_run_id = run.info.run_id
-        self.jobs = sweep_size(config, overrides)
         fixed = {o.key_or_group: o.get_value_element_as_str() for o in overrides if not o.is_sweep_override()}
-        client.log_batch(self.parent_run_id, params=[Param(key, value) for key, value in fixed.items()])
+        self.jobs = sweep_size(config, overrides)
         atexit.register(self.finish)
+        self._opening = threading.Thread(target=self._open_parent, name="stx-sweep-parent", daemon=True,
+                                         args=(config.tracking, f"sweep {swept or command}"[:250], tags, fixed))
+        self._opening.start()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a launcher's worker process gets (joblib and submitit pickle the callbacks): the parent
+        run, once created; not this process's store, thread or lock (a worker calls its store itself)."""
+        self._parent_opened()
+        state = {**self.__dict__, "_store": None, "_opening": None}
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
+
+    def _open_parent(self, tracking: DictConfig, name: str, tags: dict[str, str], params: dict[str, str]) -> None:
+        """Create the parent run (in a thread of its own: MLflow loads in the store's helper process
+        meanwhile, while the sweep composes its jobs and loads torch here); a failure is kept for
+        :meth:`_parent_opened`."""
+        try:
+            experiment_id = self._call("experiment", tracking.experiment, tracking.artifact_location)
+            self._call("show_params", experiment_id, [layout.param_key(key) for key in self.swept_keys])
+            self.parent_run_id = self._call("start_run", experiment_id, name, tags)
+            self._call("log_batch", self.parent_run_id, params=params)
+            self._call("prepare_summary")
+        except StxError as error:
+            self._opening_error = error
+            return
+        except StoreFailure as failure:
+            self._opening_error = TrackingError(f"the sweep's parent MLflow run could not be created: "
+                                                f"{_store_failure(self.uri, failure)}; check tracking.uri (and that "
+                                                f"its server runs).")
+            return
         print(f"stx: sweep parent MLflow run {self.parent_run_id} ({self.uri})", flush=True)
 
+    def _parent_opened(self) -> bool:
+        """Wait for the parent run (:meth:`_open_parent`); whether there is one (False outside a
+        sweep, and when it could not be created: that error is said once)."""
+        with self._lock:
+            if self._opening is not None:
+                self._opening.join()
+                self._opening = None
+                if self._opening_error is not None:
+                    print(f"stx: error: {self._opening_error}", file=sys.stderr, flush=True)
+        return self.parent_run_id is not None
+
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if self.parent_run_id:  # a sweep's job (Hydra calls this for a single run too)
-            task = " ".join(config.hydra.overrides.task)
-            hydra_job.say(f"stx: job {config.hydra.job.num + 1}/{self.jobs or '?'}: {task}")
-            os.environ[layout.PARENT_RUN_ENV] = self.parent_run_id
-            os.environ[layout.SWEPT_KEYS_ENV] = ",".join(self.swept_keys)
+        if not self._parent_opened():
+            if self._opening_error is not None:
+                sys.exit(2)  # no job runs without the sweep's parent run
+            return  # a single run (Hydra calls this for one too)
+        task = " ".join(config.hydra.overrides.task)
+        hydra_job.say(f"stx: job {config.hydra.job.num + 1}/{self.jobs or '?'}: {task}")
+        os.environ[layout.PARENT_RUN_ENV] = self.parent_run_id
+        os.environ[layout.SWEPT_KEYS_ENV] = ",".join(self.swept_keys)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if not self.parent_run_id:
@@ -153,12 +198,9 @@ class MlflowSweepCallback(Callback):
         elif not _finite(job_return._return_value):
             reason = f"returned {job_return._return_value!r}"
         if reason:
-            from mlflow.exceptions import MlflowException
-            from mlflow.tracking import MlflowClient
-
             try:
-                MlflowClient(self.uri).set_tag(self.parent_run_id, f"{layout.TAG_FAILED_JOB}{config.hydra.job.num}", reason[:5000])
-            except (MlflowException, OSError) as exc:
+                self._call("set_tag", self.parent_run_id, f"{layout.TAG_FAILED_JOB}{config.hydra.job.num}", reason[:5000])
+            except (StoreFailure, StxError) as exc:
                 print(f"stx: warning: job {config.hydra.job.num}'s failure could not be recorded on the sweep's parent "
                       f"MLflow run {self.parent_run_id}: {_store_failure(self.uri, exc)}", file=sys.stderr, flush=True)
 
@@ -174,11 +216,9 @@ class MlflowSweepCallback(Callback):
     def finish(self, completed: bool = False) -> str | None:
         """:meth:`close`, or None with one error on stderr when the store fails (Hydra would only
         warn about an exception in a callback, and the sweep would exit 0)."""
-        from mlflow.exceptions import MlflowException
-
         try:
             return self.close(completed)
-        except (MlflowException, OSError) as exc:
+        except (StoreFailure, StxError) as exc:
             print(f"stx: error: the sweep's parent MLflow run {self.parent_run_id} could not be closed: "
                   f"{_store_failure(self.uri, exc)}. It stays RUNNING until the next stx job on this store finds "
                   f"this process (pid {os.getpid()}) gone and closes it as FAILED.", file=sys.stderr, flush=True)
@@ -188,35 +228,25 @@ class MlflowSweepCallback(Callback):
         """End the parent and return its status: FINISHED only if the sweep completed and every
         child finished; KILLED if the sweep itself was interrupted (Ctrl-C or SIGTERM here);
         FAILED otherwise, e.g. when a child was stopped on its own (``scancel``) or failed."""
-        from mlflow.entities import RunStatus
-        from mlflow.tracking import MlflowClient
-
-        if self._closed or not self.parent_run_id:
+        if self._closed or not self._parent_opened():
             return None
         self._closed = True
-        client = MlflowClient(self.uri)
-        self._log_sweep_files(client)
-        parent = client.get_run(self.parent_run_id)
-        children = client.search_runs(
-            [parent.info.experiment_id], filter_string=f"tags.{layout.TAG_PARENT} = '{self.parent_run_id}'", max_results=50000
-        )
-        if interrupts.received is not None:
-            children = self._stop_jobs(client, parent.info.experiment_id, children)
-        failed = any(key.startswith(layout.TAG_FAILED_JOB) for key in parent.data.tags)
-        statuses = {child.info.status for child in children}
-        if interrupts.received is not None:
-            status = RunStatus.KILLED
-        elif completed and not failed and statuses <= {"FINISHED"}:
-            status = RunStatus.FINISHED
+        self._log_sweep_files()
+        interrupted = interrupts.received is not None
+        failed, statuses = self._call("sweep_children", self.parent_run_id, interrupted)
+        if interrupted:
+            status = "KILLED"
+        elif completed and not failed and set(statuses) <= {"FINISHED"}:
+            status = "FINISHED"
         else:
-            status = RunStatus.FAILED
-        client.set_tag(self.parent_run_id, layout.TAG_SWEEP_JOBS, str(len(children)))
-        if children:
+            status = "FAILED"
+        self._call("set_tag", self.parent_run_id, layout.TAG_SWEEP_JOBS, str(len(statuses)))
+        if statuses:
             self.summarize()
-        client.set_terminated(self.parent_run_id, RunStatus.to_string(status))
-        return RunStatus.to_string(status)
+        self._call("end_run", self.parent_run_id, status)
+        return status
 
-    def _log_sweep_files(self, client: MlflowClient) -> None:
+    def _log_sweep_files(self) -> None:
         """Log the sweep's ``multirun.yaml`` (written here when the sweeper, e.g. Optuna's, wrote
         none) and the search's ``optimization_results.yaml`` (best params and value) if there is one."""
         sweep_dir = Path(self.sweep_dir)
@@ -226,34 +256,18 @@ class MlflowSweepCallback(Callback):
             OmegaConf.save(self.sweep_config, multirun_yaml)
         for name in ("multirun.yaml", "optimization_results.yaml"):
             if (sweep_dir / name).is_file():
-                client.log_artifact(self.parent_run_id, str(sweep_dir / name))
-
-    def _stop_jobs(self, client: MlflowClient, experiment_id: str, children: list) -> list:
-        """The sweep was interrupted: its stop signal went on to the jobs' worker processes,
-        which had time to write their latest image and close their runs KILLED (see
-        :func:`stx.runs.interrupts.forward`); close any of ``children`` (just searched) still RUNNING
-        as KILLED. Returns the children as they are then."""
-        for child in children:
-            if child.info.status == "RUNNING":
-                client.set_tag(child.info.run_id, layout.TAG_ERROR,
-                               "interrupted: the sweep was stopped and this job's process did not close its run")
-                client.set_terminated(child.info.run_id, "KILLED")
-        search = f"tags.{layout.TAG_PARENT} = '{self.parent_run_id}'"
-        return client.search_runs([experiment_id], filter_string=search, max_results=50000)
+                self._call("log_artifact", self.parent_run_id, str(sweep_dir / name))
 
     def report(self, status: str) -> None:
         """The sweep's result in a few lines: its status, the best run (or the Pareto set), where
         its table, contact sheet and scatter plot are, and how to see its runs in MLflow's UI."""
-        from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
-
         try:
-            parent = MlflowClient(self.uri).get_run(self.parent_run_id)
-        except (MlflowException, OSError):
+            tags, metrics = self._call("tags_and_metrics", self.parent_run_id)
+        except (StoreFailure, StxError):
             return
-        tags, lines = parent.data.tags, [f"stx: sweep {status}: MLflow run {self.parent_run_id} ({self.uri})"]
+        lines = [f"stx: sweep {status}: MLflow run {self.parent_run_id} ({self.uri})"]
         if layout.TAG_BEST_RUN in tags:
-            objective = parent.data.metrics.get(layout.OBJECTIVE_METRIC)
+            objective = metrics.get(layout.OBJECTIVE_METRIC)
             shown = f" (objective {objective:.4g})" if objective is not None else ""
             lines.append(f"stx: best run {tags[layout.TAG_BEST_RUN]}{shown}")
         elif layout.TAG_PARETO_RUNS in tags:  # objective=pareto: no single best
@@ -268,10 +282,8 @@ class MlflowSweepCallback(Callback):
     def summarize(self) -> None:
         """The sweep's table, contact sheet and scatter plot on the parent, with its best child
         (``stx compare`` of the parent); a failure here is reported, never fails the sweep."""
-        from stx.runs.compare import compare
-
         try:
-            compare(self.parent_run_id, self.uri, Path(self.sweep_dir) / "compare")
+            self._call("summarize_sweep", self.parent_run_id, str(Path(self.sweep_dir) / "compare"))
         except Exception as exc:  # noqa: BLE001 - the sweep's own status must still be recorded
             print(f"stx: warning: the sweep summary could not be made ({type(exc).__name__}: {exc})", file=sys.stderr)
 

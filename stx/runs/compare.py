@@ -20,11 +20,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from PIL import Image, ImageDraw, ImageFont
 
-from stx.engine.image import open_image
 from stx.errors import StxError, first_line
 from stx.runs import layout
 from stx.runs.liveness import dead_reason
-from stx.runs.monitor import EVAL_PREFIX
 from stx.runs.schema import runs_dir
 from stx.runs.store import existing_store
 
@@ -106,8 +104,8 @@ def load_output(client: MlflowClient, run: Run, folder: Path) -> Image.Image | N
     for name in wanted:
         if name in names:
             path = client.download_artifacts(run.info.run_id, name, str(folder / run.info.run_id))
-            try:
-                with open_image(path) as image:
+            try:  # a run's own output: Pillow's checks suffice (stx's input checks would load torch)
+                with Image.open(path) as image:
                     return image.convert("RGB")
             except Exception as exc:  # noqa: BLE001 - Pillow's decoders raise many types on bad bytes
                 print(f"stx: warning: run {run.info.run_id}'s output {name} cannot be read "
@@ -143,12 +141,19 @@ def best_first(rows: list[Row]) -> list[Row]:
     return sorted(rows, key=key)
 
 
-def scatter_plot(rows: list[Row], path: Path) -> Path | None:
-    """Style distance against content distance, one thumbnail per run, the front joined; None
-    when no run has both."""
+def load_plotting() -> None:
+    """Load matplotlib (0.3 s) for :func:`scatter_plot`, drawing off-screen."""
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.offsetbox  # noqa: F401
+    import matplotlib.pyplot  # noqa: F401
+
+
+def scatter_plot(rows: list[Row], path: Path) -> Path | None:
+    """Style distance against content distance, one thumbnail per run, the front joined; None
+    when no run has both."""
+    load_plotting()
     from matplotlib import pyplot
     from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 
@@ -285,7 +290,7 @@ def compare(target: str, uri: str, out_dir: Path) -> tuple[Path, str]:
             now = int(time.time() * 1000)
             client.log_batch(parent.info.run_id, metrics=[
                 Metric(key, value, now, 0) for key, value in best.data.metrics.items()
-                if key == layout.OBJECTIVE_METRIC or key.startswith(EVAL_PREFIX)])
+                if key == layout.OBJECTIVE_METRIC or key.startswith(layout.EVAL_PREFIX)])
         if front:
             client.set_tag(parent.info.run_id, layout.TAG_PARETO_RUNS, ",".join(sorted(front)))
     return written[1], text

@@ -109,15 +109,20 @@ WORKERS_WAIT_S = 60.0
 its launcher, e.g. joblib, kills them)."""
 
 
+helpers: set[int] = set()
+"""Processes this one started that are not workers: they ignore stop signals and end with it (the
+store's helper process, :mod:`stx.runs.store_process`, which closes the runs)."""
+
+
 def forward(signum: int) -> list[psutil.Process]:
     """Send ``signum`` to this process's worker processes (a sweep's joblib workers, which a
     ``kill`` of the sweep alone does not reach), so that each writes its latest image and closes
-    its run; returns them. Resource trackers, which ignore it and live as long as this process,
-    are left out."""
+    its run; returns them. Resource trackers and :data:`helpers`, which ignore it and live as long
+    as this process, are left out."""
     workers = []
     for process in psutil.Process().children(recursive=True):
         try:
-            if "resource_tracker" in " ".join(process.cmdline()):
+            if process.pid in helpers or "resource_tracker" in " ".join(process.cmdline()):
                 continue
             process.send_signal(signum)
             workers.append(process)

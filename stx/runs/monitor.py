@@ -18,8 +18,6 @@ from stx.engine.optim import Checkpoint, OptimizationCallback, StepInfo
 from stx.runs import hydra_job, joblog, layout
 from stx.runs.tracking import RunTracker
 
-EVAL_PREFIX = "eval/"
-PERF_PREFIX = "perf/"
 
 
 def step_bar(total: int, desc: str, initial: int = 0) -> tqdm:
@@ -115,7 +113,7 @@ class JobMonitor(OptimizationCallback):
         started = time.perf_counter()
         scores = dict(self.evaluate(image))
         self.judging_s += time.perf_counter() - started
-        self.tracker.log_metrics({EVAL_PREFIX + name: value for name, value in scores.items()}, step)
+        self.tracker.log_metrics({layout.EVAL_PREFIX + name: value for name, value in scores.items()}, step)
         return scores
 
     def performance(self, device: torch.device) -> dict[str, float]:
@@ -128,4 +126,4 @@ class JobMonitor(OptimizationCallback):
             perf.update(seconds_per_step=seconds / self.steps_run, pixels_per_second=self.pixels / seconds)
         if self.first_step_at is not None:
             perf["startup_seconds"] = self.first_step_at - self.started_at
-        return {PERF_PREFIX + name: value for name, value in perf.items()}
+        return {layout.PERF_PREFIX + name: value for name, value in perf.items()}

@@ -1,10 +1,11 @@
 """The MLflow tracking store, as stx talks to it: opening a store, an experiment and its view, and
 :class:`JobStore`, the calls one job makes for its run with plain values in and out.
 
-This is the one module of a job's path that imports MLflow (1–2 s of a job's start-up). A single
-job runs it in a helper process (``python -m stx.runs.store_process``, :mod:`stx.runs.store_process`),
-started before the job imports torch, so that MLflow loads while the job is built; a sweep, which
-has MLflow loaded for its parent run, calls it in its own process.
+This is the one module of a job's or a sweep's path that imports MLflow (1–2 s of a start-up).
+``stx`` runs it in a helper process (``python -m stx.runs.store_process``, :mod:`stx.runs.store_process`),
+started before it imports torch, so that MLflow loads while the job is built; a sweep's jobs and its
+parent run (:class:`~stx.runs.callbacks.MlflowSweepCallback`) call it there too, so their calls to
+the store run beside the jobs' work instead of taking turns with it for the interpreter.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pickle
 import signal
 import sqlite3
 import sys
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -26,7 +28,7 @@ from mlflow.entities import Metric, Param, Run, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.tracking.context.registry import resolve_tags
-from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE, MLFLOW_SOURCE_NAME
 
 from stx.errors import StoreFailure, TrackingError, first_line
 from stx.runs import layout
@@ -170,6 +172,7 @@ class JobStore:
     :class:`~stx.errors.StoreFailure`. Opening it opens the store (:func:`opened`)."""
 
     def __init__(self, uri: str) -> None:
+        self.uri = uri
         self.client = opened(uri)
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
@@ -190,8 +193,10 @@ class JobStore:
         return close_dead_runs(self.client, experiment_id)
 
     def start_run(self, experiment_id: str, name: str | None, tags: Mapping[str, str]) -> str:
-        """A new RUNNING run with ``tags`` and MLflow's own (source, user); its id."""
-        return self.client.create_run(experiment_id, run_name=name or None, tags=resolve_tags(dict(tags))).info.run_id
+        """A new RUNNING run with ``tags`` and MLflow's own (user, source: ``stx``, not this process's
+        script); its id."""
+        tags = resolve_tags({MLFLOW_SOURCE_NAME: "stx", **tags})
+        return self.client.create_run(experiment_id, run_name=name or None, tags=tags).info.run_id
 
     def reopen_run(self, run_id: str, tags: Mapping[str, str]) -> dict[str, int]:
         """Set run ``run_id`` RUNNING again (refused while a live process runs it; its
@@ -235,6 +240,48 @@ class JobStore:
     def end_run(self, run_id: str, status: str) -> None:
         """Close the run as ``status`` (FINISHED, FAILED or KILLED)."""
         self.client.set_terminated(run_id, status)
+
+    # A sweep's parent run (stx.runs.callbacks.MlflowSweepCallback) makes these calls too.
+
+    def show_params(self, experiment_id: str, params: Sequence[str]) -> None:
+        """:func:`show_params`: the swept keys as columns of the experiment's stx view."""
+        show_params(self.client, experiment_id, params)
+
+    def sweep_children(self, parent_run_id: str, stop_running: bool) -> tuple[bool, list[str]]:
+        """Whether a job's failure was recorded on the sweep's parent run (``stx.failed_job.*``), and
+        the statuses of its child runs. ``stop_running``: the sweep was interrupted, and its jobs had
+        time to close their runs KILLED (:func:`stx.runs.interrupts.forward`); children still RUNNING
+        are closed KILLED here first, with ``stx.error`` saying so."""
+        parent = self.client.get_run(parent_run_id)
+        search = f"tags.{layout.TAG_PARENT} = '{parent_run_id}'"
+        children = self.client.search_runs([parent.info.experiment_id], filter_string=search, max_results=50000)
+        if stop_running:
+            for child in children:
+                if child.info.status == "RUNNING":
+                    self.client.set_tag(child.info.run_id, layout.TAG_ERROR,
+                                        "interrupted: the sweep was stopped and this job's process did not close its run")
+                    self.client.set_terminated(child.info.run_id, "KILLED")
+            children = self.client.search_runs([parent.info.experiment_id], filter_string=search, max_results=50000)
+        failed = any(key.startswith(layout.TAG_FAILED_JOB) for key in parent.data.tags)
+        return failed, [child.info.status for child in children]
+
+    def prepare_summary(self) -> None:
+        """Start loading what :meth:`summarize_sweep` needs (matplotlib, 0.3 s) in a thread, while the
+        sweep's jobs run, rather than after the last one (an import that meets it waits for it)."""
+        from stx.runs.compare import load_plotting
+
+        threading.Thread(target=load_plotting, name="stx-load-plotting", daemon=True).start()
+
+    def summarize_sweep(self, parent_run_id: str, folder: str) -> None:
+        """``stx compare`` of the sweep's parent run into ``folder``, logged to it (:func:`stx.runs.compare.compare`)."""
+        from stx.runs.compare import compare
+
+        compare(parent_run_id, self.uri, Path(folder))
+
+    def tags_and_metrics(self, run_id: str) -> tuple[dict[str, str], dict[str, float]]:
+        """The run's tags and latest metric values."""
+        run = self.client.get_run(run_id)
+        return dict(run.data.tags), dict(run.data.metrics)
 
 
 def _below_error(record: logging.LogRecord) -> bool:

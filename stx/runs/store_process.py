@@ -1,9 +1,11 @@
 """A helper process that talks to the MLflow store for this process's jobs (:func:`stx.runs.store.serve`).
 
 MLflow takes 1–2 s to import, as long as torch. ``stx`` starts the helper (:func:`prestart`) for a
-single job before it imports torch; the helper imports MLflow on another core while the job is
-built, and the job's :class:`~stx.runs.tracking.RunTracker` then sends it each call
-(:class:`RemoteStore`). The helper ends when this process does, however it ends (its stdin closes).
+job or a sweep before it imports torch; the helper imports MLflow on another core while the job is
+built, and each job's :class:`~stx.runs.tracking.RunTracker` (and a sweep's parent run) then sends it
+each call (:class:`RemoteStore`): in a batched sweep, the store's work then runs beside the jobs'
+instead of taking turns with it for the interpreter. The helper ends when this process does, however
+it ends (its stdin closes).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class StoreProcess:
     def __init__(self) -> None:
         self.process = subprocess.Popen([sys.executable, "-m", "stx.runs.store_process"], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE)
+        interrupts.helpers.add(self.process.pid)
         self.lock = threading.Lock()
         self.unanswered = 0
         """Requests sent ahead (:meth:`open_ahead`) whose answers are still to be read and dropped."""

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from omegaconf import DictConfig, OmegaConf
 
 from stx.errors import ConfigError, StoreFailure, TrackingError, first_line
-from stx.runs import layout, store_process
+from stx.runs import layout, startup, store_process
 from stx.runs.liveness import heartbeat, process_tags
 
 if TYPE_CHECKING:  # torch loads with the job, not with a sweep's parent (whose jobs may run elsewhere)
@@ -145,12 +145,14 @@ def open_ahead(tracking: DictConfig) -> None:
 
 
 def store_for(uri: str) -> Store:
-    """The store at ``uri``, called through the helper process when one was started and MLflow is
-    not loaded here (a single job; :mod:`stx.runs.store_process`), else in this process."""
+    """The store at ``uri``, called through the helper process when ``stx`` started one and MLflow is
+    not loaded here (:mod:`stx.runs.store_process`), else in this process (a launcher's worker process,
+    a resumed run, stx used as a library)."""
     helper = store_process.started()
     if helper is not None and "mlflow" not in sys.modules:
         return store_process.RemoteStore(helper, uri)
-    from stx.runs.store import JobStore
+    with startup.heavy_imports():
+        from stx.runs.store import JobStore
 
     return JobStore(uri)
 
