@@ -381,6 +381,7 @@ MAIN_PID_ENV = "STX_MAIN_PID"
 def main() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ[MAIN_PID_ENV] = str(os.getpid())
+    startup.command_process()
     interrupts.stop_on_signals()
     first, second = (sys.argv[1:3] + ["", ""])[:2]
     try:

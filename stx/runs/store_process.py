@@ -91,6 +91,7 @@ def stop() -> None:
 
 
 if __name__ == "__main__":  # the helper itself: MLflow loads, then it serves until stdin closes
+    startup.command_process()
     with startup.heavy_imports():
         from stx.runs.store import serve
     serve()
