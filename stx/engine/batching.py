@@ -6,8 +6,9 @@ own objective (loss terms, weights, targets), parameter, optimiser and history. 
 plain :class:`~stx.engine.losses.PerceptualObjective` reading encoder layers goes through
 :meth:`Batch.member`'s evaluator instead of running alone: the runs evaluating the same encoder at the same image shape,
 precision and device (a *group*) wait for each other; the last to arrive stacks their images into
-one ``B×3×H×W`` batch, runs the encoder once, hands each run its own sample of every layer
-(:meth:`~stx.engine.losses.PerceptualObjective.score`), and back-propagates the runs' totals at
+one ``B×3×H×W`` batch, runs the encoder once, scores the runs (together when their objectives
+have the same terms, :class:`ScoredTogether`; else each from its own sample of every layer,
+:meth:`~stx.engine.losses.PerceptualObjective.score`), and back-propagates the runs' totals at
 once, which leaves each run's gradient in its own parameter. Samples never mix (the encoders have
 no batch statistics in eval mode), so a run follows the trajectory it follows alone, up to float
 rounding, and a NaN in one run stays in that run. A run that finishes, fails or moves to another
@@ -28,13 +29,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
-from stx.engine.losses import PerceptualObjective
+from stx.engine.losses import EncodingLoss, PerceptualObjective
 
 Evaluation = tuple[torch.Tensor, dict[str, torch.Tensor]]
 """``(total, {term: value})`` detached, as :class:`~stx.engine.losses.PerceptualObjective` returns them."""
@@ -53,10 +54,88 @@ class _Request:
     done: bool = False
 
 
+class ScoredTogether:
+    """The objectives of several runs with the same terms (names, classes and layers, each scored per
+    sample: :meth:`~stx.engine.losses.EncodingLoss.scored_per_sample`), scored at once from their
+    features in one batch: each term's layer values for every run by one set of operations, instead
+    of one set per run (the Python and kernel launches a run's scoring costs, some 40 operations).
+    Their targets are concatenated once and each run's cached targets become views of them (no
+    second copy); their weights are vectors. Each run gets the total and values its objective's
+    :meth:`~stx.engine.losses.PerceptualObjective.score` gives it alone, up to float rounding."""
+
+    def __init__(self, objectives: Sequence[PerceptualObjective]) -> None:
+        self.objectives = list(objectives)
+        first = objectives[0]
+        self.targets: dict[str, dict[str, torch.Tensor]] = {}
+        self.score_weights: dict[str, torch.Tensor] = {}
+        self.layer_weights: dict[str, dict[str, torch.Tensor]] = {}
+        for name, loss in first.losses.items():
+            terms = [objective.losses[name] for objective in objectives]
+            device = loss.targets[next(iter(loss.layer_weights))].device
+            self.score_weights[name] = torch.tensor([term.score_weight for term in terms], device=device)
+            self.layer_weights[name], self.targets[name] = {}, {}
+            for layer in loss.layer_weights:
+                self.layer_weights[name][layer] = torch.tensor([term.layer_weights[layer] for term in terms], device=device)
+                stacked = torch.cat([term.targets[layer] for term in terms])
+                for index, term in enumerate(terms):
+                    term.targets[layer] = stacked[index:index + 1]
+                self.targets[name][layer] = stacked
+        self.key = identity(objectives)
+
+    @staticmethod
+    def applies(objectives: Sequence[PerceptualObjective]) -> bool:
+        """Whether the objectives have the same terms, all scored per sample, with targets of the same shapes."""
+        def structure(objective: PerceptualObjective) -> list[tuple]:
+            return [(name, type(loss), tuple(loss.layer_weights), isinstance(loss, EncodingLoss)
+                     and loss.scored_per_sample() and bool(loss.targets)
+                     and all(isinstance(target, torch.Tensor) for target in loss.targets.values()),
+                     [tuple(target.shape) for target in getattr(loss, "targets", {}).values()])
+                    for name, loss in objective.losses.items()]
+
+        first = structure(objectives[0])
+        return all(shared for *_, shared, _ in first) and all(structure(o) == first for o in objectives[1:])
+
+    def __call__(self, features: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(totals, values)`` of the runs from their ``features`` (``{layer: B×C×H×W}``, run ``b`` at
+        index ``b``): ``B`` totals, and each value of :meth:`~stx.engine.losses.PerceptualObjective.score`
+        as ``B`` values."""
+        values: dict[str, torch.Tensor] = {}
+        totals = self.score_weights[next(iter(self.score_weights))].new_zeros(len(self.objectives))
+        for name, loss in self.objectives[0].losses.items():
+            per_layer = {layer: loss.sample_values(features[layer], self.targets[name][layer])
+                         for layer in loss.layer_weights}
+            weighted = self.score_weights[name] * sum(self.layer_weights[name][layer] * value
+                                                      for layer, value in per_layer.items())
+            totals = totals + weighted
+            values.update({f"{name}/{layer}": value for layer, value in per_layer.items()})
+            values[name] = weighted
+        return totals, values
+
+
+def identity(objectives: Sequence[PerceptualObjective]) -> tuple[int, ...]:
+    """The objectives and their current targets, by identity: a :class:`ScoredTogether` made for
+    them holds while it is unchanged (a run that moves to another level sets new targets)."""
+    return tuple(id(item) for objective in objectives for item in
+                 (objective, *(target for loss in objective.losses.values()
+                               for target in getattr(loss, "targets", {}).values())))
+
+
 @dataclass(eq=False)
 class _Group:
     members: int = 0
     waiting: list[_Request] = field(default_factory=list)
+    scored: ScoredTogether | None = None
+    """The last runs' objectives scored together (None: none yet, or they could not be)."""
+
+    def scored_together(self, requests: list[_Request]) -> ScoredTogether | None:
+        """The :class:`ScoredTogether` of the requests' objectives, made again when they changed;
+        None when they cannot be scored together (each is then scored alone)."""
+        objectives = [request.objective for request in requests]
+        if len(objectives) < 2:
+            return None
+        if self.scored is None or self.scored.key != identity(objectives):
+            self.scored = ScoredTogether(objectives) if ScoredTogether.applies(objectives) else None
+        return self.scored
 
 
 class Batch:
@@ -148,7 +227,7 @@ class Batch:
                 if not group.members:
                     self._groups.pop(key, None)
             if ready:
-                self._run(ready)
+                self._run(group, ready)
 
     def _raise_if_stopped(self) -> None:
         if self._stop is not None:
@@ -190,20 +269,21 @@ class Batch:
             finally:
                 self._turn.acquire()
         if ready:
-            self._run(ready)
+            self._run(group, ready)
         if request.error is not None:
             raise request.error
         assert request.result is not None
         return request.result
 
-    def _run(self, requests: list[_Request]) -> None:
+    def _run(self, group: _Group, requests: list[_Request]) -> None:
         """One encoder pass for ``requests`` and one backward pass of their totals; each request
         gets its result or its error, then every waiting run is woken."""
         try:
+            scored = group.scored_together(requests)
             if self._cpu_thread is not None and requests[0].image.device.type == "cpu":
-                self._cpu_thread.submit(evaluate_together, requests).result()
+                self._cpu_thread.submit(evaluate_together, requests, scored).result()
             else:
-                evaluate_together(requests)
+                evaluate_together(requests, scored)
         except BaseException as exc:  # the encoder's pass failed (e.g. out of memory): every run gets it
             for request in requests:
                 if request.result is None and request.error is None:
@@ -216,23 +296,30 @@ class Batch:
                 self._changed.notify_all()
 
 
-def evaluate_together(requests: list[_Request]) -> None:
-    """Evaluate every request's objective at its image with one pass of their (shared) encoder;
+def evaluate_together(requests: list[_Request], scored: ScoredTogether | None = None) -> None:
+    """Evaluate every request's objective at its image with one pass of their (shared) encoder,
+    scored together when ``scored`` (made for these requests' objectives) is given, else one by one;
     back-propagate; store each result, or the error of a run whose loss terms failed."""
     encoder = requests[0].objective.encoder
     layers = frozenset().union(*(request.objective.layers for request in requests))
     totals: list[torch.Tensor] = []
     with torch.enable_grad(), requests[0].autocast():
         features = encoder(torch.cat([request.image for request in requests]), layers)
-        samples = zip(*(value.split(1) for value in features.values()))
-        for request, sample in zip(requests, samples):
-            try:
-                total, values = request.objective.score(dict(zip(features, sample)), request.image)
-            except Exception as exc:
-                request.error = exc
-                continue
-            request.result = total.detach(), {name: value.detach() for name, value in values.items()}
-            totals.append(total)
+        if scored is not None:
+            together, values = scored(features)
+            columns = {name: value.detach().unbind() for name, value in values.items()}
+            for index, (request, total) in enumerate(zip(requests, together.detach().unbind())):
+                request.result = total, {name: column[index] for name, column in columns.items()}
+            totals.append(together.sum())
+        else:
+            for request, sample in zip(requests, zip(*(value.split(1) for value in features.values()))):
+                try:
+                    total, values = request.objective.score(dict(zip(features, sample)), request.image)
+                except Exception as exc:
+                    request.error = exc
+                    continue
+                request.result = total.detach(), {name: value.detach() for name, value in values.items()}
+                totals.append(total)
     if totals:
         torch.autograd.backward(totals)
 

@@ -62,7 +62,8 @@ def gram_matrix(features: torch.Tensor) -> torch.Tensor:
 
 
 class _GramMSE(torch.autograd.Function):
-    """``mean((gram_matrix(F) - G_t)²)`` with a hand-written backward.
+    """``mean((gram_matrix(F) - G_t)²)`` with a hand-written backward: over every entry, or with
+    ``per_sample`` over each sample's ``C×C`` entries (``B`` values).
 
     Autograd would spend two batched matmuls on the Gram's backward; since
     ``∂L/∂F = (∂L/∂G + ∂L/∂Gᵀ) F / (H·W)`` one suffices, and no Gram graph is kept.
@@ -70,27 +71,29 @@ class _GramMSE(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
-    def forward(ctx, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, features: torch.Tensor, target: torch.Tensor, per_sample: bool) -> torch.Tensor:
         flat = features.flatten(2)
         diff = torch.baddbmm(target, flat, flat.transpose(1, 2), beta=-1.0, alpha=1.0 / flat.shape[-1])
         ctx.save_for_backward(flat, diff)
-        ctx.shape = features.shape
-        return diff.square().mean()
+        ctx.shape, ctx.per_sample = features.shape, per_sample
+        return diff.square().flatten(1).mean(1) if per_sample else diff.square().mean()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         flat, diff = ctx.saved_tensors
-        scale = grad * 2.0 / (diff.numel() * flat.shape[-1])
+        entries = diff[0].numel() if ctx.per_sample else diff.numel()
+        scale = grad.reshape(-1, 1, 1) * 2.0 / (entries * flat.shape[-1])
         symmetric = (diff + diff.transpose(1, 2)).mul_(scale)  # scale the small C×C factor
-        return torch.bmm(symmetric, flat).view(ctx.shape), None
+        return torch.bmm(symmetric, flat).view(ctx.shape), None, None
 
 
-def gram_loss(features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``mean((G - target)²)`` with ``G = gram_matrix(features)``; ``target`` is ``B×C×C``."""
+def gram_loss(features: torch.Tensor, target: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
+    """``mean((G - target)²)`` with ``G = gram_matrix(features)``; ``target`` is ``B×C×C`` (or
+    ``1×C×C``); ``per_sample``: one mean per sample, ``B`` values."""
     if features.dtype in (torch.float16, torch.bfloat16):
         features = features.float()
-    return _GramMSE.apply(features, target.to(features.dtype))
+    return _GramMSE.apply(features, target.to(features.dtype), per_sample)
 
 
 def _float_flat(features: torch.Tensor) -> torch.Tensor:
@@ -301,6 +304,17 @@ class EncodingLoss(Loss):
         """The loss of the image's ``features`` at one layer against the cached ``target``."""
         return F.mse_loss(features, target)
 
+    def scored_per_sample(self) -> bool:
+        """Whether :meth:`sample_values` gives this loss's layer values for a batch of several runs'
+        images at once (:class:`stx.engine.batching.ScoredTogether`)."""
+        return False
+
+    def sample_values(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The layer values of ``B`` runs' images from their ``features`` at one layer (``B×C×H×W``),
+        image ``b`` against ``targets[b]`` (the runs' cached targets, concatenated): ``B`` values, each
+        what :meth:`layer_loss` gives for that image alone."""
+        raise NotImplementedError(f"{type(self).__name__} scores one image at a time")
+
     positional: ClassVar[bool] = False
     """Whether the targets are feature maps compared position by position (else statistics)."""
 
@@ -340,6 +354,12 @@ class ContentLoss(EncodingLoss):
     source = "content"
     positional = True
 
+    def scored_per_sample(self) -> bool:
+        return not self.normalize_gradients
+
+    def sample_values(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(features, targets, reduction="none").flatten(1).mean(1)
+
     def tileable(self) -> bool:
         return not self.normalize_gradients
 
@@ -363,6 +383,12 @@ class GramStyleLoss(EncodingLoss):
 
     def layer_loss(self, features: torch.Tensor, target: object) -> torch.Tensor:
         return gram_loss(features, target)
+
+    def scored_per_sample(self) -> bool:
+        return not self.normalize_gradients
+
+    def sample_values(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return gram_loss(features, targets, per_sample=True)
 
     def tileable(self) -> bool:
         return not self.normalize_gradients

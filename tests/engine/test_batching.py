@@ -72,7 +72,10 @@ def test_each_run_of_a_batch_follows_its_trajectory_alone(vgg19_random, optimize
     passes_ran_in = set()
     evaluate_together = batching.evaluate_together
     monkeypatch.setattr(batching, "evaluate_together",
-                        lambda requests: (passes_ran_in.add(threading.current_thread().name), evaluate_together(requests)))
+                        lambda *args: (passes_ran_in.add(threading.current_thread().name), evaluate_together(*args)))
+    scored_together = []
+    monkeypatch.setattr(batching.ScoredTogether, "__call__", lambda self, features, call=batching.ScoredTogether.__call__:
+                        (scored_together.append(len(self.objectives)), call(self, features))[1])
     settings = [(weight, seed, dict(optimizer=optimizer, max_rise=0)) for weight, seed in [(1e2, 0), (1e4, 1), (1e6, 2)]]
     alone = run_alone(vgg19_random, settings)
     evaluator = batching.cpu_evaluator(torch.get_num_threads()) if encoder_thread else None
@@ -81,6 +84,7 @@ def test_each_run_of_a_batch_follows_its_trajectory_alone(vgg19_random, optimize
         evaluator.shutdown()
         assert {name.split("_")[0] for name in passes_ran_in} == {"stx-encoder"}
     assert batch.evaluations == 8  # three runs of 8 steps in 8 shared passes, not 24
+    assert scored_together == [3] * 8  # and scored together in each
     for single, batched in zip(alone, together):
         assert len(batched) == 8
         assert batched == pytest.approx(single, rel=1e-4)
@@ -137,3 +141,51 @@ def test_reserve_waits_while_the_memory_is_held():
     hold("b", 60, 0)  # 60 + 60 > 100: waits for a
     first.join()
     assert order == ["a in", "a out", "b in", "b out"]
+
+
+def test_runs_with_the_same_terms_are_scored_together_as_each_alone(vgg19_random):
+    """One scoring for three runs' objectives (their weights and targets differ) gives each run the
+    total, values and gradient its own objective gives it from the same batched encoder pass."""
+    runs = [(objective(vgg19_random, weight), *images(seed)) for weight, seed in [(1e2, 0), (1e4, 1), (1e6, 2)]]
+    for run_objective, content, style in runs:
+        run_objective.set_targets(content, [style], [1.0])
+    objectives = [run_objective for run_objective, _, _ in runs]
+    points = [torch.rand(1, 3, 40, 40, generator=torch.Generator().manual_seed(10 + index), requires_grad=True)
+              for index in range(len(runs))]
+
+    def features():
+        return vgg19_random(torch.cat(points), objectives[0].layers)
+
+    shared, alone = features(), []
+    for index, (run_objective, point) in enumerate(zip(objectives, points)):
+        total, values = run_objective.score({layer: value[index:index + 1] for layer, value in shared.items()}, point)
+        (gradient,) = torch.autograd.grad(total, point, retain_graph=True)
+        alone.append((total.item(), {name: value.item() for name, value in values.items()}, gradient))
+    assert batching.ScoredTogether.applies(objectives)
+    scored = batching.ScoredTogether(objectives)
+    totals, values = scored(features())
+    gradients = torch.autograd.grad(totals.sum(), points)
+    for index, (total, single_values, gradient) in enumerate(alone):
+        assert totals[index].item() == pytest.approx(total, rel=1e-5)
+        assert {name: value[index].item() for name, value in values.items()} == pytest.approx(single_values, rel=1e-5)
+        torch.testing.assert_close(gradients[index], gradient, rtol=1e-4, atol=1e-6 * gradient.abs().max().item())
+    for index, run_objective in enumerate(objectives):  # each run's targets are now views of the stacked ones
+        assert run_objective.losses["style"].targets["relu1_1"]._base is scored.targets["style"]["relu1_1"]
+        assert run_objective.score({layer: value[index:index + 1] for layer, value in shared.items()},
+                                   points[index])[0].item() == pytest.approx(alone[index][0], rel=1e-6)
+
+
+def test_runs_whose_terms_differ_are_scored_one_by_one(vgg19_random):
+    def with_targets(loss_terms):
+        made = losses.PerceptualObjective(vgg19_random, loss_terms)
+        made.set_targets(*images(0)[:1], [images(0)[1]], [1.0])
+        return made
+
+    same = with_targets({"content": losses.ContentLoss({"relu2_1": 1.0}), "style": losses.GramStyleLoss({"relu1_1": 1.0})})
+    other_layers = with_targets({"content": losses.ContentLoss({"relu2_1": 1.0}), "style": losses.GramStyleLoss({"relu2_1": 1.0})})
+    normalized = with_targets({"content": losses.ContentLoss({"relu2_1": 1.0}),
+                               "style": losses.GramStyleLoss({"relu1_1": 1.0}, normalize_gradients=True)})
+    with_tv = with_targets({"content": losses.ContentLoss({"relu2_1": 1.0}), "tv": losses.TotalVariationLoss()})
+    assert batching.ScoredTogether.applies([same, same])
+    for different in (other_layers, normalized, with_tv):
+        assert not batching.ScoredTogether.applies([same, different])
