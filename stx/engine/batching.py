@@ -278,6 +278,7 @@ class Batch:
     def _run(self, group: _Group, requests: list[_Request]) -> None:
         """One encoder pass for ``requests`` and one backward pass of their totals; each request
         gets its result or its error, then every waiting run is woken."""
+        requests = sorted(requests, key=lambda request: id(request.objective))  # the same runs, the same order
         try:
             scored = group.scored_together(requests)
             if self._cpu_thread is not None and requests[0].image.device.type == "cpu":

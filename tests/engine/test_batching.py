@@ -73,9 +73,11 @@ def test_each_run_of_a_batch_follows_its_trajectory_alone(vgg19_random, optimize
     evaluate_together = batching.evaluate_together
     monkeypatch.setattr(batching, "evaluate_together",
                         lambda *args: (passes_ran_in.add(threading.current_thread().name), evaluate_together(*args)))
-    scored_together = []
+    scored_together, built = [], []
     monkeypatch.setattr(batching.ScoredTogether, "__call__", lambda self, features, call=batching.ScoredTogether.__call__:
                         (scored_together.append(len(self.objectives)), call(self, features))[1])
+    monkeypatch.setattr(batching.ScoredTogether, "__init__", lambda self, objectives, init=batching.ScoredTogether.__init__:
+                        (built.append(len(objectives)), init(self, objectives))[1])
     settings = [(weight, seed, dict(optimizer=optimizer, max_rise=0)) for weight, seed in [(1e2, 0), (1e4, 1), (1e6, 2)]]
     alone = run_alone(vgg19_random, settings)
     evaluator = batching.cpu_evaluator(torch.get_num_threads()) if encoder_thread else None
@@ -84,7 +86,7 @@ def test_each_run_of_a_batch_follows_its_trajectory_alone(vgg19_random, optimize
         evaluator.shutdown()
         assert {name.split("_")[0] for name in passes_ran_in} == {"stx-encoder"}
     assert batch.evaluations == 8  # three runs of 8 steps in 8 shared passes, not 24
-    assert scored_together == [3] * 8  # and scored together in each
+    assert scored_together == [3] * 8 and built == [3]  # scored together in each, their targets stacked once
     for single, batched in zip(alone, together):
         assert len(batched) == 8
         assert batched == pytest.approx(single, rel=1e-4)
