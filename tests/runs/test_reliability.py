@@ -121,7 +121,7 @@ def test_interrupted_run_keeps_its_work_and_resumes_to_the_uninterrupted_result(
 
 def test_terminated_sweep_closes_its_parent(tmp_path, fresh_store):
     fresh_store(tmp_path)
-    process = start_stx(tmp_path, "-m", *STEPS, "seed=0,1")
+    process = start_stx(tmp_path, "-m", *LONG, "seed=0,1")  # jobs that cannot end before the signal
     output = wait_for_run_line(process)
     child = wait_for(lambda: running_run(tmp_path))
     process.send_signal(signal.SIGTERM)
