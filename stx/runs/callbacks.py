@@ -175,8 +175,8 @@ class MlflowSweepCallback(Callback):
             if self._opening is not None:
                 self._opening.join()
                 self._opening = None
-                if self._opening_error is not None:
-                    print(f"stx: error: {self._opening_error}", file=sys.stderr, flush=True)
+                if self._opening_error is not None:  # above the sweep's progress bar, when it is drawn
+                    hydra_job.say(f"stx: error: {self._opening_error}", error=True)
         return self.parent_run_id is not None
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
