@@ -80,7 +80,6 @@ class ScoredTogether:
                 for index, term in enumerate(terms):
                     term.targets[layer] = stacked[index:index + 1]
                 self.targets[name][layer] = stacked
-        self.key = identity(objectives)
 
     @staticmethod
     def applies(objectives: Sequence[PerceptualObjective]) -> bool:
@@ -126,15 +125,18 @@ class _Group:
     waiting: list[_Request] = field(default_factory=list)
     scored: ScoredTogether | None = None
     """The last runs' objectives scored together (None: none yet, or they could not be)."""
+    scored_for: tuple[int, ...] = ()
+    """:func:`identity` of the objectives :attr:`scored` was decided for."""
 
     def scored_together(self, requests: list[_Request]) -> ScoredTogether | None:
-        """The :class:`ScoredTogether` of the requests' objectives, made again when they changed;
-        None when they cannot be scored together (each is then scored alone)."""
+        """The :class:`ScoredTogether` of the requests' objectives, decided again only when they
+        changed; None when they cannot be scored together (each is then scored alone)."""
         objectives = [request.objective for request in requests]
         if len(objectives) < 2:
             return None
-        if self.scored is None or self.scored.key != identity(objectives):
+        if identity(objectives) != self.scored_for:
             self.scored = ScoredTogether(objectives) if ScoredTogether.applies(objectives) else None
+            self.scored_for = identity(objectives)  # after the targets became views of the stacked ones
         return self.scored
 
 

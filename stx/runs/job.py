@@ -317,8 +317,7 @@ def shared_encoder(node: DictConfig, layers: frozenset[str], device: torch.devic
     of this process with the same settings and weights file, else a new one. Encoders are frozen and hold
     no state between passes, so jobs share one (a sweep builds and loads it once, and a batched sweep's
     jobs can share its passes: :mod:`stx.engine.batching`)."""
-    weights = Path(str(node.get("weights")))
-    key = (repr(encoder_identity(node)), tuple(sorted(layers)), str(device), file_stamp(weights))
+    key = (repr(encoder_identity(node)), tuple(sorted(layers)), str(device), file_stamp(Path(str(node.get("weights")))))
     if key not in _encoders:
         encoder = build(node, "encoder", "encoder")(layers=layers)
         if not isinstance(encoder, encoders.MultiLayerEncoder):
