@@ -166,17 +166,19 @@ class MlflowSweepCallback(Callback):
                                                 f"{_store_failure(self.uri, failure)}; check tracking.uri (and that "
                                                 f"its server runs).")
             return
-        print(f"stx: sweep parent MLflow run {self.parent_run_id} ({self.uri})", flush=True)
 
     def _parent_opened(self) -> bool:
-        """Wait for the parent run (:meth:`_open_parent`); whether there is one (False outside a
-        sweep, and when it could not be created: that error is said once)."""
+        """Wait for the parent run (:meth:`_open_parent`) and say it, or the error that kept it from
+        being created, once (above the sweep's progress bar, when one is drawn); whether there is one
+        (False outside a sweep)."""
         with self._lock:
             if self._opening is not None:
                 self._opening.join()
                 self._opening = None
-                if self._opening_error is not None:  # above the sweep's progress bar, when it is drawn
+                if self._opening_error is not None:
                     hydra_job.say(f"stx: error: {self._opening_error}", error=True)
+                else:
+                    hydra_job.say(f"stx: sweep parent MLflow run {self.parent_run_id} ({self.uri})")
         return self.parent_run_id is not None
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
