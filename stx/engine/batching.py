@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from stx.engine.lbfgs import LBFGS, Bank
 from stx.engine.losses import EncodingLoss, PerceptualObjective
 
 Evaluation = tuple[torch.Tensor, dict[str, torch.Tensor]]
@@ -49,7 +50,21 @@ class _Request:
     objective: PerceptualObjective
     image: torch.Tensor
     autocast: Callable[[], contextlib.AbstractContextManager]
+    steps_together: bool = False
+    """Whether its run's optimiser steps with the group's others after it (:class:`Member`)."""
     result: Evaluation | None = None
+    error: BaseException | None = None
+    done: bool = False
+    owes: bool = False
+    """Set when it is evaluated with ``steps_together``: its run then owes the group's step meeting an arrival."""
+
+
+@dataclass(eq=False)
+class _Arrival:
+    """A run's later L-BFGS step, waiting for the others' (:meth:`Member.later_step`)."""
+    optimizer: LBFGS
+    grad: torch.Tensor
+    loss: torch.Tensor
     error: BaseException | None = None
     done: bool = False
 
@@ -127,6 +142,11 @@ class _Group:
     """The last runs' objectives scored together (None: none yet, or they could not be)."""
     scored_for: tuple[int, ...] = ()
     """:func:`identity` of the objectives :attr:`scored` was decided for."""
+    banks: dict[tuple, Bank] = field(default_factory=dict)
+    """The L-BFGS states of its runs, by history size and dtype."""
+    owed: int = 0
+    """Arrivals the step meeting waits for: one per run evaluated with ``steps_together`` in the last round."""
+    arrivals: list[_Arrival] = field(default_factory=list)
 
     def scored_together(self, requests: list[_Request]) -> ScoredTogether | None:
         """The :class:`ScoredTogether` of the requests' objectives, decided again only when they
@@ -206,23 +226,26 @@ class Batch:
 
     @contextlib.contextmanager
     def member(self, objective: PerceptualObjective, shape: torch.Size, device: torch.device,
-               autocast: Callable[[], contextlib.AbstractContextManager], precision: str) -> Iterator[Evaluator]:
+               autocast: Callable[[], contextlib.AbstractContextManager], precision: str) -> Iterator[Member]:
         """Join the group of ``objective``'s encoder at images of ``shape`` on ``device`` in
-        ``precision`` (``autocast()`` enters it) for as long as the block lasts; yields the evaluator."""
+        ``precision`` (``autocast()`` enters it) for as long as the block lasts; yields the run's :class:`Member`."""
         key = (id(objective.encoder), tuple(shape), str(device), precision)
         with self._changed:
             group = self._groups.setdefault(key, _Group())
             group.members += 1
             self._arrive_locked()
         self._turn.acquire()
-
-        def evaluate(image: torch.Tensor) -> Evaluation:
-            return self._evaluate(group, _Request(objective, image, autocast))
-
+        member = Member(self, group, objective, autocast)
         try:
-            yield evaluate
+            yield member
         finally:
-            self._turn.release()
+            try:
+                member.settle()
+            finally:
+                if member.claimed is not None:
+                    with self._changed:
+                        member.claimed[0].release(member.claimed[1])
+                self._turn.release()
             with self._changed:
                 group.members -= 1
                 ready = self._take_if_ready(group)
@@ -230,6 +253,74 @@ class Batch:
                     self._groups.pop(key, None)
             if ready:
                 self._run(group, ready)
+
+    def _slot(self, group: _Group, optimizer: LBFGS, g: torch.Tensor) -> tuple[Bank, int] | None:
+        """A slot of the group's bank for ``optimizer``'s history size and dtype, made for as many
+        runs as the group has members (None: every slot is taken)."""
+        key = (optimizer.defaults["history_size"], g.dtype)
+        with self._changed:
+            bank = group.banks.get(key)
+            if bank is None:
+                bank = group.banks[key] = Bank(group.members, optimizer.defaults["history_size"], g)
+            index = bank.claim(optimizer)
+        return None if index is None else (bank, index)
+
+    def _meet(self, group: _Group, arrival: _Arrival | None) -> None:
+        """Arrive at the group's step meeting, with a later step to take (``arrival``) or without
+        (None: the run took a first step, or ends, or evaluates again after its rise guard). The
+        last run to arrive takes every waiting step at once (:meth:`Bank.later_steps`); one with a
+        step returns when it is taken."""
+        with self._changed:
+            group.owed -= 1
+            if arrival is not None:
+                group.arrivals.append(arrival)
+            ready = self._take_steps_if_ready(group)
+        if arrival is not None and not ready:
+            self._turn.release()
+            try:
+                while not ready:
+                    with self._changed:
+                        if arrival.done:
+                            break
+                        if self._stop is not None and arrival in group.arrivals:
+                            group.arrivals.remove(arrival)  # not taken: its parameter stays as it was
+                        self._raise_if_stopped()
+                        self._changed.wait()
+                        ready = self._take_steps_if_ready(group)
+            finally:
+                self._turn.acquire()
+        if ready:
+            self._take_steps(ready)
+
+    @staticmethod
+    def _take_steps_if_ready(group: _Group) -> list[_Arrival]:
+        if group.arrivals and group.owed <= 0:
+            ready, group.arrivals = group.arrivals, []
+            return ready
+        return []
+
+    def _take_steps(self, arrivals: list[_Arrival]) -> None:
+        """The arrivals' later steps, bank by bank; each arrival gets done or its error, then every
+        waiting run is woken."""
+        try:
+            by_bank: dict[int, list[_Arrival]] = {}
+            for arrival in arrivals:
+                by_bank.setdefault(id(arrival.optimizer._slot[0]), []).append(arrival)
+            for same in by_bank.values():
+                bank = same[0].optimizer._slot[0]
+                steps = [(arrival.optimizer, arrival.grad, arrival.loss) for arrival in same]
+                if self._cpu_thread is not None and bank.loss.device.type == "cpu":
+                    self._cpu_thread.submit(bank.later_steps, steps).result()
+                else:
+                    bank.later_steps(steps)
+        except BaseException as exc:  # e.g. out of memory: every run gets it
+            for arrival in arrivals:
+                arrival.error = exc
+        finally:
+            with self._changed:
+                for arrival in arrivals:
+                    arrival.done = True
+                self._changed.notify_all()
 
     def _raise_if_stopped(self) -> None:
         if self._stop is not None:
@@ -296,7 +387,55 @@ class Batch:
                 self.evaluations += 1
                 for request in requests:
                     request.done = True
+                    if request.steps_together:
+                        request.owes = True
+                        group.owed += 1
                 self._changed.notify_all()
+
+
+class Member:
+    """A run's place in its group, for as long as :meth:`Batch.member`'s block lasts: calling it
+    evaluates the run's objective at an image with the group's other runs (an :data:`Evaluator`).
+    An :class:`~stx.engine.lbfgs.LBFGS` whose ``together`` it is also keeps its state in the
+    group's bank and takes its later steps with the other runs' (after each shared evaluation, the
+    runs meet once more, and the last to arrive takes every waiting step at once)."""
+
+    def __init__(self, batch: Batch, group: _Group, objective: PerceptualObjective,
+                 autocast: Callable[[], contextlib.AbstractContextManager]) -> None:
+        self._batch, self._group = batch, group
+        self._objective, self._autocast = objective, autocast
+        self.claimed: tuple[Bank, int] | None = None
+        """The bank slot holding this run's L-BFGS state, if any."""
+        self._owes = False
+
+    def __call__(self, image: torch.Tensor) -> Evaluation:
+        self.settle()  # evaluating again without a step since the last evaluation (the rise guard)
+        request = _Request(self._objective, image, self._autocast, steps_together=self.claimed is not None)
+        try:
+            return self._batch._evaluate(self._group, request)
+        finally:
+            self._owes = request.owes
+
+    def settle(self) -> None:
+        """Arrive at the step meeting without a step, if this run owes it an arrival."""
+        if self._owes:
+            self._owes = False
+            self._batch._meet(self._group, None)
+
+    def slot(self, optimizer: LBFGS, g: torch.Tensor) -> tuple[Bank, int] | None:
+        if self.claimed is None:
+            self.claimed = self._batch._slot(self._group, optimizer, g)
+        return self.claimed
+
+    def later_step(self, optimizer: LBFGS, g: torch.Tensor, loss: torch.Tensor) -> None:
+        arrival = _Arrival(optimizer, g, loss)
+        if self._owes:
+            self._owes = False
+            self._batch._meet(self._group, arrival)
+        else:  # not evaluated with the others since its last step: alone
+            self._batch._take_steps([arrival])
+        if arrival.error is not None:
+            raise arrival.error
 
 
 def evaluate_together(requests: list[_Request], scored: ScoredTogether | None = None) -> None:

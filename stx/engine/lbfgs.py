@@ -40,7 +40,8 @@ a value to the host twice per pair), so a whole step can be captured in a CUDA g
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 import torch
 from torch.optim import Optimizer
@@ -90,10 +91,20 @@ class LBFGS(Optimizer):
         if len(self.param_groups) != 1:
             raise ValueError("LBFGS takes one parameter group")
         self._params: list[torch.Tensor] = self.param_groups[0]["params"]
+        self.together: StepsTogether | None = None
+        """Set by a batch of runs (:mod:`stx.engine.batching`) before the first step: the state
+        then lives in a slot of a :class:`Bank` and later steps are taken with the other runs'."""
+        self._slot: tuple[Bank, int] | None = None
 
     add_param_group = _plain(Optimizer.add_param_group)
     zero_grad = _plain(Optimizer.zero_grad)
-    state_dict = _plain(Optimizer.state_dict)
+
+    def state_dict(self) -> dict:
+        saved = _plain(Optimizer.state_dict)(self)
+        if self._slot is not None:  # views of a bank: copies, so that saving one does not save the bank
+            saved["state"] = {key: {name: value.clone() if isinstance(value, torch.Tensor) else value
+                                    for name, value in state.items()} for key, state in saved["state"].items()}
+        return saved
 
     @property
     def started(self) -> bool:
@@ -130,23 +141,18 @@ class LBFGS(Optimizer):
 
     def _state(self, g: torch.Tensor) -> dict:
         state = self.state[self._params[0]]
+        if self.together is not None and self._slot is None:
+            claimed = self.together.slot(self, g)
+            if claimed is not None:  # this run's state becomes its slot of the bank, with what it held
+                self._slot = claimed
+                bank, index = claimed
+                for name, view in bank.views(index).items():
+                    if name in state:
+                        view.copy_(state[name])
+                    state[name] = view
         if "history" not in state:
-            m = self.defaults["history_size"]
-            state.update(
-                n_iter=0,
-                history=g.new_zeros(2 * m, g.numel()),  # rows: s of each slot, then y of each slot
-                sy=g.new_zeros(m, m),  # sy[i, j] = s_i · y_j
-                yy=g.new_zeros(m, m),  # yy[i, j] = y_i · y_j
-                kept=torch.zeros(m, dtype=torch.bool, device=g.device),  # slots holding a kept pair
-                head=torch.zeros((), dtype=torch.long, device=g.device),  # the slot the next pair goes to
-                gamma=g.new_ones(()),
-                direction=torch.zeros_like(g),
-                length=g.new_zeros(()),
-                previous_grad=torch.zeros_like(g),  # at the base point: the last accepted one
-                base_loss=g.new_zeros(()),  # f at the base point
-                slope=g.new_zeros(()),  # gᵀd at the base point (< 0)
-                backtracks=torch.zeros((), dtype=torch.long, device=g.device),  # evaluations rejected so far
-            )
+            state.update(_new_state((), self.defaults["history_size"], g))
+        state.setdefault("n_iter", 0)
         return state
 
     @torch.no_grad()
@@ -167,8 +173,13 @@ class LBFGS(Optimizer):
             state["base_loss"].copy_(loss.detach())
             state["slope"].copy_(-g.dot(g))
             self._move(state["direction"], state["length"])
+        elif self._slot is not None:
+            self.together.later_step(self, g, loss)
         else:
-            self._later_step(state, g, group, loss)
+            stacked = {name: state[name].unsqueeze(0) for name in _STACKED}  # views: the steps write through
+            direction, length = later_steps(stacked, g[None], loss.detach().reshape(1), group["lr"],
+                                            group["tolerance_grad"], group["tolerance_change"])
+            self._move(direction[0], length[0])
         state["n_iter"] += 1
         return loss
 
@@ -177,71 +188,184 @@ class LBFGS(Optimizer):
         model falls by :data:`FIRST_STEP_FALL` × |loss| (Polyak's step towards 0)."""
         return self.defaults["lr"] * FIRST_STEP_FALL * loss.detach().abs().to(g.dtype) / g.dot(g)
 
-    def _later_step(self, state: dict, g: torch.Tensor, group: dict, loss: torch.Tensor) -> None:
-        """Judge the trial point just evaluated: accepted (Armijo), record its pair if its
-        curvature is positive and step along ``−H·g``; rejected, backtrack along the same
-        direction from the base point."""
-        m = group["history_size"]
-        history, sy, yy, kept, head, gamma = (state[k] for k in ("history", "sy", "yy", "kept", "head", "gamma"))
-        f = loss.detach().to(g.dtype)
-        base_loss, slope, length = state["base_loss"], state["slope"], state["length"]
-        # Armijo: the trial fell by at least ARMIJO × what the base point's slope promised.
-        sufficient = f <= base_loss + ARMIJO * length * slope
-        s = state["direction"] * length
-        y = g - state["previous_grad"]
-        vectors = torch.stack([g, y, s], dim=1)
-        old = history @ vectors  # 2m × 3: every stored row · g, y, s
-        (s_g, s_y, s_s), (y_g, y_y, _) = (torch.stack([s, y]) @ vectors).unbind(0)
-        converged = (g.abs().max() <= group["tolerance_grad"]) & sufficient
-        accept = (s_y > CURVATURE_EPS * (s_s * y_y).sqrt()) & sufficient & ~converged
-        slot = torch.arange(m, device=g.device) == head  # one-hot: where the new pair goes
-        new = slot & accept
-        rows = torch.stack([head, head + m])
-        history.index_copy_(0, rows, torch.where(accept, torch.stack([s, y]), history.index_select(0, rows)))
-        column = torch.where(slot, s_y, old[:m, 1])  # s_i · y_new
-        row = torch.where(slot, s_y, old[m:, 2])  # s_new · y_j
-        sy.copy_(torch.where(new[:, None], row[None, :], torch.where(new[None, :], column[:, None], sy)))
-        yy_new = torch.where(slot, y_y, old[m:, 1])
-        yy.copy_(torch.where(new[:, None], yy_new[None, :], torch.where(new[None, :], yy_new[:, None], yy)))
-        a = torch.where(new, s_g, old[:m, 0])  # Sᵀg
-        b = torch.where(new, y_g, old[m:, 0])  # Yᵀg
-        kept |= new
-        gamma.copy_(torch.where(accept, s_y / y_y, gamma))
-        head.copy_((head + accept) % m)
 
-        order = (head + torch.arange(m, device=g.device)) % m  # oldest slot first
-        mask = kept.index_select(0, order).double()
-        both = mask[:, None] * mask[None, :]
-        sy_kept = sy.index_select(0, order).index_select(1, order).double() * both
-        r = sy_kept.triu() + torch.diag(1.0 - mask)  # identity rows for empty slots: they contribute 0
-        gamma64 = gamma.double()
-        w = torch.linalg.solve_triangular(r, (a.index_select(0, order).double() * mask)[:, None], upper=True)[:, 0]
-        yy_kept = yy.index_select(0, order).index_select(1, order).double() * both
-        inner = sy_kept.diagonal() * w + gamma64 * (yy_kept @ w) - gamma64 * b.index_select(0, order) * mask
-        u = torch.linalg.solve_triangular(r.T, inner[:, None], upper=False)[:, 0]
-        coefficients = history.new_zeros(2 * m)  # of S's rows, then Y's, in slot order
-        coefficients.index_copy_(0, torch.cat([order, m + order]), torch.cat([u, -gamma64 * w]).to(history.dtype))
-        direction = -(gamma * g + coefficients @ history)
+_STACKED = ("history", "sy", "yy", "kept", "head", "gamma", "direction", "length", "previous_grad", "base_loss",
+            "slope", "backtracks")
+"""The state's tensors: one run's, or (a :class:`Bank`'s) ``K`` runs' with a leading dimension."""
 
-        # Rounding can leave H·g pointing uphill: forget the pairs, take a first step along −g.
-        descent = g.dot(direction) <= -group["tolerance_change"]
-        keep_history = descent | ~sufficient  # a rejected trial keeps it
-        kept.logical_and_(keep_history)
-        gamma.copy_(torch.where(keep_history, gamma, 1.0))
-        direction = torch.where(descent, direction, -g)
-        new_length = torch.where(descent, torch.full_like(length, group["lr"]), self._first_length(loss, g))
-        # Rejected: the minimiser of the quadratic through f(base), its slope and f(trial), kept
-        # within [0.1, 0.5] × the rejected length (Nocedal & Wright, §3.5).
-        above_linear = f - base_loss - slope * length  # the trial's loss above the linear model's
-        shorter = (-slope * length.square() / (2 * above_linear)).nan_to_num(0.0)
-        shorter = torch.minimum(torch.maximum(shorter, 0.1 * length), 0.5 * length)
-        self._move(torch.where(sufficient, direction, state["direction"]),
-                   torch.where(converged, 0.0, torch.where(sufficient, new_length, shorter - length)))
-        # converged: as if this evaluation had not happened; rejected: the base point stays
-        step_on = sufficient & ~converged
-        state["direction"].copy_(torch.where(step_on, direction, state["direction"]))
-        state["length"].copy_(torch.where(step_on, new_length, torch.where(converged, length, shorter)))
-        state["previous_grad"].copy_(torch.where(step_on, g, state["previous_grad"]))
-        state["slope"].copy_(torch.where(step_on, g.dot(direction), slope))
-        state["base_loss"].copy_(torch.where(step_on, f, base_loss))
-        state["backtracks"].add_((~sufficient).long())
+
+def _new_state(leading: tuple[int, ...], history_size: int, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A state before the first step for runs of ``leading`` shape (``()``: one run; ``(K,)``: a
+    bank), over parameters like the flat gradient ``g``."""
+    m, n = history_size, g.numel()
+    flags = dict(device=g.device)
+    return dict(
+        history=g.new_zeros(*leading, 2 * m, n),  # rows: s of each slot, then y of each slot
+        sy=g.new_zeros(*leading, m, m),  # sy[i, j] = s_i · y_j
+        yy=g.new_zeros(*leading, m, m),  # yy[i, j] = y_i · y_j
+        kept=torch.zeros(*leading, m, dtype=torch.bool, **flags),  # slots holding a kept pair
+        head=torch.zeros(leading, dtype=torch.long, **flags),  # the slot the next pair goes to
+        gamma=g.new_ones(leading),
+        direction=g.new_zeros(*leading, n),
+        length=g.new_zeros(leading),
+        previous_grad=g.new_zeros(*leading, n),  # at the base point: the last accepted one
+        base_loss=g.new_zeros(leading),  # f at the base point
+        slope=g.new_zeros(leading),  # gᵀd at the base point (< 0)
+        backtracks=torch.zeros(leading, dtype=torch.long, **flags),  # evaluations rejected so far
+    )
+
+
+def _rows_and_columns(matrices: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``matrices[k][order[k]][:, order[k]]`` for every ``k`` (``K×m×m``, ``order``: ``K×m``)."""
+    k, m = order.shape
+    rows = matrices.gather(1, order[:, :, None].expand(k, m, m))
+    return rows.gather(2, order[:, None, :].expand(k, m, m))
+
+
+def later_steps(state: dict[str, torch.Tensor], g: torch.Tensor, loss: torch.Tensor,
+                lr: float | torch.Tensor, tolerance_grad: float | torch.Tensor,
+                tolerance_change: float | torch.Tensor,
+                active: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A step after the first for each of ``K`` runs, in one set of batched operations: judge the
+    trial point each run just evaluated (gradient ``g``, ``K×n``; ``loss``, ``K``): accepted
+    (Armijo), record its pair if its curvature is positive and step along ``−H·g``; rejected,
+    backtrack along the same direction from the base point.
+
+    ``state`` holds the runs' stacked tensors (:data:`_STACKED`, leading dimension ``K``) and is
+    updated in place; ``lr`` and the tolerances are numbers or ``K``-vectors; runs where
+    ``active`` is false are left as they were. Returns each run's move (``direction``, ``K×n``,
+    times ``length``, ``K``), which the caller adds to its parameter.
+    """
+    history, sy, yy, kept, head, gamma = (state[k] for k in ("history", "sy", "yy", "kept", "head", "gamma"))
+    k, n = g.shape
+    m = sy.shape[-1]
+    f = loss.to(g.dtype)
+    base_loss, slope, length = state["base_loss"], state["slope"], state["length"]
+    # Armijo: the trial fell by at least ARMIJO × what the base point's slope promised.
+    sufficient = f <= base_loss + ARMIJO * length * slope
+    s = state["direction"] * length[:, None]
+    y = g - state["previous_grad"]
+    pair = torch.stack([s, y], dim=1)  # K×2×n
+    vectors = torch.stack([g, y, s], dim=2)  # K×n×3
+    old = torch.bmm(history, vectors)  # K×2m×3: every stored row · g, y, s
+    products = torch.bmm(pair, vectors)  # K×2×3: s and y · g, y, s
+    (s_g, s_y, s_s), (y_g, y_y, _) = products[:, 0].unbind(1), products[:, 1].unbind(1)
+    converged = (g.abs().amax(1) <= tolerance_grad) & sufficient
+    hold = converged if active is None else converged | ~active  # as if this evaluation had not happened
+    accept = (s_y > CURVATURE_EPS * (s_s * y_y).sqrt()) & sufficient & ~hold
+    slots = torch.arange(m, device=g.device)
+    slot = slots[None, :] == head[:, None]  # one-hot: where the new pair goes
+    new = slot & accept[:, None]
+    rows = torch.stack([head, head + m], dim=1)[:, :, None].expand(k, 2, n)
+    history.scatter_(1, rows, torch.where(accept[:, None, None], pair, history.gather(1, rows)))
+    column = torch.where(slot, s_y[:, None], old[:, :m, 1])  # s_i · y_new
+    row = torch.where(slot, s_y[:, None], old[:, m:, 2])  # s_new · y_j
+    sy.copy_(torch.where(new[:, :, None], row[:, None, :], torch.where(new[:, None, :], column[:, :, None], sy)))
+    yy_new = torch.where(slot, y_y[:, None], old[:, m:, 1])
+    yy.copy_(torch.where(new[:, :, None], yy_new[:, None, :], torch.where(new[:, None, :], yy_new[:, :, None], yy)))
+    a = torch.where(new, s_g[:, None], old[:, :m, 0])  # Sᵀg
+    b = torch.where(new, y_g[:, None], old[:, m:, 0])  # Yᵀg
+    kept.logical_or_(new)
+    gamma.copy_(torch.where(accept, s_y / y_y, gamma))
+    head.copy_((head + accept) % m)
+
+    order = (head[:, None] + slots[None, :]) % m  # oldest slot first
+    mask = kept.gather(1, order).double()
+    both = mask[:, :, None] * mask[:, None, :]
+    sy_kept = _rows_and_columns(sy, order).double() * both
+    r = sy_kept.triu() + torch.diag_embed(1.0 - mask)  # identity rows for empty slots: they contribute 0
+    gamma64 = gamma.double()[:, None]
+    w = torch.linalg.solve_triangular(r, (a.gather(1, order).double() * mask)[:, :, None], upper=True)[:, :, 0]
+    yy_kept = _rows_and_columns(yy, order).double() * both
+    inner = (sy_kept.diagonal(dim1=1, dim2=2) * w + gamma64 * torch.bmm(yy_kept, w[:, :, None])[:, :, 0]
+             - gamma64 * b.gather(1, order) * mask)
+    u = torch.linalg.solve_triangular(r.transpose(1, 2), inner[:, :, None], upper=False)[:, :, 0]
+    coefficients = history.new_zeros(k, 2 * m)  # of S's rows, then Y's, in slot order
+    coefficients.scatter_(1, torch.cat([order, m + order], dim=1), torch.cat([u, -gamma64 * w], dim=1).to(history.dtype))
+    direction = -(gamma[:, None] * g + torch.bmm(coefficients[:, None, :], history)[:, 0])
+
+    # Rounding can leave H·g pointing uphill: forget the pairs, take a first step along −g.
+    descent = (g * direction).sum(1) <= -tolerance_change
+    keep_history = descent | ~sufficient | hold  # a rejected trial keeps it
+    kept.logical_and_(keep_history[:, None])
+    gamma.copy_(torch.where(keep_history, gamma, 1.0))
+    direction = torch.where(descent[:, None], direction, -g)
+    first_length = lr * FIRST_STEP_FALL * f.abs() / (g * g).sum(1)
+    new_length = torch.where(descent, lr, first_length)
+    # Rejected: the minimiser of the quadratic through f(base), its slope and f(trial), kept
+    # within [0.1, 0.5] × the rejected length (Nocedal & Wright, §3.5).
+    above_linear = f - base_loss - slope * length  # the trial's loss above the linear model's
+    shorter = (-slope * length.square() / (2 * above_linear)).nan_to_num(0.0)
+    shorter = torch.minimum(torch.maximum(shorter, 0.1 * length), 0.5 * length)
+    move = torch.where(sufficient[:, None], direction, state["direction"])
+    move_length = torch.where(hold, 0.0, torch.where(sufficient, new_length, shorter - length))
+    # held: as if this evaluation had not happened; rejected: the base point stays
+    step_on = sufficient & ~hold
+    state["direction"].copy_(torch.where(step_on[:, None], direction, state["direction"]))
+    state["length"].copy_(torch.where(step_on, new_length, torch.where(hold, length, shorter)))
+    state["previous_grad"].copy_(torch.where(step_on[:, None], g, state["previous_grad"]))
+    state["slope"].copy_(torch.where(step_on, (g * direction).sum(1), slope))
+    state["base_loss"].copy_(torch.where(step_on, f, base_loss))
+    state["backtracks"].add_((~sufficient & ~hold).long())
+    return move, move_length
+
+
+class Bank:
+    """The stacked states of up to ``capacity`` runs' :class:`LBFGS` (one history size, parameters
+    like the flat gradient ``g``), so that their later steps are one set of batched operations
+    (:meth:`later_steps`) instead of one set per run. Each run's state holds views of its slot
+    (:meth:`views`); a run claims a slot before its first step and releases it when it ends."""
+
+    def __init__(self, capacity: int, history_size: int, g: torch.Tensor) -> None:
+        self.state = _new_state((capacity,), history_size, g)
+        self.settings = g.new_zeros(3, capacity)
+        """Each slot's ``lr``, ``tolerance_grad`` and ``tolerance_change``."""
+        self.grad = g.new_zeros(capacity, g.numel())
+        self.loss = g.new_zeros(capacity)
+        self.free = list(range(capacity))
+
+    def claim(self, optimizer: LBFGS) -> int | None:
+        """A slot for ``optimizer``'s state, as before its first step (None: the bank is full)."""
+        if not self.free:
+            return None
+        index = self.free.pop(0)
+        for view in self.views(index).values():
+            view.zero_()
+        self.state["gamma"][index] = 1.0
+        self.settings[:, index] = torch.tensor([optimizer.defaults[name] for name in
+                                                ("lr", "tolerance_grad", "tolerance_change")], dtype=self.settings.dtype)
+        return index
+
+    def release(self, index: int) -> None:
+        self.free.append(index)
+
+    def views(self, index: int) -> dict[str, torch.Tensor]:
+        return {name: tensor[index] for name, tensor in self.state.items()}
+
+    @torch.no_grad()
+    def later_steps(self, arrivals: Sequence[tuple[LBFGS, torch.Tensor, torch.Tensor]]) -> None:
+        """Take the later step of each ``(optimizer, flat gradient, loss)`` (optimizers holding
+        slots of this bank) at once, and move their parameters."""
+        slots = [optimizer._slot[1] for optimizer, _, _ in arrivals]
+        for index, (_, g, loss) in zip(slots, arrivals):
+            self.grad[index].copy_(g)
+            self.loss[index].copy_(loss.detach())
+        active = torch.zeros(len(self.loss), dtype=torch.bool)
+        active[slots] = True
+        direction, length = later_steps(self.state, self.grad, self.loss, *self.settings,
+                                        active=active.to(self.loss.device))
+        for index, (optimizer, _, _) in zip(slots, arrivals):
+            optimizer._move(direction[index], length[index])
+
+
+class StepsTogether(Protocol):
+    """Where an :class:`LBFGS` among runs optimised together (:mod:`stx.engine.batching`) keeps its
+    state and takes its later steps."""
+
+    def slot(self, optimizer: LBFGS, g: torch.Tensor) -> tuple[Bank, int] | None:
+        """A slot of a :class:`Bank` shared with the other runs for ``optimizer``, whose flat
+        gradient is like ``g`` (None: none; the optimiser keeps its own state)."""
+
+    def later_step(self, optimizer: LBFGS, g: torch.Tensor, loss: torch.Tensor) -> None:
+        """Take ``optimizer``'s later step with the others' (:meth:`Bank.later_steps`), returning when
+        it is taken."""

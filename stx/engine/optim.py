@@ -489,6 +489,8 @@ def optimise_level(
         batch.arrive()  # evaluates alone: the batch's runs need not wait for it
     try:
         with sharing as evaluate_with_gradient:
+            if batched and isinstance(optimizer, LBFGS):
+                optimizer.together = evaluate_with_gradient  # its state in the group's bank, its steps with theirs
             for index in range(steps):
                 if graphable and optimizer.started and warmed_up and captured is None:
                     uncached = functools.partial(evaluate, schedule.autocast(parameter.device, cache=False))

@@ -87,9 +87,12 @@ def test_each_run_of_a_batch_follows_its_trajectory_alone(vgg19_random, optimize
         assert {name.split("_")[0] for name in passes_ran_in} == {"stx-encoder"}
     assert batch.evaluations == 8  # three runs of 8 steps in 8 shared passes, not 24
     assert scored_together == [3] * 8 and built == [3]  # scored together in each, their targets stacked once
+    # Adam divides each pixel's step by its gradient's running size, so rounding in the batched pass
+    # moves pixels whose gradients are nearly 0 by up to lr: its runs agree less closely (2.8e-4 on an AMD EPYC).
+    tolerance = 2e-3 if optimizer is ADAM else 1e-4
     for single, batched in zip(alone, together):
         assert len(batched) == 8
-        assert batched == pytest.approx(single, rel=1e-4)
+        assert batched == pytest.approx(single, rel=tolerance)
     assert len({tuple(run) for run in together}) == 3  # the runs did not mix
 
 
