@@ -62,6 +62,7 @@ class _Request:
 @dataclass(eq=False)
 class _Arrival:
     """A run's later L-BFGS step, waiting for the others' (:meth:`Member.later_step`)."""
+    bank: Bank
     optimizer: LBFGS
     grad: torch.Tensor
     loss: torch.Tensor
@@ -305,9 +306,9 @@ class Batch:
         try:
             by_bank: dict[int, list[_Arrival]] = {}
             for arrival in arrivals:
-                by_bank.setdefault(id(arrival.optimizer._slot[0]), []).append(arrival)
+                by_bank.setdefault(id(arrival.bank), []).append(arrival)
             for same in by_bank.values():
-                bank = same[0].optimizer._slot[0]
+                bank = same[0].bank
                 steps = [(arrival.optimizer, arrival.grad, arrival.loss) for arrival in same]
                 if self._cpu_thread is not None and bank.loss.device.type == "cpu":
                     self._cpu_thread.submit(bank.later_steps, steps).result()
@@ -428,7 +429,7 @@ class Member:
         return self.claimed
 
     def later_step(self, optimizer: LBFGS, g: torch.Tensor, loss: torch.Tensor) -> None:
-        arrival = _Arrival(optimizer, g, loss)
+        arrival = _Arrival(self.claimed[0], optimizer, g, loss)
         if self._owes:
             self._owes = False
             self._batch._meet(self._group, arrival)

@@ -1,18 +1,21 @@
 """Runs sharing one encoder pass (stx.engine.batching) follow the trajectories they follow alone."""
 
+import functools
 import math
 import threading
 
 import pytest
 import torch
 
-from stx.engine import batching, losses
+from stx.engine import batching, lbfgs, losses, optim
 from stx.engine.optim import PyramidLevel, optimise_image
 from stx.errors import NonFiniteLossError
 
 from test_optim import ADAM, LBFGS, Recorder, schedule
 
 SIZE = 32
+LBFGS_RISING_LR = 2.0
+"""An L-BFGS run whose rise guard (``max_rise=1.0001``) takes steps back: trials that overshoot rise."""
 
 
 def images(seed):
@@ -78,6 +81,9 @@ def test_each_run_of_a_batch_follows_its_trajectory_alone(vgg19_random, optimize
                         (scored_together.append(len(self.objectives)), call(self, features))[1])
     monkeypatch.setattr(batching.ScoredTogether, "__init__", lambda self, objectives, init=batching.ScoredTogether.__init__:
                         (built.append(len(objectives)), init(self, objectives))[1])
+    stepped_together = []
+    monkeypatch.setattr(lbfgs.Bank, "later_steps", lambda self, arrivals, step=lbfgs.Bank.later_steps:
+                        (stepped_together.append(len(arrivals)), step(self, arrivals))[1])
     settings = [(weight, seed, dict(optimizer=optimizer, max_rise=0)) for weight, seed in [(1e2, 0), (1e4, 1), (1e6, 2)]]
     alone = run_alone(vgg19_random, settings)
     evaluator = batching.cpu_evaluator(torch.get_num_threads()) if encoder_thread else None
@@ -87,6 +93,8 @@ def test_each_run_of_a_batch_follows_its_trajectory_alone(vgg19_random, optimize
         assert {name.split("_")[0] for name in passes_ran_in} == {"stx-encoder"}
     assert batch.evaluations == 8  # three runs of 8 steps in 8 shared passes, not 24
     assert scored_together == [3] * 8 and built == [3]  # scored together in each, their targets stacked once
+    # L-BFGS: each run's first step its own, the 7 later ones taken for the three runs at once
+    assert stepped_together == ([3] * 7 if optimizer is LBFGS else [])
     # Adam divides each pixel's step by its gradient's running size, so rounding in the batched pass
     # moves pixels whose gradients are nearly 0 by up to lr: its runs agree less closely (2.8e-4 on an AMD EPYC).
     tolerance = 2e-3 if optimizer is ADAM else 1e-4
@@ -105,16 +113,23 @@ def test_runs_of_different_sizes_and_levels_share_only_equal_shapes(vgg19_random
         assert batched == pytest.approx(single, rel=1e-4)
 
 
-def test_a_rise_guard_stop_and_a_nan_stay_in_their_runs(vgg19_random):
+def test_a_rise_guard_stop_and_a_nan_stay_in_their_runs(vgg19_random, monkeypatch):
+    restarted = []
+    monkeypatch.setattr(optim, "restart", lambda optimizer, restart=optim.restart:
+                        (restarted.append(optimizer.defaults["lr"]), restart(optimizer))[1])
     adam_rising = dict(optimizer=lambda params: torch.optim.Adam(params, lr=0.5), max_rise=1.05)
-    settings = [(1e4, 0, adam_rising), (1e4, 1, dict(poisoned=True)), (1e4, 2, {})]
+    lbfgs_rising = dict(optimizer=functools.partial(lbfgs.LBFGS, lr=LBFGS_RISING_LR), max_rise=1.0001)
+    settings = [(1e4, 0, adam_rising), (1e4, 1, dict(poisoned=True)), (1e4, 2, {}), (1e4, 3, lbfgs_rising)]
     alone = run_alone(vgg19_random, [(w, s, dict(o)) for w, s, o in settings])
+    guarded_alone, restarted[:] = sorted(restarted), []
     together, _ = run_batched(vgg19_random, settings)
     assert isinstance(alone[1], NonFiniteLossError) and isinstance(together[1], NonFiniteLossError)
     assert together[1].step == alone[1].step
-    for index in (0, 2):
+    for index in (0, 2, 3):
         assert together[index] == pytest.approx(alone[index], rel=1e-4)
     assert together[0] != pytest.approx(together[2])  # the guard took steps back in run 0 only
+    # the L-BFGS run's guard fired as often batched as alone (its state restarted in the bank)
+    assert sorted(restarted) == guarded_alone and guarded_alone.count(LBFGS_RISING_LR) >= 1
 
 
 def test_stop_ends_every_run_at_its_next_evaluation(vgg19_random):

@@ -1,11 +1,12 @@
 """stx.engine.lbfgs.LBFGS: the steps of a textbook two-loop L-BFGS, by another route, whatever the loss's scale."""
 
 import copy
+import threading
 
 import pytest
 import torch
 
-from stx.engine.lbfgs import LBFGS
+from stx.engine.lbfgs import LBFGS, Bank, later_steps
 
 
 def rosenbrock(x: torch.Tensor) -> torch.Tensor:
@@ -172,3 +173,75 @@ def test_steps_do_not_depend_on_the_losss_scale(scale):
     frozen, _, _ = trajectory(lambda p: torch.optim.LBFGS(p, lr=0.5, max_iter=1, history_size=10), 60,
                               lambda x: 1e-12 * rosenbrock(x))
     assert frozen[-1] > 0.99 * frozen[0]
+
+
+class Together:
+    """A bank shared by ``runs`` optimisers stepping in lockstep: each later step waits for the
+    others', and the last to arrive takes them all at once (what stx.engine.batching does)."""
+
+    def __init__(self, runs, capacity, history_size, like):
+        self.bank = Bank(capacity, history_size, like)
+        self.arrivals, self.taken = [], []
+        self.barrier = threading.Barrier(runs, action=self.take)
+
+    def take(self):
+        self.taken.append(len(self.arrivals))
+        self.bank.later_steps(self.arrivals)
+        self.arrivals = []
+
+    def slot(self, optimizer, g):
+        index = self.bank.claim(optimizer)
+        return None if index is None else (self.bank, index)
+
+    def later_step(self, optimizer, g, loss):
+        self.arrivals.append((optimizer, g, loss))
+        self.barrier.wait()
+
+
+def test_runs_of_a_bank_take_the_steps_each_takes_alone():
+    # three runs with their own scale, start and lr share one bank (a slot spare); history 4 wraps
+    # the ring of pairs many times, and Rosenbrock makes some pairs fail the curvature test
+    runs = [(1.0, START, 0.5), (1e-6, START.flip(0), 1.0), (1e3, START * 0.5, 0.3)]
+    steps = 40
+    alone = [trajectory(lambda p, lr=lr: LBFGS(p, lr=lr, history_size=4), steps, lambda x, c=c: c * rosenbrock(x), start)
+             for c, start, lr in runs]
+    together = Together(len(runs), capacity=4, history_size=4, like=START)
+    results = [None] * len(runs)
+
+    def run(index):
+        c, start, lr = runs[index]
+
+        def make(params):
+            optimizer = LBFGS(params, lr=lr, history_size=4)
+            optimizer.together = together
+            return optimizer
+
+        results[index] = trajectory(make, steps, lambda x: c * rosenbrock(x), start)
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(len(runs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert together.taken == [3] * (steps - 1)  # every later step in one batched set of operations
+    for (losses, x, _), (banked_losses, banked_x, optimizer) in zip(alone, results):
+        torch.testing.assert_close(banked_losses, losses, rtol=1e-9, atol=0)
+        torch.testing.assert_close(banked_x, x, rtol=1e-9, atol=1e-12)
+        state = optimizer.state_dict()["state"][0]
+        assert state["history"].untyped_storage().data_ptr() != together.bank.state["history"].untyped_storage().data_ptr()
+        assert torch.equal(state["history"], together.bank.views(optimizer._slot[1])["history"])
+    assert sorted(optimizer._slot[1] for _, _, optimizer in results) == [0, 1, 2] and together.bank.free == [3]
+
+
+def test_later_steps_leave_runs_that_are_not_active_as_they_were():
+    _, _, optimizer = trajectory(lambda p: LBFGS(p, lr=0.5, history_size=4), 6)
+    one = {name: value for name, value in optimizer.state_dict()["state"][0].items() if name != "n_iter"}
+    state = {name: torch.stack([value, value]) for name, value in one.items()}
+    g = torch.stack([torch.ones(40, dtype=torch.float64), torch.ones(40, dtype=torch.float64)])
+    before = copy.deepcopy(state)
+    direction, length = later_steps(state, g, torch.tensor([3.0, 3.0], dtype=torch.float64), 0.5, 0.0, 0.0,
+                                    active=torch.tensor([True, False]))
+    assert length[1] == 0
+    for name, value in state.items():
+        assert torch.equal(value[1], before[name][1]), name
+    assert length[0] != 0 and any(not torch.equal(value[0], before[name][0]) for name, value in state.items())
