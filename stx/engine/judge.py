@@ -33,8 +33,10 @@ All metrics are 0 for an image equal to its reference (``ssim_content``: 1).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -281,35 +283,55 @@ class Judge:
         self.device = encoder.mean.device
         self.directions = spiral_directions(COLOR_DIRECTIONS).to(self.device)
         self.ssim_profile = gaussian_profile().to(self.device)
-        self.references: References | None = None
+        self._references: Future[References] | None = None
 
-    @torch.no_grad()
+    @property
+    def references(self) -> References | None:
+        """What images are judged against (None before :meth:`set_references`); waits while they are
+        being computed in the background, and raises what computing them raised."""
+        return None if self._references is None else self._references.result()
+
     def set_references(
-        self, content: torch.Tensor, styles: Sequence[torch.Tensor], style_weights: Sequence[float] | None = None
+        self, content: torch.Tensor, styles: Sequence[torch.Tensor], style_weights: Sequence[float] | None = None,
+        *, background: bool = False,
     ) -> None:
         """Compute the content's and styles' statistics at the eval size (``1×3×H×W`` each).
 
         ``style_weights``: the run's blend weights (default equal); they are normalised to sum 1.
+        The images are checked at once; with ``background``, the statistics (two encoder passes)
+        are computed in a thread of their own while the caller goes on, and the first judgement
+        waits for them. Use it on the CPU only: on a GPU they take milliseconds, and another
+        thread's work would break the capture of a CUDA graph.
         """
         weights = self._blend_weights(len(styles), style_weights)
+        content = self._check(content, "content")
+        shape = long_edge_shape(*content.shape[-2:], self.size)
+        if min(shape) < MIN_SIZE:  # VGG's pooling needs it; the SSIM window (11 px) fits
+            raise ImageError(
+                f"the content ({content.shape[-2]}×{content.shape[-1]} px) is {shape[0]}×{shape[1]} px "
+                f"at the judge's {self.size} px long edge; its short side must be at least {MIN_SIZE} px "
+                f"there: use a less elongated content image or a larger judge size."
+            )
+        styles = [self._check(style, "style image") for style in styles]
+        if background:
+            self._references = _reference_thread().submit(self._compute_references, content, styles, weights, shape)
+        else:
+            self._references = Future()
+            self._references.set_result(self._compute_references(content, styles, weights, shape))
+
+    @torch.no_grad()
+    def _compute_references(self, content: torch.Tensor, styles: list[torch.Tensor], weights: list[float],
+                            shape: tuple[int, int]) -> References:
         with self._fp32():
-            content = self._check(content, "content")
-            shape = long_edge_shape(*content.shape[-2:], self.size)
-            if min(shape) < MIN_SIZE:  # VGG's pooling needs it; the SSIM window (11 px) fits
-                raise ImageError(
-                    f"the content ({content.shape[-2]}×{content.shape[-1]} px) is {shape[0]}×{shape[1]} px "
-                    f"at the judge's {self.size} px long edge; its short side must be at least {MIN_SIZE} px "
-                    f"there: use a less elongated content image or a larger judge size."
-                )
             content_eval = resize(content, self.size)
-            styles_eval = [resize(self._check(style, "style image"), self.size) for style in styles]
+            styles_eval = [resize(style, self.size) for style in styles]
             content_features = self.encoder(content_eval, [CONTENT_LAYER])[CONTENT_LAYER]
             style_encodings = [self.encoder(style, STYLE_LAYERS) for style in styles_eval]
             style_grams = {
                 layer: sum(w * gram_matrix(e[layer]) for w, e in zip(weights, style_encodings))
                 for layer in STYLE_LAYERS
             }
-            self.references = References(
+            return References(
                 content_shape=tuple(content.shape[-2:]),
                 shape=shape,
                 content_features=content_features,
@@ -381,3 +403,10 @@ class Judge:
                 f"and one finite weight >= 0 per style, not all zero (or none for equal weights)."
             )
         return [w / sum(weights) for w in weights]
+
+
+
+@functools.cache
+def _reference_thread() -> ThreadPoolExecutor:
+    """The thread that computes judges' references in the background (made on first use)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="stx-judge")

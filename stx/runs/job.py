@@ -268,7 +268,7 @@ def _build_job(cfg: DictConfig) -> Job:
     content, styles = control.prepare(inputs.content, inputs.styles)
     initial = None if inputs.initial is None else control.start(inputs.initial)
     if not judged:
-        judge.set_references(inputs.references[0], inputs.references[1:], weights)
+        judge.set_references(inputs.references[0], inputs.references[1:], weights, background=device.type == "cpu")
     loss = plan.apply(loss)
     return Job(loss, content, styles, weights, schedule, device, content_path, style_paths, judge, objective,
                control, initial, sum(plan.estimate.values()))

@@ -1,5 +1,6 @@
 import math
 import shutil
+import threading
 
 import pytest
 import torch
@@ -219,6 +220,25 @@ def test_judge_ignores_autocast(make_judge, content, style):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under_autocast = scorer(image)
     assert under_autocast == scorer(image)
+
+
+def test_references_computed_in_the_background_judge_as_the_others(make_judge, vgg19_random, content, style, monkeypatch):
+    image = 0.5 * content + 0.25
+    expected = make_judge(content, [style])(image)
+    scorer = judge.Judge(vgg19_random, size=SIZE)
+    computed_in = []
+    compute = judge.Judge._compute_references
+    monkeypatch.setattr(judge.Judge, "_compute_references", lambda self, *args:
+                        (computed_in.append(threading.current_thread().name), compute(self, *args))[1])
+    scorer.set_references(content, [style], background=True)
+    assert scorer(image) == expected
+    assert computed_in[0].startswith("stx-judge")
+    with pytest.raises(ImageError, match=r"short side must be at least"):  # the images are checked at once
+        scorer.set_references(torch.rand(1, 3, 4, 200), [style], background=True)
+    monkeypatch.setattr(judge.Judge, "_compute_references", lambda self, *args: 1 / 0)
+    scorer.set_references(content, [style], background=True)
+    with pytest.raises(ZeroDivisionError):  # what computing them raised, when they are needed
+        scorer(image)
 
 
 def test_judge_errors(make_judge, vgg19_random, content, style, tmp_path):
