@@ -209,3 +209,32 @@ def test_runs_whose_terms_differ_are_scored_one_by_one(vgg19_random):
     assert batching.ScoredTogether.applies([same, same])
     for different in (other_layers, normalized, with_tv):
         assert not batching.ScoredTogether.applies([same, different])
+
+
+def test_a_batched_runs_checkpoint_holds_its_own_state_and_resumes_alone_to_its_steps(vgg19_random):
+    runs = [(1e3, 0), (1e5, 1)]
+    recorders = [Recorder() for _ in runs]
+    batch = batching.Batch()
+
+    def member(index):
+        weight, seed = runs[index]
+        content, style = images(seed)
+        with batching.joining(batch):
+            optimise_image(objective(vgg19_random, weight), content=content, styles=[style], style_weights=[1.0],
+                           schedule=schedule(checkpoint_every=4), callback=recorders[index])
+
+    threads = [threading.Thread(target=member, args=(index,)) for index in range(len(runs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for (weight, seed), recorder in zip(runs, recorders):
+        checkpoint = recorder.checkpoints[0]  # at step 4 of 8
+        history = checkpoint.optimizer_state["state"][0]["history"]
+        assert history.untyped_storage().nbytes() == history.numel() * history.element_size()  # not the bank's
+        resumed = Recorder()
+        content, style = images(seed)
+        optimise_image(objective(vgg19_random, weight), content=content, styles=[style], style_weights=[1.0],
+                       schedule=schedule(checkpoint_every=4), callback=resumed, start=checkpoint)
+        assert [info.values["total"] for info in resumed.steps] == pytest.approx(
+            [info.values["total"] for info in recorder.steps[4:]], rel=1e-4)
