@@ -12,13 +12,20 @@ have the same terms, :class:`ScoredTogether`; else each from its own sample of e
 once, which leaves each run's gradient in its own parameter. Samples never mix (the encoders have
 no batch statistics in eval mode), so a run follows the trajectory it follows alone, up to float
 rounding, and a NaN in one run stays in that run. A run that finishes, fails or moves to another
-level leaves its group and the others go on without it; L-BFGS's evaluations per step, the rise
-guard and the best image stay each run's own.
+level leaves its group and the others go on without it; the rise guard and the best image stay
+each run's own.
+
+Runs optimised by :class:`~stx.engine.lbfgs.LBFGS` keep their states in one
+:class:`~stx.engine.lbfgs.Bank` per group (each run's history a slot of one stacked tensor) and
+meet once more after each shared evaluation: the last to arrive takes all their later steps in
+one set of batched operations (:meth:`~stx.engine.lbfgs.Bank.later_steps`), where each run had
+taken some 60 operations of its own. A run on a first step (its first, or after its rise guard
+restarted it) takes it alone and arrives without a step; a run that leaves arrives without one.
 
 :meth:`Batch.reserve` keeps the runs' planned memory within what the device had free; :meth:`Batch.stop`
 makes every run raise at its next evaluation (Ctrl-C of a batched sweep).
 
-On the CPU, a batch given a ``cpu_thread`` runs its encoder passes there: one thread with the
+On the CPU, a batch given a ``cpu_thread`` runs its encoder passes and banked steps there: one thread with the
 process's intra-op threads, while the runs' own threads use one each (:func:`cpu_evaluator`).
 Every thread that runs a parallel region keeps its own team of OpenMP threads, and eight runs'
 teams spinning on two cores slowed every pass by a third.

@@ -36,6 +36,11 @@ After the first step a step never waits for the device: which pairs count, where
 goes, whether a trial is accepted and how far to go next are tensors, not Python branches (``torch.optim.LBFGS`` copies
 a value to the host twice per pair), so a whole step can be captured in a CUDA graph
 (:mod:`stx.engine.optim` does). The ``m × m`` algebra runs in float64.
+
+The algebra of a later step is written for ``K`` runs at once (:func:`later_steps`, batched
+products and triangular solves); a run alone is ``K = 1``. Runs optimised together
+(:mod:`stx.engine.batching`) keep their states in the slots of one :class:`Bank` and take their
+later steps in one call, each following the trajectory it follows alone.
 """
 
 from __future__ import annotations
@@ -176,7 +181,8 @@ class LBFGS(Optimizer):
         elif self._slot is not None:
             self.together.later_step(self, g, loss)
         else:
-            stacked = {name: state[name].unsqueeze(0) for name in _STACKED}  # views: the steps write through
+            stacked = {name: value.unsqueeze(0) for name, value in state.items()  # views: the step writes through
+                       if isinstance(value, torch.Tensor)}
             direction, length = later_steps(stacked, g[None], loss.detach().reshape(1), group["lr"],
                                             group["tolerance_grad"], group["tolerance_change"])
             self._move(direction[0], length[0])
@@ -189,14 +195,9 @@ class LBFGS(Optimizer):
         return self.defaults["lr"] * FIRST_STEP_FALL * loss.detach().abs().to(g.dtype) / g.dot(g)
 
 
-_STACKED = ("history", "sy", "yy", "kept", "head", "gamma", "direction", "length", "previous_grad", "base_loss",
-            "slope", "backtracks")
-"""The state's tensors: one run's, or (a :class:`Bank`'s) ``K`` runs' with a leading dimension."""
-
-
 def _new_state(leading: tuple[int, ...], history_size: int, g: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A state before the first step for runs of ``leading`` shape (``()``: one run; ``(K,)``: a
-    bank), over parameters like the flat gradient ``g``."""
+    """The state's tensors before the first step for runs of ``leading`` shape (``()``: one run;
+    ``(K,)``: a bank, each run's with a leading dimension), over parameters like the flat gradient ``g``."""
     m, n = history_size, g.numel()
     flags = dict(device=g.device)
     return dict(
@@ -231,7 +232,7 @@ def later_steps(state: dict[str, torch.Tensor], g: torch.Tensor, loss: torch.Ten
     (Armijo), record its pair if its curvature is positive and step along ``−H·g``; rejected,
     backtrack along the same direction from the base point.
 
-    ``state`` holds the runs' stacked tensors (:data:`_STACKED`, leading dimension ``K``) and is
+    ``state`` holds the runs' stacked tensors (those of :func:`_new_state`, leading dimension ``K``) and is
     updated in place; ``lr`` and the tolerances are numbers or ``K``-vectors; runs where
     ``active`` is false are left as they were. Returns each run's move (``direction``, ``K×n``,
     times ``length``, ``K``), which the caller adds to its parameter.
