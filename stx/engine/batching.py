@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -142,6 +143,12 @@ def identity(objectives: Sequence[PerceptualObjective]) -> tuple[int, ...]:
                                for target in getattr(loss, "targets", {}).values())))
 
 
+def _bank_key(optimizer: LBFGS) -> tuple:
+    """What the L-BFGS states sharing a :class:`~stx.engine.lbfgs.Bank` have in common: the history size
+    and the parameters' dtype (their size is the group's image shape)."""
+    return optimizer.defaults["history_size"], optimizer.param_groups[0]["params"][0].dtype
+
+
 @dataclass(eq=False)
 class _Group:
     members: int = 0
@@ -151,7 +158,9 @@ class _Group:
     scored_for: tuple[int, ...] = ()
     """:func:`identity` of the objectives :attr:`scored` was decided for."""
     banks: dict[tuple, Bank] = field(default_factory=dict)
-    """The L-BFGS states of its runs, by history size and dtype."""
+    """The L-BFGS states of its runs, by :func:`_bank_key`."""
+    banked: Counter[tuple] = field(default_factory=Counter)
+    """How many of its members step with an :class:`~stx.engine.lbfgs.LBFGS` of each :func:`_bank_key`."""
     owed: int = 0
     """Arrivals the step meeting waits for: one per run evaluated with ``steps_together`` in the last round."""
     arrivals: list[_Arrival] = field(default_factory=list)
@@ -234,16 +243,24 @@ class Batch:
 
     @contextlib.contextmanager
     def member(self, objective: PerceptualObjective, shape: torch.Size, device: torch.device,
-               autocast: Callable[[], contextlib.AbstractContextManager], precision: str) -> Iterator[Member]:
+               autocast: Callable[[], contextlib.AbstractContextManager], precision: str,
+               optimizer: torch.optim.Optimizer | None = None) -> Iterator[Member]:
         """Join the group of ``objective``'s encoder at images of ``shape`` on ``device`` in
-        ``precision`` (``autocast()`` enters it) for as long as the block lasts; yields the run's :class:`Member`."""
+        ``precision`` (``autocast()`` enters it) for as long as the block lasts; yields the run's
+        :class:`Member`. An :class:`~stx.engine.lbfgs.LBFGS` ``optimizer`` (before its first step)
+        steps with the group's others: the member becomes its ``together``."""
         key = (id(objective.encoder), tuple(shape), str(device), precision)
+        banked = _bank_key(optimizer) if isinstance(optimizer, LBFGS) else None
         with self._changed:
             group = self._groups.setdefault(key, _Group())
             group.members += 1
+            if banked is not None:
+                group.banked[banked] += 1
             self._arrive_locked()
         self._turn.acquire()
         member = Member(self, group, objective, autocast)
+        if banked is not None:
+            optimizer.together = member
         try:
             yield member
         finally:
@@ -256,6 +273,8 @@ class Batch:
                 self._turn.release()
             with self._changed:
                 group.members -= 1
+                if banked is not None:
+                    group.banked[banked] -= 1
                 ready = self._take_if_ready(group)
                 if not group.members:
                     self._groups.pop(key, None)
@@ -264,12 +283,12 @@ class Batch:
 
     def _slot(self, group: _Group, optimizer: LBFGS, g: torch.Tensor) -> tuple[Bank, int] | None:
         """A slot of the group's bank for ``optimizer``'s history size and dtype, made for as many
-        runs as the group has members (None: every slot is taken)."""
-        key = (optimizer.defaults["history_size"], g.dtype)
+        runs as the group has members with such an optimiser (None: every slot is taken)."""
+        key = _bank_key(optimizer)
         with self._changed:
             bank = group.banks.get(key)
             if bank is None:
-                bank = group.banks[key] = Bank(group.members, optimizer.defaults["history_size"], g)
+                bank = group.banks[key] = Bank(group.banked[key], optimizer.defaults["history_size"], g)
             index = bank.claim(optimizer)
         return None if index is None else (bank, index)
 

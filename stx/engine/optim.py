@@ -483,14 +483,12 @@ def optimise_level(
             callback.on_step(StepInfo(number, level, max(current.shape[-2:]), values, current))
 
     sharing = (batch.member(objective, parameter.shape, parameter.device,
-                            functools.partial(schedule.autocast, parameter.device), schedule.precision)
+                            functools.partial(schedule.autocast, parameter.device), schedule.precision, optimizer)
                if batched else contextlib.nullcontext(alone))
     if batch is not None and not batched:
         batch.arrive()  # evaluates alone: the batch's runs need not wait for it
     try:
         with sharing as evaluate_with_gradient:
-            if batched and isinstance(optimizer, LBFGS):
-                optimizer.together = evaluate_with_gradient  # its state in the group's bank, its steps with theirs
             for index in range(steps):
                 if graphable and optimizer.started and warmed_up and captured is None:
                     uncached = functools.partial(evaluate, schedule.autocast(parameter.device, cache=False))

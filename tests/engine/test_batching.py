@@ -238,3 +238,16 @@ def test_a_batched_runs_checkpoint_holds_its_own_state_and_resumes_alone_to_its_
                        schedule=schedule(checkpoint_every=4), callback=resumed, start=checkpoint)
         assert [info.values["total"] for info in resumed.steps] == pytest.approx(
             [info.values["total"] for info in recorder.steps[4:]], rel=1e-4)
+
+
+def test_runs_with_other_history_sizes_keep_banks_of_their_own_sized_for_them(vgg19_random, monkeypatch):
+    banks = []
+    monkeypatch.setattr(lbfgs.Bank, "__init__", lambda self, capacity, history_size, g, init=lbfgs.Bank.__init__:
+                        (banks.append((history_size, capacity)), init(self, capacity, history_size, g))[1])
+    sized = lambda history: dict(optimizer=functools.partial(lbfgs.LBFGS, lr=1.0, history_size=history))
+    settings = [(1e3, 0, sized(5)), (1e4, 1, sized(7)), (1e5, 2, sized(5))]
+    alone = run_alone(vgg19_random, [(w, s, dict(o)) for w, s, o in settings])
+    together, _ = run_batched(vgg19_random, settings)
+    assert sorted(banks) == [(5, 2), (7, 1)]  # no slot for a run that cannot use it
+    for single, batched in zip(alone, together):
+        assert batched == pytest.approx(single, rel=1e-4)
