@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # What needs a GPU, as one prepared run on a lent machine (the `device` tool): stx's GPU tests, the
-# optimisation alone (gpu.py), the issue "Batched sweeps"' 64-run sweep (batched launcher), and a single
+# optimisation alone (gpu.py), the issue "Batched sweeps"' 64-run sweep (batched launcher), the batch engine
+# alone, banked or not (batched_engine.py), and a single
 # job's whole process. At most 9 minutes; each step has its own time limit, so one that hangs
 # leaves the others their time.
 #
@@ -32,4 +33,6 @@ step gpu_tests 90 python3 -m pytest -q -p no:cacheprovider tests/engine/test_gpu
 step optimisation 60 python3 benchmarks/gpu.py --size 512 --steps 500 --rounds 1
 step sweep_64 200 python3 benchmarks/sweep.py --device cuda --weights random --size 512 --steps 500 --runs 16 \
   --lrs 1 0.7 0.5 0.35 --rounds 1 --launchers batched
-step whole_process 180 python3 benchmarks/whole_process.py --sizes 512 --steps 500 --rounds 1
+step engine 80 python3 benchmarks/batched_engine.py --device cuda --weights random --size 512 --steps 100 --runs 16 \
+  --rounds 1
+step whole_process 120 python3 benchmarks/whole_process.py --sizes 512 --steps 500 --rounds 1

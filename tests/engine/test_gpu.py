@@ -129,3 +129,10 @@ def test_cuda_memory_figures_and_device_tags():
     block = torch.empty(64 << 20, dtype=torch.uint8, device=device)
     assert monitor.peak_memory_bytes(device) >= block.numel()
     assert tracking.device_tags(device)["device.name"] == torch.cuda.get_device_name(device)
+
+
+@needs_cuda
+def test_a_bank_on_the_gpu_takes_the_steps_each_run_takes_alone():
+    from test_lbfgs import test_runs_of_a_bank_take_the_steps_each_takes_alone as bank_test
+
+    bank_test(device="cuda")

@@ -198,14 +198,14 @@ class Together:
         self.barrier.wait()
 
 
-def test_runs_of_a_bank_take_the_steps_each_takes_alone():
+def test_runs_of_a_bank_take_the_steps_each_takes_alone(device="cpu"):
     # three runs with their own scale, start and lr share one bank (a slot spare); history 4 wraps
     # the ring of pairs many times, and Rosenbrock makes some pairs fail the curvature test
-    runs = [(1.0, START, 0.5), (1e-6, START.flip(0), 1.0), (1e3, START * 0.5, 0.3)]
+    runs = [(1.0, START.to(device), 0.5), (1e-6, START.flip(0).to(device), 1.0), (1e3, START.to(device) * 0.5, 0.3)]
     steps = 40
     alone = [trajectory(lambda p, lr=lr: LBFGS(p, lr=lr, history_size=4), steps, lambda x, c=c: c * rosenbrock(x), start)
              for c, start, lr in runs]
-    together = Together(len(runs), capacity=4, history_size=4, like=START)
+    together = Together(len(runs), capacity=4, history_size=4, like=START.to(device))
     results = [None] * len(runs)
 
     def run(index):
