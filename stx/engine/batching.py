@@ -311,8 +311,8 @@ class Batch:
                             break
                         if self._stop is not None and arrival in group.arrivals:
                             group.arrivals.remove(arrival)  # not taken: its parameter stays as it was
-                        self._raise_if_stopped()
-                        self._changed.wait()
+                            self._raise_if_stopped()
+                        self._changed.wait()  # taken: its step is being taken; the next evaluation raises
                         ready = self._take_steps_if_ready(group)
             finally:
                 self._turn.acquire()

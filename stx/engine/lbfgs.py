@@ -324,6 +324,7 @@ class Bank:
         self.grad = g.new_zeros(capacity, g.numel())
         self.loss = g.new_zeros(capacity)
         self.free = list(range(capacity))
+        self._masks: dict[tuple[int, ...], torch.Tensor] = {}
 
     def claim(self, optimizer: LBFGS) -> int | None:
         """A slot for ``optimizer``'s state, as before its first step (None: the bank is full)."""
@@ -340,6 +341,16 @@ class Bank:
     def release(self, index: int) -> None:
         self.free.append(index)
 
+    def _active(self, slots: list[int]) -> torch.Tensor:
+        """The mask of ``slots`` on the device, made once per set of slots: a copy from the host
+        would wait for the device's queued work at every step."""
+        key = tuple(sorted(slots))
+        if key not in self._masks:
+            mask = torch.zeros(len(self.loss), dtype=torch.bool)
+            mask[list(key)] = True
+            self._masks[key] = mask.to(self.loss.device)
+        return self._masks[key]
+
     def views(self, index: int) -> dict[str, torch.Tensor]:
         return {name: tensor[index] for name, tensor in self.state.items()}
 
@@ -351,10 +362,7 @@ class Bank:
         for index, (_, g, loss) in zip(slots, arrivals):
             self.grad[index].copy_(g)
             self.loss[index].copy_(loss.detach())
-        active = torch.zeros(len(self.loss), dtype=torch.bool)
-        active[slots] = True
-        direction, length = later_steps(self.state, self.grad, self.loss, *self.settings,
-                                        active=active.to(self.loss.device))
+        direction, length = later_steps(self.state, self.grad, self.loss, *self.settings, active=self._active(slots))
         for index, (optimizer, _, _) in zip(slots, arrivals):
             optimizer._move(direction[index], length[index])
 
