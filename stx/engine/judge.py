@@ -405,7 +405,6 @@ class Judge:
         return [w / sum(weights) for w in weights]
 
 
-
 @functools.cache
 def _reference_thread() -> ThreadPoolExecutor:
     """The thread that computes judges' references in the background (made on first use)."""

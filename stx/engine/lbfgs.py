@@ -172,11 +172,12 @@ class LBFGS(Optimizer):
         if state["n_iter"] == 0:
             if g.abs().max().item() <= group["tolerance_grad"]:
                 return loss
+            squared = g.dot(g)
             state["direction"].copy_(-g)
-            state["length"].copy_(self._first_length(loss, g))
+            state["length"].copy_(_first_length(self.defaults["lr"], loss.detach().to(g.dtype), squared))
             state["previous_grad"].copy_(g)
             state["base_loss"].copy_(loss.detach())
-            state["slope"].copy_(-g.dot(g))
+            state["slope"].copy_(-squared)
             self._move(state["direction"], state["length"])
         elif self._slot is not None:
             self.together.later_step(self, g, loss)
@@ -189,10 +190,11 @@ class LBFGS(Optimizer):
         state["n_iter"] += 1
         return loss
 
-    def _first_length(self, loss: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """Length of a first trial along ``−g``: ``lr`` × the one over which the loss's linear
-        model falls by :data:`FIRST_STEP_FALL` × |loss| (Polyak's step towards 0)."""
-        return self.defaults["lr"] * FIRST_STEP_FALL * loss.detach().abs().to(g.dtype) / g.dot(g)
+
+def _first_length(lr: float | torch.Tensor, loss: torch.Tensor, squared: torch.Tensor) -> torch.Tensor:
+    """Length of a first trial along ``−g``: ``lr`` × the one over which the loss's linear model
+    falls by :data:`FIRST_STEP_FALL` × |loss| (Polyak's step towards 0); ``squared`` is ``gᵀg``."""
+    return lr * FIRST_STEP_FALL * loss.abs() / squared
 
 
 def _new_state(leading: tuple[int, ...], history_size: int, g: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -291,8 +293,7 @@ def later_steps(state: dict[str, torch.Tensor], g: torch.Tensor, loss: torch.Ten
     kept.logical_and_(keep_history[:, None])
     gamma.copy_(torch.where(keep_history, gamma, 1.0))
     direction = torch.where(descent[:, None], direction, -g)
-    first_length = lr * FIRST_STEP_FALL * f.abs() / (g * g).sum(1)
-    new_length = torch.where(descent, lr, first_length)
+    new_length = torch.where(descent, lr, _first_length(lr, f, (g * g).sum(1)))
     # Rejected: the minimiser of the quadratic through f(base), its slope and f(trial), kept
     # within [0.1, 0.5] × the rejected length (Nocedal & Wright, §3.5).
     above_linear = f - base_loss - slope * length  # the trial's loss above the linear model's
@@ -334,8 +335,9 @@ class Bank:
         for view in self.views(index).values():
             view.zero_()
         self.state["gamma"][index] = 1.0
-        self.settings[:, index] = torch.tensor([optimizer.defaults[name] for name in
-                                                ("lr", "tolerance_grad", "tolerance_change")], dtype=self.settings.dtype)
+        group = optimizer.param_groups[0]  # what a run alone takes its later steps with
+        self.settings[:, index] = torch.tensor([group[name] for name in ("lr", "tolerance_grad", "tolerance_change")],
+                                               dtype=self.settings.dtype)
         return index
 
     def release(self, index: int) -> None:
