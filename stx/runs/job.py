@@ -298,10 +298,27 @@ def build_objective(cfg: DictConfig, device: torch.device | str = "cpu") -> loss
     return losses.PerceptualObjective(encoder, loss_set).to(device)
 
 
+ENCODER_LAYER_SETS = "layers"
+"""The key of an ``encoder`` config naming the layers the loss options read on that network
+(``loss.*.layers: ${encoder.layers.style}``); not an argument of the encoder's builder."""
+
+
+def build_encoder(node: DictConfig, layers: frozenset[str]) -> encoders.MultiLayerEncoder:
+    """The encoder of config ``node`` (less its :data:`ENCODER_LAYER_SETS`) reading ``layers``."""
+    settings = OmegaConf.to_container(node, resolve=True)
+    settings.pop(ENCODER_LAYER_SETS, None)
+    encoder = build(OmegaConf.create(settings), "encoder", "encoder")(layers=layers)
+    if not isinstance(encoder, encoders.MultiLayerEncoder):
+        raise ConfigError(f"encoder._target_={node._target_!r} returned a {type(encoder).__name__}, "
+                          f"not a stx.engine.encoders.MultiLayerEncoder.")
+    return encoder
+
+
 def encoder_identity(node: DictConfig) -> dict[str, Any]:
     """The settings of an ``encoder`` config that make the encoder what it is, resolved: all of them
-    but ``seed`` when the weights are trained (the seed only draws random weights)."""
+    but its layer sets, and ``seed`` when the weights are trained (the seed only draws random weights)."""
     settings = OmegaConf.to_container(node, resolve=True)
+    settings.pop(ENCODER_LAYER_SETS, None)
     if settings.get("weights") != "random":
         settings.pop("seed", None)
     return settings
@@ -319,10 +336,7 @@ def shared_encoder(node: DictConfig, layers: frozenset[str], device: torch.devic
     jobs can share its passes: :mod:`stx.engine.batching`)."""
     key = (repr(encoder_identity(node)), tuple(sorted(layers)), str(device), file_stamp(Path(str(node.get("weights")))))
     if key not in _encoders:
-        encoder = build(node, "encoder", "encoder")(layers=layers)
-        if not isinstance(encoder, encoders.MultiLayerEncoder):
-            raise ConfigError(f"encoder._target_={node._target_!r} returned a {type(encoder).__name__}, "
-                              f"not a stx.engine.encoders.MultiLayerEncoder.")
+        encoder = build_encoder(node, layers)
         while len(_encoders) >= ENCODERS_KEPT:
             _encoders.pop(next(iter(_encoders)))
         _encoders[key] = encoder.to(device)

@@ -70,6 +70,9 @@ so its ``perf/seconds_per_step`` is the batch's time per step and ``perf/peak_me
 TAG_BATCH_SIZE = "stx.batch_size"
 """On a run of a batched sweep: how many runs its batch ran at once (all devices together), the runs that
 shared each ``perf/seconds_per_step`` (fewer once some have finished)."""
+TAG_WEIGHTS = "stx.encoder.weights"
+"""The weights the run's encoder held, as ``encoder.weights`` names them (what ``auto`` took: ``imagenet``,
+``caffe``, ``hed``…; a file by its path); ``none`` for a loss set that reads no encoder."""
 TAG_JUDGE = "stx.judge"
 """The judge that scored a run's eval/ metrics, ``<arch>/<weights>`` (stx.engine.judge.judge_name)."""
 TAG_CHECKPOINT_STEP = "stx.checkpoint_step"
@@ -238,6 +241,7 @@ LEGACY_VALUES = {
     "schedule.tile": "off",
     "encoder.softmax": None,
     "tracking.flush_seconds": 5.0,
+    "encoder.layers": {"content": {}, "style": {}, "patch": {}},  # its losses named their layers themselves
 }
 """Config keys added after runs were logged without them: the value that does what stx did
 before the key existed, filled in when such a run is reproduced, resumed or promoted."""
@@ -322,7 +326,8 @@ def load_run_config(client: MlflowClient, run_id: str, folder: Path, runs_dir: s
     :data:`LEGACY_VALUES`), reading its logged input images (downloaded into ``folder/inputs``)
     and writing to ``runs_dir`` and ``uri``."""
     loaded = read_logged_config(download_artifact(client, run_id, CONFIG, folder), run_id)
-    if client.get_run(run_id).data.tags.get(TAG_KIND) == "train":
+    tags = client.get_run(run_id).data.tags
+    if tags.get(TAG_KIND) == "train":
         raise StxError(f"run {run_id} was made by stx train, not by stx: reproduce, promote and resume here take "
                        f"image-optimisation runs; continue a training run with stx train resume={run_id}.")
     try:
@@ -336,6 +341,8 @@ def load_run_config(client: MlflowClient, run_id: str, folder: Path, runs_dir: s
             OmegaConf.update(cfg, key, value)
     if OmegaConf.is_missing(cfg.judge, "weights"):  # judged before the judge had its own keys
         cfg.judge.arch, cfg.judge.weights = "vgg19", cfg.encoder.weights
+    if cfg.encoder.weights == "auto" and tags.get(TAG_WEIGHTS) in ("imagenet", "caffe", "hed"):
+        cfg.encoder.weights = tags[TAG_WEIGHTS]  # what auto took there, not what it would take here
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise StxError(f"the config logged with run {run_id} lacks {', '.join(missing)}, which every stx run logs: "

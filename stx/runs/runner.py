@@ -230,6 +230,7 @@ def run_tracked(
     tracker = RunTracker(cfg.tracking, run_dir)
     tags = {**tags, **source_tags(), **device_tags(job.device), layout.TAG_RUN_DIR: str(run_dir),
             layout.TAG_OUTPUT: cfg.output, layout.TAG_JUDGE: job.judge.name,
+            layout.TAG_WEIGHTS: job.loss.encoder.weights if job.loss.encoder is not None else "none",
             layout.TAG_TILE: str(getattr(job.loss, "tile", "off"))}
     if (batch := batching.active()) is not None:
         tags[layout.TAG_BATCHED] = "true"

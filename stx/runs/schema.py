@@ -34,9 +34,20 @@ OmegaConf.register_new_resolver("floordiv", lambda a, b: int(a) // int(b), repla
 
 
 @dataclass
+class EncoderLayersSchema:
+    """The layers (``{layer: weight}``) the loss options read on an encoder: ``content``, ``style``
+    and ``patch`` (MRF)."""
+
+    content: Dict[str, float] = MISSING
+    style: Dict[str, float] = MISSING
+    patch: Dict[str, float] = MISSING
+
+
+@dataclass
 class EncoderSchema:
     _target_: str = MISSING
     _partial_: bool = MISSING
+    layers: EncoderLayersSchema = field(default_factory=EncoderLayersSchema)
     weights: str = MISSING
     pooling: str = MISSING
     seed: int = MISSING

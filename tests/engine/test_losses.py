@@ -53,6 +53,51 @@ def test_content_and_gram_loss_values(rng):
     assert style({"x": features}, None)["x"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_relative_values_are_squared_relative_distances(rng):
+    """``relative``: content ``‖F−F_t‖²/‖F_t‖²``, Gram ``‖G−G_t‖²/‖G_t‖²`` (the judge's distances squared),
+    unchanged when the network's activations are scaled by any factor."""
+    features = torch.rand(1, 4, 5, 6, generator=rng, dtype=torch.float64)
+    target = torch.rand(1, 4, 5, 6, generator=rng, dtype=torch.float64)
+    f, t = features.view(4, 30), target.view(4, 30)
+    gram, gram_t = f @ f.T / 30, t @ t.T / 30
+    expected = {"content": ((f - t).norm() / t.norm()) ** 2, "style": ((gram - gram_t).norm() / gram_t.norm()) ** 2}
+    for name, make in (("content", losses.ContentLoss), ("style", losses.GramStyleLoss)):
+        for factor in (1.0, 37.0, 1e-3):
+            loss = make({"x": 1.0}, relative=True)
+            loss.set_targets(identity_encoder, [target * factor], [1.0])
+            assert loss({"x": features * factor}, None)["x"].item() == pytest.approx(expected[name].item(), rel=1e-9)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: losses.ContentLoss({"x": 1.0}, relative=True),
+    lambda: losses.GramStyleLoss({"x": 1.0}, relative=True),
+    lambda: losses.MeanStdStyleLoss({"x": 1.0}, relative=True),
+    lambda: losses.WassersteinStyleLoss({"x": 1.0}, relative=True),
+], ids=["content", "gram", "meanstd", "wasserstein"])
+def test_relative_values_score_all_zero_features_one(make, rng):
+    """The divisor is what all-zero features score against the target, so they score 1 (mean–std's
+    σ of zero features is √1e-5, not 0: within that)."""
+    loss = _targets_for(make(), rng, shape=(1, 3, 6, 6))
+    assert loss({"x": torch.zeros(1, 3, 6, 6, dtype=torch.float64)}, None)["x"].item() == pytest.approx(1.0, abs=1e-2)
+    plain = make()
+    plain.relative = False
+    plain.use_targets(loss.targets)
+    image = torch.rand(1, 3, 6, 6, generator=rng, dtype=torch.float64)
+    assert loss({"x": image}, None)["x"].item() == pytest.approx(
+        plain({"x": image}, None)["x"].item() / loss.zero_value(loss.targets["x"]).item(), rel=1e-9)
+
+
+def test_relative_mrf_divides_by_the_style_patches_mean_square(rng):
+    style = torch.rand(1, 2, 5, 5, generator=rng, dtype=torch.float64)
+    image = torch.rand(1, 2, 5, 5, generator=rng, dtype=torch.float64)
+    relative, plain = (losses.MRFStyleLoss({"x": 1.0}, patch_size=2, relative=flag) for flag in (True, False))
+    for loss in (relative, plain):
+        loss.set_targets(identity_encoder, [style], [1.0])
+    patches = losses.extract_patches(style, 2, 1)
+    assert relative({"x": image}, None)["x"].item() == pytest.approx(
+        plain({"x": image}, None)["x"].item() / patches.square().mean().item(), rel=1e-9)
+
+
 def test_mrf_matches_identical_patches_to_zero_loss(rng):
     features = torch.rand(1, 3, 6, 6, generator=rng)
     mrf = losses.MRFStyleLoss({"x": 1.0}, patch_size=3)

@@ -13,9 +13,9 @@ LAYERS = {"relu1_1": 0.2, "relu2_1": 0.2, "relu3_1": 0.2, "relu4_1": 0.2, "relu5
 def objective(encoder_layers=("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu4_2", "relu5_1"), pooling="max"):
     encoder = encoders.vgg19(list(encoder_layers), weights="random", pooling=pooling, seed=0)
     loss_set = {
-        "content": losses.ContentLoss({"relu4_2": 1.0}),
+        "content": losses.ContentLoss({"relu4_2": 1.0}, relative=True),
         "style": losses.GramStyleLoss(LAYERS, score_weight=1e3),
-        "statistics": losses.MeanStdStyleLoss({"relu2_1": 0.5, "relu4_1": 0.5}, score_weight=10.0),
+        "statistics": losses.MeanStdStyleLoss({"relu2_1": 0.5, "relu4_1": 0.5}, score_weight=10.0, relative=True),
         "tv": losses.TotalVariationLoss(score_weight=0.5),
     }
     return losses.PerceptualObjective(encoder, loss_set)

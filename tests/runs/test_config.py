@@ -13,7 +13,7 @@ from stx.runs.job import build_job
 
 def test_defaults_compose_to_gatys_on_vgg19(make_cfg, tmp_path):
     cfg = make_cfg()
-    assert cfg.encoder._target_ == "stx.engine.encoders.vgg19" and cfg.encoder.weights == "imagenet"
+    assert cfg.encoder._target_ == "stx.engine.encoders.vgg19" and cfg.encoder.weights == "auto"
     assert set(cfg.loss) == {"content", "style"}
     assert cfg.tracking.uri == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     assert OmegaConf.to_container(cfg.schedule.levels, resolve=True) == [{"size": 256, "steps": 200}]
@@ -21,20 +21,23 @@ def test_defaults_compose_to_gatys_on_vgg19(make_cfg, tmp_path):
 
 @pytest.mark.parametrize("choice", options("encoder"))
 def test_encoder_options(make_cfg, choice):
-    vgg = choice.startswith("vgg")
-    job = build_job(make_cfg(f"encoder={choice}", *FAST, *([] if vgg else [f"loss=gatys_{choice}", "schedule.size=48"])))
-    last = {"resnet50": "layer4_2", "efficientnet_b0": "head_conv"}.get(choice, "pool5")
+    """Every encoder runs with the default loss alone: it reads the layers the encoder option names."""
+    job = build_job(make_cfg(f"encoder={choice}", *FAST, "schedule.size=48"))
+    last = {"resnet50": "layer4_2", "efficientnet_b0": "head_conv", "mobilenet_v2": "head_conv"}.get(choice, "pool5")
     assert job.loss.encoder.available[-1] == last
     assert ("relu5_4" in job.loss.encoder.available) == (choice == "vgg19")
+    cfg = make_cfg(f"encoder={choice}")
+    assert job.loss.losses["style"].layer_weights == cfg.encoder.layers.style
+    assert job.loss.losses["content"].layer_weights == cfg.encoder.layers.content
+    mrf = build_job(make_cfg(f"encoder={choice}", "loss=mrf", *FAST, "schedule.size=96"))
+    assert mrf.loss.losses["style"].layer_weights == cfg.encoder.layers.patch
 
 
 @pytest.mark.parametrize("choice", options("loss"))
 def test_loss_options(make_cfg, choice):
-    encoder = [f"encoder={choice.removeprefix('gatys_')}"] if choice.startswith("gatys_") and choice != "gatys_tv" else []
-    job = build_job(make_cfg(f"loss={choice}", *FAST, "schedule.size=48", *encoder))  # MRF's 3×3 patches at relu4_1 need 24 px
+    job = build_job(make_cfg(f"loss={choice}", *FAST, "schedule.size=48"))  # MRF's 3×3 patches at relu4_1 need 24 px
     assert all(isinstance(term, losses.Loss) for term in job.loss.losses.values())
     expected = {"gatys": {"content", "style"}, "gatys_tv": {"content", "style", "tv"}, "mrf": {"content", "style", "tv"},
-                **dict.fromkeys(("gatys_alexnet", "gatys_resnet50", "gatys_efficientnet_b0"), {"content", "style"}),
                 "johnson": {"content", "style", "tv"},
                 **dict.fromkeys(("meanstd", "wasserstein", "guided"), {"content", "style"})}
     assert set(job.loss.losses) == expected[choice]
@@ -82,7 +85,7 @@ def test_typos_fail_at_composition(make_cfg, override, message):
     "overrides,message",
     [
         (["loss.style.score_weight=-1"], r"loss.style: score_weight=-1.0 is not valid"),
-        (["loss.style.layers.relu1_1=nan"], r"layer weight relu1_1=nan is not valid"),
+        (["encoder.layers.style.relu1_1=nan"], r"layer weight relu1_1=nan is not valid"),
         (["+loss.content.layers.relu9_1=1.0"], r"unknown encoder layer\(s\) 'relu9_1'; valid layers are: conv1_1"),
         (["schedule.size=4"], r"pyramid level size 4 is impossible"),
         (["schedule.steps=-3"], r"steps=-3 is not valid"),

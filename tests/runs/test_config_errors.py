@@ -17,13 +17,18 @@ from stx.runs.job import build_job
         ("schedule.stpes=2", "schedule.stpes is not a config key. Did you mean schedule.steps? Keys under schedule: "
                              "bounds, checkpoint_every, cuda_graph, init, init_image, levels, max_rise, optimizer, size, steps, style_scale, tile."),
         ("loss.style.layerz.relu1_1=1", "loss.style.layerz is not a config key. Did you mean loss.style.layers? "
-                                        "Keys under loss.style: _target_, layers, normalize_gradients, score_weight. "
+                                        "Keys under loss.style: _target_, layers, normalize_gradients, relative, score_weight. "
                                         "To add a new key there instead, write +loss.style.layerz=…"),
         ("sed=1", "sed is not a config key. Did you mean seed? Keys at the top level: color, device, encoder, hydra, images, judge, "
                   "loss, objective, output, precision, resume, runs_dir, schedule, seed, tracking."),
         ("loss.style.score_weight.x=1", "loss.style.score_weight.x is not a config key: loss.style.score_weight is a "
                                         "value, with no keys under it."),
-        ("loss=gatyss", "loss=gatyss is not an option of loss. Did you mean gatys or gatys_tv or gatys_resnet50? Options: "
+        ("loss.style.layers.relu1_1=0.5", "loss.style.layers.relu1_1 cannot be set alone: loss.style.layers is the "
+                                          "encoder's layer set it reads (${encoder.layers.content}, style or patch; "
+                                          "`stx --cfg job` shows which). Set the weight there, e.g. "
+                                          "encoder.layers.style.relu1_1=…, or replace the whole set: "
+                                          "'loss.style.layers={relu1_1: …}'."),
+        ("loss=gatyss", "loss=gatyss is not an option of loss. Did you mean gatys or gatys_tv? Options: "
                         f"{', '.join(options('loss'))}."),
         ("schedule=_bse", "schedule=_bse is not an option of schedule. Options: adam, lbfgs, pyramid."),  # _base is shared
         ("hydra/launcher=jobib", "hydra/launcher=jobib is not an option of hydra/launcher. Did you mean joblib? Options: "
