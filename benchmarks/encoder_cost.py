@@ -22,12 +22,7 @@ from hydra import compose, initialize_config_dir
 from stx.runs.job import build_job
 from stx.runs.schema import CONF_DIR
 
-CASES = {
-    "vgg19": "gatys",
-    "alexnet": "gatys_alexnet",
-    "resnet50": "gatys_resnet50",
-    "efficientnet_b0": "gatys_efficientnet_b0",
-}
+CASES = {arch: "gatys" for arch in ("vgg19", "alexnet", "resnet50", "efficientnet_b0", "mobilenet_v2")}
 
 
 def sync(device: torch.device) -> None:

@@ -31,7 +31,7 @@ def test_job_is_tracked_in_mlflow(tmp_path):
     assert run.info.status == "FINISHED"
 
     params = run.data.params
-    assert params["loss.style.score_weight"] == "1000.0"
+    assert params["loss.style.score_weight"] == "5.0"
     assert params["schedule.levels.0.steps"] == "4" and params["encoder.weights"] == "random"
     assert params["choice/loss"] == "gatys_tv" and params["choice/color"] == "none"  # plottable in the UI
     assert run.info.run_name == "weights=random size=48 loss=gatys_tv steps=4"  # short; no runs_dir, no tracking
@@ -91,7 +91,7 @@ def test_unwritable_runs_folder_is_one_clear_error(tmp_path, multirun):
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("loss=gatyss", "loss=gatyss is not an option of loss. Did you mean gatys or gatys_tv or gatys_resnet50? Options: "
+        ("loss=gatyss", "loss=gatyss is not an option of loss. Did you mean gatys or gatys_tv? Options: "
                         f"{', '.join(options('loss'))}."),
         ("loss.sytle=1", "loss.sytle is not a config key. Did you mean loss.style? Keys under loss: content, style. "
                          "To add a new key there instead, write +loss.sytle=…"),
@@ -203,7 +203,7 @@ def test_help_introduces_the_commands_and_each_primary_configs_own_groups():
     main, train = cli.overview("config"), cli.overview("train")
     for command in (*cli.COMMANDS, "train"):
         assert f"\n  {command} " in main
-    assert "\n  encoder     alexnet, efficientnet_b0, resnet50, vgg16, vgg19*\n" in main
+    assert "\n  encoder     alexnet, efficientnet_b0, mobilenet_v2, resnet50, vgg16, vgg19*\n" in main
     assert "_base" not in main and "_base" not in train
     assert "\n  experiment " in main and "\n  experiment " not in train  # each lists its own groups only
     assert "\n  trainer " in train and "\n  trainer " not in main

@@ -253,7 +253,7 @@ def test_a_bad_command_fails(text, project, monkeypatch):
 E2E = {
     ("color=luminance",): [],
     ("loss=guided", "encoder.weights=random"): ["schedule.size=48"],
-    ("-m", "loss.style.score_weight=1e3,1e4", "schedule.steps=100,200"): [],
+    ("-m", "loss.style.score_weight=1,10", "schedule.steps=100,200"): [],
     ("--cfg", "job"): [],
 }
 """Small run commands the docs show, run end to end with :data:`conftest.FAST` (and the extra

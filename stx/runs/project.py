@@ -44,7 +44,7 @@ An stx project: your images in `images/`, your configs in `conf/` (merged with s
 ```bash
 stx -cd conf -cn project                                   # run with conf/project.yaml
 stx -cd conf -cn project experiment=quick_look             # a preset from conf/experiment/
-stx -cd conf -cn project -m loss.style.score_weight=1e3,1e4,1e5   # a sweep
+stx -cd conf -cn project -m loss.style.score_weight=1,10,100   # a sweep
 mlflow ui --backend-store-uri sqlite:///runs/mlflow.db     # compare the runs
 ```
 

@@ -80,7 +80,7 @@ def histories(folder):
 @pytest.mark.slow
 def test_each_run_of_a_batched_sweep_is_the_run_it_is_alone_and_a_nan_fails_only_its_own(tmp_path, fresh_store):
     """1e45 is finite, but not in float32: that job's loss is inf at its first step."""
-    sweep = ["-m", *FAST, "schedule.steps=6", "loss.style.score_weight=1e3,1e45,1e5,1e7"]
+    sweep = ["-m", *FAST, "schedule.steps=6", "loss.style.score_weight=1,1e45,10,100"]
     for folder, launcher in (("basic", ["hydra/launcher=basic"]), ("batched", [])):
         fresh_store(tmp_path / folder)
         assert stx_here(tmp_path / folder, *sweep, *launcher).returncode == 1  # a job failed
@@ -89,7 +89,7 @@ def test_each_run_of_a_batched_sweep_is_the_run_it_is_alone_and_a_nan_fails_only
     assert together["1e+45"][0] == alone["1e+45"][0] == "FAILED"
     assert (together["1e+45"][3] / "last_finite_output.png").is_file()
     assert {run[1] for run in together.values()} == {("true", "4")} and {run[1] for run in alone.values()} == {(None, None)}
-    for weight in ("1000.0", "100000.0", "10000000.0"):
+    for weight in ("1", "10", "100"):
         status, _, totals, run_dir = together[weight]
         assert status == "FINISHED" and len(totals) == 6 and (run_dir / "output.png").is_file()
         assert totals == pytest.approx(alone[weight][2], rel=1e-4)
