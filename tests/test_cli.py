@@ -58,7 +58,7 @@ def test_job_is_tracked_in_mlflow(tmp_path):
     assert run_dir.parent.parent == tmp_path / "runs"
     story = (run_dir / "stx.log").read_text()  # the run's whole story: what it was, how it went, what came out
     for line in ("job 'weights=random size=48 loss=gatys_tv steps=4': overrides: encoder.weights=random",
-                 "  choices: color=none, encoder=vgg19, images=sample, judge=default, loss=gatys_tv, objective=balanced, "
+                 "  choices: color=none, encoder=vgg19, images=sample, judge=default, loss=gatys_tv, objective=keeper, "
                  "schedule=lbfgs, tracking=local", "  size: 48 px, steps: 4, device: auto",
                  "step 1/4 (48 px): total ", "step 4/4 (48 px): total ", "result: output " + str(run_dir / "output.png")):
         assert line in story, story

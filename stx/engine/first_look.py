@@ -21,14 +21,11 @@ from __future__ import annotations
 
 import torch
 
-from stx.engine.image import resize
-from stx.engine.judge import Judge, gaussian_profile, grey, srgb_to_lab, ssim
+from stx.engine.judge import STRUCTURE_SIZE, Judge, gaussian_profile, srgb_to_lab, ssim, thumbnail
 
 MIN_COLOUR_MOVE = 0.5
 MIN_STRUCTURE = 0.35
 MAX_STYLE_RATIO = 0.8
-STRUCTURE_SIZE = 96
-"""Long edge (px) at which :func:`structure` compares luminances."""
 
 
 def colour_stats(image: torch.Tensor) -> torch.Tensor:
@@ -44,11 +41,10 @@ def colour_move(image: torch.Tensor, content: torch.Tensor, style: torch.Tensor)
     return 1 - ((colour_stats(image) - target).norm() / (colour_stats(content) - target).norm()).item()
 
 
-def structure(image: torch.Tensor, content: torch.Tensor, size: int = STRUCTURE_SIZE) -> float:
-    """SSIM of the luminances of ``image`` and ``content`` (same shape), both at ``size`` px long edge
-    (1: the content's structure; about 0: none of it)."""
-    small, reference = (grey(resize(x.float(), size)) for x in (image, content))
-    return ssim(small, reference, gaussian_profile()).item()
+def structure(image: torch.Tensor, content: torch.Tensor) -> float:
+    """SSIM of the luminances of ``image`` and ``content`` (same shape), both at :data:`STRUCTURE_SIZE`
+    px long edge (1: the content's structure; about 0: none of it); the judge's ``structure``."""
+    return ssim(thumbnail(image.float()), thumbnail(content.float()), gaussian_profile()).item()
 
 
 def first_look(image: torch.Tensor, content: torch.Tensor, style: torch.Tensor, judge: Judge) -> dict[str, float]:

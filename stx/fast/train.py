@@ -33,7 +33,7 @@ from stx.engine.losses import PerceptualObjective
 from stx.errors import ConfigError, NonFiniteLossError, StxError
 from stx.fast import data, export
 from stx.runs import hydra_job, interrupts, layout
-from stx.runs.job import build, build_encoder, build_judge, resolve_device, style_weights
+from stx.runs.job import build, build_encoder, build_judge, objective_of, resolve_device, style_weights
 from stx.runs.monitor import peak_memory_bytes, step_bar
 from stx.runs.objectives import Objective
 from stx.runs.schema import TrainSchema
@@ -121,7 +121,7 @@ def build_training(cfg: DictConfig) -> Training:
         judge = Judge(first.encoder, name=first.name)
         judge.set_references(image[None].to(device), styles, weights)
         judges.append(judge)
-    objective = Objective(metrics=dict(cfg.objective.metrics), pareto=cfg.objective.pareto)
+    objective = objective_of(cfg)
     return Training(model, loss, optimizer, scheduler, dataset, held_out.to(device), judges, style_paths, device,
                     objective, files.skipped)
 

@@ -29,8 +29,10 @@ from stx.runs.store import existing_store
 CELL = 256
 LABEL_LINE = 14
 STYLE, CONTENT = "eval/style_distance", "eval/content_distance"
-SCORES = (layout.OBJECTIVE_METRIC, STYLE, CONTENT, "eval/color_distance_style", "eval/color_distance_content",
-          "eval/ssim_content")
+SCORES = (layout.OBJECTIVE_METRIC, STYLE, "eval/structure", CONTENT, "eval/color_distance_style",
+          "eval/color_distance_content")
+"""The metrics the table shows (``eval/ssim_content``, logged too, is left out: ``eval/structure`` says at a
+thumbnail's size what it says at full size, without counting the strokes a stylisation paints)."""
 
 
 @dataclass
@@ -223,7 +225,7 @@ def contact_sheet(rows: list[Row]) -> Image.Image:
 
 SCORE_HEADERS = {layout.OBJECTIVE_METRIC: "objective", STYLE: "style_d", CONTENT: "content_d",
                  "eval/color_distance_style": "color_s", "eval/color_distance_content": "color_c",
-                 "eval/ssim_content": "ssim"}
+                 "eval/structure": "struct"}
 """The table's short headers of :data:`SCORES` (its last line says what each stands for)."""
 
 
@@ -244,7 +246,7 @@ def table(rows: list[Row]) -> str:
     legend = [f"{name}: {key}" for key, name in short.items() if name != key]
     legend += [f"{SCORE_HEADERS[k]}: {k}" for k in score_keys if SCORE_HEADERS[k] != k]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip() for cells in [header, *body]]
-    notes = textwrap.wrap(f"({'; '.join(legend)}; lower is better but for ssim)", 100) if legend else []
+    notes = textwrap.wrap(f"({'; '.join(legend)}; lower is better but for struct)", 100) if legend else []
     return "\n".join([*lines, *notes])
 
 

@@ -79,6 +79,12 @@ class Job:
     """Planned peak bytes of the optimisation's largest level (:func:`~stx.engine.plan.plan_memory`)."""
 
 
+def objective_of(cfg: DictConfig) -> Objective:
+    """The sweep objective of ``cfg.objective``."""
+    node = cfg.objective
+    return Objective(metrics=dict(node.metrics), pareto=node.pareto, limits=dict(node.limits), penalty=node.penalty)
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` → CUDA when available, else CPU; ``cuda`` must exist when asked for."""
     if name == "auto":
@@ -250,7 +256,7 @@ def _build_job(cfg: DictConfig) -> Job:
     except OmegaConfBaseException as exc:
         raise ConfigError(f"the config cannot be resolved: {exc}") from exc
     device = resolve_device(cfg.device)
-    objective = Objective(metrics=dict(cfg.objective.metrics), pareto=cfg.objective.pareto)
+    objective = objective_of(cfg)
     content_path, style_paths, init_path = input_paths(cfg)
     weights = style_weights(cfg.images)
     loss = build_objective(cfg, device)

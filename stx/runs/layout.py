@@ -242,6 +242,8 @@ LEGACY_VALUES = {
     "encoder.softmax": None,
     "tracking.flush_seconds": 5.0,
     "encoder.layers": {"content": {}, "style": {}, "patch": {}},  # its losses named their layers themselves
+    "objective.limits": {},
+    "objective.penalty": 0.0,
 }
 """Config keys added after runs were logged without them: the value that does what stx did
 before the key existed, filled in when such a run is reproduced, resumed or promoted."""

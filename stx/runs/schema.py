@@ -97,6 +97,8 @@ class TrackingSchema:
 @dataclass
 class ObjectiveSchema:
     metrics: Dict[str, float] = MISSING
+    limits: Dict[str, float] = MISSING
+    penalty: float = MISSING
     pareto: bool = MISSING
 
 

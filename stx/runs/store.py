@@ -41,7 +41,7 @@ VIEW_KEY = "stx"
 ``mlflow.sharedViewState.stx``, opened by ``…/#/experiments/<id>/runs?viewStateShareKey=stx``, the
 link ``stx ui`` prints): sorted by ``objective``, with the quality metrics and swept params as columns."""
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
-VIEW_METRICS = ("objective", "eval/style_distance", "eval/content_distance", "eval/ssim_content",
+VIEW_METRICS = ("objective", "eval/style_distance", "eval/structure", "eval/content_distance", "eval/ssim_content",
                 "eval/color_distance_style")
 QUIET_LOGGERS = ("mlflow.store.db.utils",)
 """They log each failed call to the store as an ERROR with a traceback; stx reports the failure once."""

@@ -68,8 +68,8 @@ def test_metric_names_and_directions(make_judge, content):
     metrics = make_judge(content, [content])(content)
     assert list(metrics) == list(judge.METRICS)
     assert all(isinstance(value, float) for value in metrics.values())
-    assert judge.METRICS["ssim_content"] == "maximize"
-    assert {d for name, d in judge.METRICS.items() if name != "ssim_content"} == {"minimize"}
+    assert judge.METRICS["ssim_content"] == judge.METRICS["structure"] == "maximize"
+    assert {d for name, d in judge.METRICS.items() if name not in ("ssim_content", "structure")} == {"minimize"}
 
 
 def test_identical_images_score_zero_and_ssim_one(make_judge, content):
@@ -79,6 +79,7 @@ def test_identical_images_score_zero_and_ssim_one(make_judge, content):
     assert metrics["color_distance_style"] == 0.0
     assert metrics["color_distance_content"] == 0.0
     assert metrics["ssim_content"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics["structure"] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_lab_conversion_matches_published_values():

@@ -47,11 +47,12 @@ def test_sweep_then_compare_then_reproduce(tmp_path, fresh_store):
     assert parent.data.params == {"encoder.weights": "random", "judge.weights": "random", "schedule.size": "32",
                                   "schedule.steps": "5"}  # fixed overrides
 
-    # the objective is the judge's style + content distance, not the weighted loss (whose
-    # smallest is the smallest score weight's by far)
+    # the objective is the judge's style distance plus 10 × the structure's shortfall below 0.35 (objective=keeper),
+    # not the weighted loss (whose smallest is the smallest score weight's by far)
     for child in children:
         metrics = child.data.metrics
-        assert metrics["objective"] == pytest.approx(metrics["eval/style_distance"] + 0.25 * metrics["eval/content_distance"])
+        shortfall = max(0.0, 0.35 - metrics["eval/structure"])
+        assert metrics["objective"] == pytest.approx(metrics["eval/style_distance"] + 10 * shortfall)
     by_weight = {c.data.params["loss.style.score_weight"]: c for c in children}
     assert min(children, key=lambda c: c.data.metrics["total"]) is by_weight["10.0"]
     best = min(children, key=lambda c: c.data.metrics["objective"])
