@@ -264,11 +264,16 @@ def tool_main(argv: list[str]) -> None:
             print(text)
             print(f"stx: contact sheet {sheet}")
         else:
-            from stx.runs.reproduce import reproduce
+            from stx.runs.layout import find_run
+            from stx.runs.reproduce import reproduce, why_different
+            from stx.runs.store import existing_store
 
             result, difference = reproduce(args.run_id, args.tracking_uri)
+            original = find_run(existing_store(args.tracking_uri), args.run_id)
             print(f"stx: reproduced {args.run_id} as MLflow run {result.run_id}; max pixel difference to the "
                   f"original output: {difference}/255")
+            if why := why_different(original.data.tags, difference):
+                print(f"stx: {why}")
     except StxError as error:
         fail(str(error))
 

@@ -210,7 +210,10 @@ def total_variation(image: torch.Tensor, exponent: float = 2.0) -> torch.Tensor:
 
 
 def _check_weight(value: float, what: str) -> float:
-    value = float(value)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what}={value!r} is not valid: weights must be finite numbers >= 0.") from None
     if not value >= 0.0 or value == float("inf"):
         raise ConfigError(f"{what}={value!r} is not valid: weights must be finite numbers >= 0.")
     return value

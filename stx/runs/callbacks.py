@@ -20,6 +20,8 @@ says so and exits 1.
 from __future__ import annotations
 
 import atexit
+import copy
+import itertools
 import math
 import os
 import shlex
@@ -33,6 +35,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from stx.errors import StoreFailure, StxError, TrackingError, first_line
 from stx.runs import hydra_job, interrupts, layout
@@ -44,6 +47,34 @@ def exit_with(error: StxError) -> None:
     """Stop the command with the error's message (SystemExit passes Hydra's reporter untouched)."""
     print(f"stx: error: {error}", file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+def check_sweep_jobs(config: DictConfig, overrides: list) -> None:
+    """Check every job of a sweep over plain values (``key=a,b,c``) with :func:`stx.runs.job.check_job`
+    before the sweep's parent run is created or any job starts (config group sweeps are checked by Hydra
+    as it composes them): a bad value stops the sweep with one paragraph naming the key, the value and
+    the job, and exit status 2."""
+    choices = set(config.hydra.runtime.choices)
+    swept = [o for o in overrides if o.is_sweep_override() and o.is_discrete_sweep() and not o.is_hydra_override()
+             and o.key_or_group not in choices and "/" not in o.key_or_group and o.package is None]
+    if not swept:
+        return
+    from stx.runs.job import check_job  # loads torch: the sweep is about to
+
+    keys = [o.key_or_group for o in swept]
+    combinations = list(itertools.product(*(list(o.sweep_iterator()) for o in swept)))
+    for number, values in enumerate(combinations, 1):
+        job = copy.deepcopy(OmegaConf.masked_copy(config, [key for key in config if key != "hydra"]))
+        where = f"sweep job {number}/{len(combinations)} ({', '.join(f'{k}={v}' for k, v in zip(keys, values))})"
+        try:
+            for key, value in zip(keys, values):
+                OmegaConf.update(job, key, value, merge=True)
+        except OmegaConfBaseException as exc:
+            exit_with(StxError(f"{where}: {str(exc).splitlines()[0]}; no job was started."))
+        try:
+            check_job(job)
+        except StxError as error:
+            exit_with(StxError(f"{where}: {error} No job was started."))
 
 
 def check_writable(folder: str) -> None:
@@ -125,6 +156,7 @@ class MlflowSweepCallback(Callback):
             **{key: value for key, value in process_tags().items() if key != layout.TAG_HEARTBEAT},
         }
         overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+        check_sweep_jobs(config, overrides)
         self.swept_keys = [o.key_or_group for o in overrides if o.is_sweep_override()]
         self.swept_keys += [str(key) for key in (config.hydra.sweeper.get("params") or {})]
         if warning := idle_seed_warning(config, self.swept_keys):

@@ -27,11 +27,12 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from stx.engine import color, encoders, losses, tiling
+from stx.engine.image import image_shape
 from stx.engine.inputs import InputFiles, check_files
 from stx.engine.judge import EVAL_SIZE, Judge, judge_encoder, judge_name, resolve_judge
 from stx.engine.optim import PyramidLevel, Schedule
 from stx.engine.plan import plan_memory
-from stx.errors import ConfigError
+from stx.errors import ConfigError, StxError
 from stx.runs import layout, plugins
 from stx.runs.objectives import Objective
 
@@ -248,24 +249,58 @@ def build_job(cfg: DictConfig) -> Job:
         return _build_job(cfg)
 
 
-def _build_job(cfg: DictConfig) -> Job:
-    # The config is read here, top to bottom, into values; the engine and layout get values only,
-    # each called once, in the order they import one another (the judge, the output name, the plan).
+@dataclass
+class Checked:
+    """What :func:`check_job` read from a config: the values a job is built from that need neither
+    weights nor pixels."""
+
+    device: torch.device
+    objective: Objective
+    paths: tuple[Path, list[Path], Path | None]
+    """The content, the styles and the init image (or None), absolute."""
+    style_weights: list[float]
+    terms: dict[str, losses.Loss]
+    schedule: Schedule
+    control: color.ColorControl
+
+
+def check_job(cfg: DictConfig) -> Checked:
+    """Every check of a job that needs neither weights nor pixels, in milliseconds: the config resolves,
+    every value and type (device, objective, style weights, each loss term, the schedule, the colour
+    control, the output name) and the input files' headers; raises :class:`ConfigError` or
+    :class:`~stx.errors.ImageError`. A sweep runs it for every job before the first starts."""
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"the config cannot be resolved: {exc}") from exc
     device = resolve_device(cfg.device)
     objective = objective_of(cfg)
-    content_path, style_paths, init_path = input_paths(cfg)
+    paths = input_paths(cfg)
     weights = style_weights(cfg.images)
-    loss = build_objective(cfg, device)
+    terms = {str(name): build(node, f"loss.{name}", "loss") for name, node in cfg.loss.items()}
     schedule = build_schedule(cfg)
-    schedule.autocast(device)
     control = build(cfg.color, "color", "color")
+    for key, path in (("images.content", paths[0]), *((f"images.styles.{i}", p) for i, p in enumerate(paths[1])),
+                      ("schedule.init_image", paths[2])):
+        if path is not None:
+            try:
+                image_shape(path)
+            except StxError as exc:
+                raise type(exc)(f"{key}: {exc}") from exc
+    layout.check_output(cfg.output)
+    return Checked(device, objective, paths, weights, terms, schedule, control)
+
+
+def _build_job(cfg: DictConfig) -> Job:
+    # The config is read here, top to bottom, into values; the engine and layout get values only,
+    # each called once, in the order they import one another (the judge, the output name, the plan).
+    checked = check_job(cfg)
+    device, schedule, control, weights = checked.device, checked.schedule, checked.control, checked.style_weights
+    content_path, style_paths, init_path = checked.paths
+    loss = build_objective(cfg, device, checked.terms)
+    schedule.autocast(device)
     files = check_files(loss, schedule, content_path, style_paths, init_path)
     judge, judged = judge_of(cfg, device, files, weights)
-    layout.check_output(cfg.output)
     plan = plan_memory(cfg.schedule.tile, loss, schedule, files, device)
     if max(plan.content_shape) < schedule.size:
         log.warning("stx: warning: images.content is %d×%d px; it is upscaled to a %d px long edge (schedule.size), "
@@ -276,7 +311,7 @@ def _build_job(cfg: DictConfig) -> Job:
     if not judged:
         judge.set_references(inputs.references[0], inputs.references[1:], weights, background=device.type == "cpu")
     loss = plan.apply(loss)
-    return Job(loss, content, styles, weights, schedule, device, content_path, style_paths, judge, objective,
+    return Job(loss, content, styles, weights, schedule, device, content_path, style_paths, judge, checked.objective,
                control, initial, sum(plan.estimate.values()))
 
 
@@ -294,11 +329,12 @@ def input_paths(cfg: DictConfig) -> tuple[Path, list[Path], Path | None]:
             None if init is None else Path(to_absolute_path(init)))
 
 
-def build_objective(cfg: DictConfig, device: torch.device | str = "cpu") -> losses.PerceptualObjective:
-    """The loss set of ``cfg.loss`` over an encoder of ``cfg.encoder`` built with just the layers it
-    reads, on ``device``. The encoder is shared with the previous jobs of this process that asked for
-    the same one (:func:`shared_encoder`)."""
-    loss_set = {str(name): build(node, f"loss.{name}", "loss") for name, node in cfg.loss.items()}
+def build_objective(cfg: DictConfig, device: torch.device | str = "cpu",
+                    terms: dict[str, losses.Loss] | None = None) -> losses.PerceptualObjective:
+    """The loss set of ``cfg.loss`` (or its ``terms``, already built) over an encoder of ``cfg.encoder``
+    built with just the layers it reads, on ``device``. The encoder is shared with the previous jobs of
+    this process that asked for the same one (:func:`shared_encoder`)."""
+    loss_set = terms if terms is not None else {str(n): build(node, f"loss.{n}", "loss") for n, node in cfg.loss.items()}
     layers = frozenset().union(*(loss.layers for loss in loss_set.values()))
     encoder = shared_encoder(cfg.encoder, layers, torch.device(device)) if layers else None
     return losses.PerceptualObjective(encoder, loss_set).to(device)

@@ -31,6 +31,20 @@ def max_pixel_difference(a: Path, b: Path) -> int:
     return 255 if x.shape != y.shape else int(np.abs(x - y).max())
 
 
+def why_different(tags: dict[str, str], difference: int) -> str:
+    """What a reproduction's max pixel ``difference`` means for a run with ``tags``, in a sentence ('' when 0)."""
+    if difference == 0:
+        return ""
+    if tags.get(layout.TAG_BATCHED) == "true":
+        return (f"the original ran in a batched sweep ({tags.get(layout.TAG_BATCH_SIZE, 'several')} runs at once, tag "
+                f"{layout.TAG_BATCHED}), whose batched encoder passes round floats differently from a run alone; the "
+                f"difference grows over the L-BFGS steps, so {difference}/255 is rounding, not a change of settings. "
+                f"For an exact replay, sweep with hydra/launcher=basic: its runs reproduce to 0/255 on the same machine.")
+    return ("the original was not batched, so on the same machine and commit it should reproduce exactly: a "
+            "difference comes from another machine's or library's float arithmetic (CPU kind, thread count, "
+            "torch version) or from a changed commit (see the warning above, if any).")
+
+
 def reproduce(run_id: str, uri: str) -> tuple[JobResult, int]:
     """Re-run ``run_id`` as a new run tagged ``reproduced_from``; return it and the max pixel difference."""
     client = existing_store(uri)

@@ -72,3 +72,13 @@ def test_a_truncated_checkpoint_is_one_paragraph(tmp_path):
     path.write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(StxError, match="the checkpoint checkpoint.pt of this run cannot be read as an stx checkpoint"):
         layout.load_checkpoint(path)
+
+
+def test_a_difference_is_explained_by_how_the_original_ran():
+    from stx.runs.reproduce import why_different
+
+    assert why_different({"stx.batched": "true", "stx.batch_size": "4"}, 0) == ""
+    batched = why_different({"stx.batched": "true", "stx.batch_size": "4"}, 31)
+    assert "batched sweep (4 runs at once" in batched and "31/255 is rounding" in batched
+    assert "hydra/launcher=basic" in batched
+    assert "should reproduce exactly" in why_different({}, 3)

@@ -260,3 +260,19 @@ def test_two_swept_keys_that_shorten_alike_are_told_apart_in_names_and_the_table
     assert layout.run_name("loss.style.score_weight=1e3 loss.content.score_weight=2") == "style.sw=1000 content.sw=2"
     swept = {"loss.style.score_weight": "1000.0", "loss.content.score_weight": "2.0"}
     assert swept_label(Row(None, swept, None)) == "style.sw=1000 content.sw=2"  # the contact sheet's and scatter's
+
+
+@pytest.mark.parametrize("swept, message", [
+    ("loss.style.score_weight=1e3,abc", "sweep job 2/2 (loss.style.score_weight=abc): loss.style: score_weight='abc' "
+                                        "is not valid: weights must be finite numbers >= 0. No job was started."),
+    ("images.content=nope.png,stx/assets/content.png", "sweep job 1/2 (images.content=nope.png): images.content: image "),
+])
+def test_a_sweep_with_one_bad_value_starts_nothing(tmp_path, fresh_store, swept, message):
+    """Every job's values are checked before the parent run is created or any job starts."""
+    fresh_store(tmp_path)
+    result = stx_here(tmp_path, "-m", *FAST, swept)
+    assert result.returncode == 2 and result.stderr.startswith(f"stx: error: {message}"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "stx: job" not in result.stdout
+    store = tmp_path / "runs" / "mlflow.db"
+    assert not store.exists() or not MlflowClient(local_uri(tmp_path)).search_runs(
+        [e.experiment_id for e in MlflowClient(local_uri(tmp_path)).search_experiments()])
