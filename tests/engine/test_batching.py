@@ -23,6 +23,14 @@ def images(seed):
     return torch.rand(1, 3, 40, 40, generator=rng), torch.rand(1, 3, 40, 40, generator=rng)
 
 
+LBFGS_AGREEMENT = 1e-4
+"""How closely an L-BFGS run's losses agree batched and alone (float32 rounding of the batched pass)."""
+ADAM_AGREEMENT = 2e-3
+"""The same for Adam: it divides each pixel's step by its gradient's running size, so rounding in the batched
+pass moves pixels whose gradients are nearly 0 by up to lr, and its runs agree less closely (seen: 2.8e-4 and
+3.0e-4 on AMD EPYCs, in both tests that batch an Adam run)."""
+
+
 def objective(encoder, style_weight, relative=False):
     return losses.PerceptualObjective(encoder, {
         "content": losses.ContentLoss({"relu2_1": 1.0}, relative=relative),
@@ -95,9 +103,7 @@ def test_each_run_of_a_batch_follows_its_trajectory_alone(vgg19_random, optimize
     assert scored_together == [3] * 8 and built == [3]  # scored together in each, their targets stacked once
     # L-BFGS: each run's first step its own, the 7 later ones taken for the three runs at once
     assert stepped_together == ([3] * 7 if optimizer is LBFGS else [])
-    # Adam divides each pixel's step by its gradient's running size, so rounding in the batched pass
-    # moves pixels whose gradients are nearly 0 by up to lr: its runs agree less closely (2.8e-4 on an AMD EPYC).
-    tolerance = 2e-3 if optimizer is ADAM else 1e-4
+    tolerance = ADAM_AGREEMENT if optimizer is ADAM else LBFGS_AGREEMENT
     for single, batched in zip(alone, together):
         assert len(batched) == 8
         assert batched == pytest.approx(single, rel=tolerance)
@@ -125,8 +131,8 @@ def test_a_rise_guard_stop_and_a_nan_stay_in_their_runs(vgg19_random, monkeypatc
     together, _ = run_batched(vgg19_random, settings)
     assert isinstance(alone[1], NonFiniteLossError) and isinstance(together[1], NonFiniteLossError)
     assert together[1].step == alone[1].step
-    for index in (0, 2, 3):
-        assert together[index] == pytest.approx(alone[index], rel=1e-4)
+    for index, tolerance in ((0, ADAM_AGREEMENT), (2, LBFGS_AGREEMENT), (3, LBFGS_AGREEMENT)):
+        assert together[index] == pytest.approx(alone[index], rel=tolerance)
     assert together[0] != pytest.approx(together[2])  # the guard took steps back in run 0 only
     # the L-BFGS run's guard fired as often batched as alone (its state restarted in the bank)
     assert sorted(restarted) == guarded_alone and guarded_alone.count(LBFGS_RISING_LR) >= 1
