@@ -62,6 +62,7 @@ def find_runs(client: MlflowClient, target: str) -> tuple[list[Run], Run | None]
     if not runs:
         raise StxError(f"no runs found for {target!r} in {client.tracking_uri}.")
     check_one_judge(runs, target)
+    check_one_image_set(runs, target)
     return sorted(runs, key=lambda r: (int(r.data.tags.get(layout.TAG_JOB_NUM, 0)), r.info.start_time)), parent
 
 
@@ -78,6 +79,29 @@ def check_one_judge(runs: list[Run], target: str) -> None:
             f"the runs of {target!r} were judged by different networks: {found}; their eval/ metrics and objectives "
             f"do not compare. Compare a sweep (one judge), or run the jobs again with one judge.arch/judge.weights "
             f"in an experiment of their own (tracking.experiment=…)."
+        )
+
+
+def image_set(run: Run) -> str:
+    """The content and style images a run was made from (its ``images.*`` params), as text."""
+    params = run.data.params
+    styles = [value for key, value in sorted(params.items()) if key.startswith("images.styles.")]
+    return f"content {Path(params.get('images.content', '?')).name}, styles {', '.join(Path(s).name for s in styles)}" \
+        + (f" (blend {params['images.style_weights']})" if params.get("images.style_weights", "None") != "None" else "")
+
+
+def check_one_image_set(runs: list[Run], target: str) -> None:
+    """Refuse to rank runs made from different content or style images: a distance to one photo and a
+    distance to another do not compare."""
+    sets: dict[str, int] = {}
+    for run in runs:
+        sets[image_set(run)] = sets.get(image_set(run), 0) + 1
+    if len(sets) > 1:
+        found = "; ".join(f"{images} ({count} run{'s' if count > 1 else ''})" for images, count in sorted(sets.items()))
+        raise StxError(
+            f"the runs of {target!r} were made from different images: {found}; their eval/ metrics and objectives "
+            f"measure distances to different pictures and do not compare. Compare a sweep's parent run id, or give "
+            f"each image pair an experiment of its own (tracking.experiment=…)."
         )
 
 

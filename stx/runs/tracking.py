@@ -127,6 +127,10 @@ def hydra_tags(hydra_cfg: DictConfig) -> dict[str, str]:
     for group, choice in hydra_cfg.runtime.choices.items():
         if not group.startswith("hydra/") and choice is not None:
             tags[f"{layout.TAG_CHOICE}{group}"] = str(choice)
+    # a run of the user's own images is not tagged as the option whose images it replaced
+    own = [o for o in overrides if o.split("=", 1)[0].lstrip("+~").startswith(("images.content", "images.styles"))]
+    if own and f"{layout.TAG_CHOICE}images" in tags:
+        tags[f"{layout.TAG_CHOICE}images"] = f"{tags[f'{layout.TAG_CHOICE}images']} with {' '.join(own)}"
     return tags
 
 

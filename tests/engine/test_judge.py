@@ -3,6 +3,7 @@ import shutil
 import threading
 
 import pytest
+from mlflow.entities import Param
 import torch
 import torch.nn.functional as F
 from conftest import CONTENT, STYLE
@@ -275,6 +276,23 @@ def test_compare_refuses_runs_judged_differently(tmp_path):
     for name in ("vgg19/imagenet", "vgg16/hed", "vgg16/hed"):
         client.create_run(experiment, tags={"stx.judge": name})
     with pytest.raises(StxError, match=r"judged by different networks: vgg16/hed \(2 runs\), vgg19/imagenet \(1 run\)"):
+        find_runs(client, "mixed")
+
+
+def test_compare_refuses_runs_of_different_images(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from stx.errors import StxError
+    from stx.runs.compare import find_runs
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("mixed")
+    for content in ("/a/content.png", "/a/content.png", "/b/me.jpg"):
+        run = client.create_run(experiment, tags={"stx.judge": "vgg16/hed"})
+        client.log_batch(run.info.run_id, params=[Param("images.content", content), Param("images.styles.0", "/s/style.png"),
+                                                  Param("images.style_weights", "None")])
+    with pytest.raises(StxError, match=r"made from different images: content content.png, styles style.png \(2 runs\); "
+                                       r"content me.jpg, styles style.png \(1 run\);"):
         find_runs(client, "mixed")
 
 

@@ -355,3 +355,18 @@ def test_a_run_page_shows_the_output_and_its_scores_first(tmp_path, client, make
 def test_a_flush_interval_that_is_not_a_duration_is_one_paragraph(tmp_path, client, seconds):
     with pytest.raises(ConfigError, match=rf"^tracking.flush_seconds={seconds} is not valid: use a number of seconds >= 0"):
         RunTracker(tracking(client, flush_seconds=seconds), tmp_path / "job")
+
+
+def test_a_run_of_ones_own_images_says_so_in_its_images_choice():
+    from omegaconf import OmegaConf
+
+    from stx.runs.tracking import hydra_tags
+
+    def tags(*overrides):
+        return hydra_tags(OmegaConf.create({"overrides": {"task": list(overrides)},
+                                            "runtime": {"choices": {"images": "sample", "loss": "gatys"}}}))
+
+    assert tags("seed=1")["hydra.choice.images"] == "sample"
+    own = tags("images.content=me.jpg", "images.styles=[mondrian.png]", "seed=1")
+    assert own["hydra.choice.images"] == "sample with images.content=me.jpg images.styles=[mondrian.png]"
+    assert own["hydra.choice.loss"] == "gatys"
