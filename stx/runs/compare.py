@@ -191,13 +191,16 @@ def scatter_plot(rows: list[Row], path: Path) -> Path | None:
     axes.scatter([x for _, x, _ in points], [y for _, _, y in points], s=8, color="gray")
     front = sorted((x, y) for row, x, y in points if row.on_front)
     axes.plot([x for x, _ in front], [y for _, y in front], color="tab:red", linewidth=1, label="Pareto front")
-    for row, x, y in points:
+    for row, x, y in featured(points):
         if row.image is not None:
             thumbnail = row.image.copy()
             thumbnail.thumbnail((64, 64))
             axes.add_artist(AnnotationBbox(OffsetImage(thumbnail), (x, y), frameon=row.on_front, pad=0.1))
         label = swept_label(row) or row.run.info.run_id[:8]
         axes.annotate(label, (x, y), textcoords="offset points", xytext=(0, -40), ha="center", fontsize=7)
+    if len(points) > SCATTER_FEATURED:
+        axes.set_title(f"{len(points)} runs: thumbnails for the Pareto front and the best by objective "
+                       f"({SCATTER_FEATURED} at most); the contact sheet has every run", fontsize=8)
     axes.set_xlabel("content distance (eval/content_distance; 0 = the content's features)")
     axes.set_ylabel("style distance (eval/style_distance; 0 = the style's statistics)")
     axes.margins(0.15)
@@ -206,6 +209,20 @@ def scatter_plot(rows: list[Row], path: Path) -> Path | None:
     figure.savefig(path)
     pyplot.close(figure)
     return path
+
+
+SCATTER_FEATURED = 12
+"""Most runs the scatter plot shows with a thumbnail and a label: more overlap until none can be read."""
+
+
+def featured(points: list[tuple[Row, float, float]]) -> list[tuple[Row, float, float]]:
+    """The points the scatter plot draws a thumbnail and a label for: all of a small sweep's; of a larger
+    one the Pareto front's, then the best by objective, :data:`SCATTER_FEATURED` in all."""
+    if len(points) <= SCATTER_FEATURED:
+        return points
+    by_objective = sorted(points, key=lambda p: (not p[0].on_front,
+                                                 p[0].run.data.metrics.get(layout.OBJECTIVE_METRIC, math.inf)))
+    return by_objective[:SCATTER_FEATURED]
 
 
 def swept_label(row: Row) -> str:

@@ -276,3 +276,24 @@ def test_a_sweep_with_one_bad_value_starts_nothing(tmp_path, fresh_store, swept,
     store = tmp_path / "runs" / "mlflow.db"
     assert not store.exists() or not MlflowClient(local_uri(tmp_path)).search_runs(
         [e.experiment_id for e in MlflowClient(local_uri(tmp_path)).search_experiments()])
+
+
+def test_the_scatter_plot_of_fifty_runs_features_the_front_and_the_best_only(tmp_path):
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from stx.runs import compare
+
+    rows = [compare.Row(SimpleNamespace(data=SimpleNamespace(metrics={"objective": 1.0 + (index * 7 % 50) / 10,
+                                                                      "eval/style_distance": 0.5, "eval/content_distance": 1.0}),
+                                        info=SimpleNamespace(run_id=f"{index:032d}")),
+                        {"loss.style.score_weight": str(index)}, Image.new("RGB", (32, 24)), on_front=index in (3, 40))
+            for index in range(50)]
+    points = [(row, 1.0 + index / 50, 0.5) for index, row in enumerate(rows)]
+    chosen = [row for row, _, _ in compare.featured(points)]
+    assert len(chosen) == compare.SCATTER_FEATURED and chosen[:2] == [rows[3], rows[40]]
+    rest = sorted((row for row in rows if not row.on_front), key=lambda row: row.run.data.metrics["objective"])
+    assert chosen[2:] == rest[:compare.SCATTER_FEATURED - 2]
+    assert compare.featured(points[:5]) == points[:5]
+    assert compare.scatter_plot(rows, tmp_path / "scatter.png").is_file()
