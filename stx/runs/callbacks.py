@@ -301,7 +301,7 @@ class MlflowSweepCallback(Callback):
             return
         lines = [f"stx: sweep {status}: MLflow run {self.parent_run_id} ({self.uri})"]
         if layout.TAG_BEST_RUN in tags:
-            objective = metrics.get(layout.OBJECTIVE_METRIC)
+            objective = metrics.get(layout.BEST_PREFIX + layout.OBJECTIVE_METRIC)
             shown = f" (objective {objective:.4g})" if objective is not None else ""
             lines.append(f"stx: best run {tags[layout.TAG_BEST_RUN]}{shown}")
         elif layout.TAG_PARETO_RUNS in tags:  # objective=pareto: no single best

@@ -305,6 +305,18 @@ def default_out_dir(uri: str, target: str) -> Path:
     return base / "compare" / (re.sub(r"[^\w.-]+", "_", target).strip(".") or "_")
 
 
+def description(rows: list[Row], text: str) -> str:
+    """A sweep parent's description (Markdown, on its page in MLflow's UI): its best run, the table and
+    where the pictures are."""
+    best = rows[0].run
+    lines = [f"**Best run:** `{best.info.run_id}` ({swept_label(rows[0]) or 'the only setting'}), objective "
+             f"{best.data.metrics.get(layout.OBJECTIVE_METRIC, math.nan):.4g}." if rows else "",
+             "", "The best runs' pictures: *Images* (`best_runs`) on this page; every run's in the artifacts "
+             "`compare/contact_sheet.png`, and `compare/scatter.png` (style against content distance).",
+             "", "```", text, "```"]
+    return "\n".join(lines)[:5000]
+
+
 def compare(target: str, uri: str, out_dir: Path) -> tuple[Path, str]:
     """Write ``table.txt``, ``contact_sheet.png`` and ``scatter.png`` for ``target`` into
     ``out_dir``, best first; for a parent run, log them to it under ``compare/`` and tag it with
@@ -329,11 +341,14 @@ def compare(target: str, uri: str, out_dir: Path) -> tuple[Path, str]:
         best = rows[0].run
         if layout.OBJECTIVE_METRIC in best.data.metrics:
             client.set_tag(parent.info.run_id, layout.TAG_BEST_RUN, best.info.run_id)
-            # the best run's objective and quality metrics on the parent, so sweeps compare in the UI's table
+            # the best run's objective and quality metrics on the parent as best/…, so sweeps compare in the UI's
+            # table, while the parent never ranks among its children by their objective
             now = int(time.time() * 1000)
             client.log_batch(parent.info.run_id, metrics=[
-                Metric(key, value, now, 0) for key, value in best.data.metrics.items()
+                Metric(f"{layout.BEST_PREFIX}{key}", value, now, 0) for key, value in best.data.metrics.items()
                 if key == layout.OBJECTIVE_METRIC or key.startswith(layout.EVAL_PREFIX)])
+        client.set_tag(parent.info.run_id, layout.TAG_DESCRIPTION, description(rows, text))
+        client.log_image(parent.info.run_id, contact_sheet(rows[:SCATTER_FEATURED]), key="best_runs", step=0)
         if front:
             client.set_tag(parent.info.run_id, layout.TAG_PARETO_RUNS, ",".join(sorted(front)))
     return written[1], text

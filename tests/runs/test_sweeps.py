@@ -61,8 +61,10 @@ def test_sweep_then_compare_then_reproduce(tmp_path, fresh_store):
     assert {"compare/table.txt", "compare/contact_sheet.png", "compare/scatter.png"} <= set(artifact_paths(client, parent.info.run_id))
     startup = sorted(c.data.metrics["perf/startup_seconds"] for c in children)
     assert max(startup[:-1]) < startup[-1]  # one process: only the first job to start pays the imports
-    assert {k: v for k, v in best.data.metrics.items() if k == "objective" or k.startswith("eval/")} == \
-        parent.data.metrics  # the parent carries its best run's objective and quality metrics
+    assert {f"best/{k}": v for k, v in best.data.metrics.items() if k == "objective" or k.startswith("eval/")} == \
+        parent.data.metrics  # the parent carries its best run's objective and quality metrics, as best/…
+    assert f"**Best run:** `{best.info.run_id}`" in parent.data.tags["mlflow.note.content"]  # its page's description
+    assert "images" in {item.path for item in client.list_artifacts(parent.info.run_id)}  # the best runs' pictures
     jobs = sorted(line for line in result.stdout.splitlines() if line.startswith("stx: job "))  # they start together
     assert [(line[:13], line.rpartition("=")[2]) for line in jobs] == [
         ("stx: job 1/3:", "10.0"), ("stx: job 2/3:", "1000.0"), ("stx: job 3/3:", "100000.0")]
