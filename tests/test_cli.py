@@ -260,3 +260,11 @@ def test_the_command_and_a_sweeps_callbacks_load_neither_torch_nor_mlflow():
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision', 'mlflow'}))\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("folder", ["''", "/"])
+def test_an_empty_or_root_runs_dir_is_refused_before_anything_is_written(tmp_path, folder):
+    result = stx_here(tmp_path, *FAST, f"runs_dir={folder}")
+    assert result.returncode == 2 and result.stderr.startswith(f"stx: error: runs_dir={folder if folder != '/' else repr(folder)} "
+                                                               f"is not valid: "), result.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "artifacts").exists()

@@ -78,8 +78,15 @@ def check_sweep_jobs(config: DictConfig, overrides: list) -> None:
 
 
 def check_writable(folder: str) -> None:
-    """Create ``folder`` if needed and check a file can be written in it."""
+    """Refuse an empty ``runs_dir`` or the filesystem's root (outputs, the store and its artifacts would be
+    scattered there); create ``folder`` if needed and check a file can be written in it."""
     path = Path(folder)
+    if not str(folder).strip() or path.resolve() == Path(path.resolve().anchor):
+        exit_with(StxError(
+            f"runs_dir={str(folder)!r} is not valid: stx writes the MLflow store, its artifacts and a folder per "
+            f"run there, so it must be a folder of its own, not empty and not the filesystem's root; e.g. "
+            f"runs_dir=runs (the default: runs/ in the current folder) or runs_dir=/data/stx-runs."
+        ))
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path):
