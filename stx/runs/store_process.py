@@ -11,6 +11,7 @@ it ends (its stdin closes).
 from __future__ import annotations
 
 import pickle
+import signal
 import subprocess
 import sys
 import threading
@@ -84,13 +85,31 @@ def started() -> StoreProcess | None:
     return _process
 
 
+FINISH_TIMEOUT_S = 60.0
+"""How long :func:`stop` waits for a request sent ahead (a new store's creation and migration) to end."""
+
+
 def stop() -> None:
-    """End the helper now (at exit: every call has been answered); it ignores SIGTERM, so SIGKILL."""
-    if _process is not None and _process.process.poll() is None:
+    """End the helper at exit. Every call has been answered, but a request sent ahead may still be creating
+    or migrating a new store (a config error can stop the job a second after it asked): killed there, the
+    store would be left half-migrated and unusable, so the helper is then let finish it (its stdin closed,
+    it returns once the request is done) before it is killed; it ignores SIGTERM, so SIGKILL."""
+    if _process is None or _process.process.poll() is not None:
+        return
+    if _process.unanswered:
+        try:
+            _process.process.stdin.close()
+            _process.process.wait(timeout=FINISH_TIMEOUT_S)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    if _process.process.poll() is None:
         _process.process.kill()
 
 
 if __name__ == "__main__":  # the helper itself: MLflow loads, then it serves until stdin closes
+    # Ctrl-C and SIGTERM are the job's to handle, from the start: a Ctrl-C while MLflow loads printed a traceback
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     startup.command_process()
     with startup.heavy_imports():
         from stx.runs.store import serve

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import STX, artifact_paths, client_for, local_uri, relay_to, stx_here
+from conftest import FAST, STX, artifact_paths, client_for, local_uri, relay_to, run_stx, stx_here
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -301,3 +301,20 @@ def test_a_store_that_cannot_be_opened_is_one_paragraph(tmp_path, kind):
         broken.write_bytes(b"this is not a database" * 100)
     with pytest.raises(TrackingError, match=rf"the MLflow store {broken} could not be opened .* move it aside"):
         open_sqlite_store(f"sqlite:///{broken}")
+
+
+@pytest.mark.slow
+def test_a_config_error_while_a_new_store_is_created_leaves_it_usable(tmp_path):
+    """The store's helper is let finish creating and migrating a new store when the job stops with a config
+    error a second after asking for it (killed there, it left `_alembic_tmp_*` tables and every later job failed)."""
+    import sqlite3
+
+    bad = run_stx(tmp_path, *FAST, "schedule.init=bogus")
+    assert bad.returncode == 2 and "schedule.init='bogus' is not valid" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    store = tmp_path / "runs" / "mlflow.db"
+    if store.exists():
+        tables = [row[0] for row in sqlite3.connect(store).execute("select name from sqlite_master where type='table'")]
+        assert not [name for name in tables if name.startswith("_alembic_tmp")], tables
+    good = run_stx(tmp_path, *FAST)
+    assert good.returncode == 0, good.stderr
