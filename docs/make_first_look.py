@@ -1,7 +1,7 @@
 """Write docs/first_look.png: content | style | output of a run, side by side at the output's height.
 
 Usage: ``python docs/make_first_look.py runs/<date>/<time>/output.png`` (the output of the README's
-first command, ``stx encoder=vgg16 encoder.weights=hed``, on the sample images).
+first command, plain ``stx``: the original VGG19 where torchvision's is not cached, on the sample images).
 """
 
 import sys
