@@ -180,6 +180,7 @@ def tool_parser() -> argparse.ArgumentParser:
     promote_parser.add_argument("overrides", nargs="*", help="e.g. schedule.size=1024 schedule.steps=300")
     ui_parser = commands.add_parser("ui", parents=[common], help="the MLflow UI on the store, opened on stx's runs "
                                     "table: sorted by objective, quality metrics and swept params as columns")
+    ui_parser.add_argument("sweep", nargs="?", help="a sweep's parent run id: open that sweep's runs only, best first")
     ui_parser.add_argument("--experiment", default="stx", help="the experiment to open (default: stx)")
     ui_parser.add_argument("--host", default="127.0.0.1")
     ui_parser.add_argument("--port", type=int, default=5000)
@@ -248,7 +249,7 @@ def tool_main(argv: list[str]) -> None:
         if args.command == "ui":
             from stx.runs.ui import open_ui
 
-            open_ui(args.tracking_uri, args.experiment, args.host, args.port)
+            open_ui(args.tracking_uri, args.experiment, args.host, args.port, args.sweep)
             return
         if args.command == "promote":
             from stx.runs.reproduce import promote

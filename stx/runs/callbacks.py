@@ -317,7 +317,8 @@ class MlflowSweepCallback(Callback):
         files = [folder / name for name in ("table.txt", "contact_sheet.png", "scatter.png") if (folder / name).is_file()]
         if files:
             lines.append("stx: " + ", ".join(str(path) for path in files))
-        lines.append(f"stx: every run in MLflow's UI, best objective first: stx ui --tracking-uri {self.uri}")
+        lines.append(f"stx: this sweep's runs in MLflow's UI, best objective first: stx ui {self.parent_run_id} "
+                     f"--tracking-uri {self.uri}")
         print("\n".join(lines), flush=True)
 
     def summarize(self) -> None:

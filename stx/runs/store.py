@@ -126,11 +126,29 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | 
         return experiment.experiment_id
 
 
-def view_state(params: Sequence[str] = ()) -> str:
+def view_state(params: Sequence[str] = (), search_filter: str = "") -> str:
     """stx's view (:data:`VIEW_KEY`) as MLflow's UI reads it: the runs table sorted by ``objective``
-    (lowest first), with :data:`VIEW_METRICS` and ``params`` (logged param keys) as columns."""
+    (lowest first), with :data:`VIEW_METRICS` and ``params`` (logged param keys) as columns, and only the
+    runs ``search_filter`` (MLflow's search syntax) selects."""
     columns = [f"metrics.`{name}`" for name in VIEW_METRICS] + [f"params.`{name}`" for name in params]
-    return json.dumps({"orderByKey": "metrics.`objective`", "orderByAsc": True, "selectedColumns": columns})
+    return json.dumps({"orderByKey": "metrics.`objective`", "orderByAsc": True, "selectedColumns": columns,
+                       **({"searchFilter": search_filter} if search_filter else {})})
+
+
+def sweep_view(client: MlflowClient, parent: Run) -> str:
+    """The key of a view of one sweep's runs (its children only, best objective first, its swept params
+    first among the columns), written on its experiment as MLflow's shared view ``sweep-<id>``."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    key = f"sweep-{parent.info.run_id[:12]}"
+    try:
+        overrides = OverridesParser.create().parse_overrides(parent.data.tags.get(layout.TAG_OVERRIDES, "").split())
+        swept = [layout.param_key(o.key_or_group) for o in overrides if o.is_sweep_override()]
+    except Exception:  # noqa: BLE001 - an edited tag: the view shows the quality metrics only
+        swept = []
+    client.set_experiment_tag(parent.info.experiment_id, f"mlflow.sharedViewState.{key}",
+                              view_state(swept, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"))
+    return key
 
 
 def show_params(client: MlflowClient, experiment_id: str, params: Sequence[str]) -> None:
@@ -147,9 +165,9 @@ def show_params(client: MlflowClient, experiment_id: str, params: Sequence[str])
         client.set_experiment_tag(experiment_id, VIEW_TAG, view_state(wanted))
 
 
-def view_link(ui: str, experiment_id: str) -> str:
-    """The address of the experiment's stx view (:data:`VIEW_KEY`) in the MLflow UI at ``ui``."""
-    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
+def view_link(ui: str, experiment_id: str, key: str = VIEW_KEY) -> str:
+    """The address of the experiment's view ``key`` (stx's, :data:`VIEW_KEY`, by default) in the MLflow UI at ``ui``."""
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={key}"
 
 
 def check_not_running(run: Run) -> None:

@@ -6,14 +6,25 @@ from __future__ import annotations
 import os
 import sys
 
-from stx.runs.store import VIEW_TAG, existing_store, show_params, view_link
+from stx.runs import layout
+from stx.runs.store import VIEW_KEY, VIEW_TAG, existing_store, show_params, sweep_view, view_link
 from stx.runs.tracking import TrackingError
 
 
-def open_ui(uri: str, experiment: str, host: str, port: int) -> None:
-    """Print the link to ``experiment``'s stx view and serve MLflow's UI on the store at ``uri``
-    (replacing this process); for a tracking server, whose UI is already up, print its link only."""
+def open_ui(uri: str, experiment: str, host: str, port: int, sweep: str | None = None) -> None:
+    """Print the link to ``experiment``'s stx view, or with ``sweep`` (a sweep's parent run id) to a view of
+    that sweep's runs only, and serve MLflow's UI on the store at ``uri`` (replacing this process); for a
+    tracking server, whose UI is already up, print its link only."""
     client = existing_store(uri)
+    key, what = VIEW_KEY, repr(experiment)
+    if sweep is not None:
+        parent = layout.find_run(client, sweep)
+        if parent is None or layout.TAG_SWEEP not in parent.data.tags:
+            raise TrackingError(f"stx ui {sweep}: the store {uri} has no sweep with that parent run id; give the id "
+                                f"a sweep prints when it starts (stx: sweep parent MLflow run …), or leave it out to "
+                                f"see every run of --experiment.")
+        experiment = client.get_experiment(parent.info.experiment_id).name
+        key, what = sweep_view(client, parent), f"sweep {parent.info.run_id} ({parent.info.run_name})"
     found = client.get_experiment_by_name(experiment)
     if found is None:
         names = ", ".join(e.name for e in client.search_experiments()) or "none"
@@ -22,9 +33,9 @@ def open_ui(uri: str, experiment: str, host: str, port: int) -> None:
     if VIEW_TAG not in found.tags:  # an experiment from before stx kept a view
         show_params(client, found.experiment_id, [])
     if uri.startswith(("http://", "https://")):
-        print(f"stx: {experiment!r} in the MLflow UI: {view_link(uri, found.experiment_id)}", flush=True)
+        print(f"stx: {what} in the MLflow UI: {view_link(uri, found.experiment_id, key)}", flush=True)
         return
-    print(f"stx: {experiment!r} in the MLflow UI: {view_link(f'http://{host}:{port}', found.experiment_id)} "
+    print(f"stx: {what} in the MLflow UI: {view_link(f'http://{host}:{port}', found.experiment_id, key)} "
           f"(Ctrl-C stops the UI)", flush=True)
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
     # MLflow 3's server also starts GenAI job runners (7 processes polling at ~14 % of a CPU); stx's runs use none

@@ -304,8 +304,8 @@ def test_each_experiment_carries_stx_view_of_its_runs_and_a_sweep_adds_its_swept
     created = ensure_experiment(client, "views", None)
     view = json.loads(client.get_experiment(created).tags[VIEW_TAG])
     assert view["orderByKey"] == "metrics.`objective`" and view["orderByAsc"] is True
-    assert view["selectedColumns"][:3] == ["metrics.`objective`", "metrics.`eval/style_distance`",
-                                           "metrics.`eval/content_distance`"]
+    assert view["selectedColumns"][:4] == ["metrics.`objective`", "metrics.`eval/style_distance`",
+                                           "metrics.`eval/structure`", "metrics.`eval/content_distance`"]
     older = client.create_experiment("made before the view")
     assert ensure_experiment(client, "made before the view", None) == older
     assert VIEW_TAG in client.get_experiment(older).tags
@@ -340,6 +340,26 @@ def test_stx_ui_prints_the_view_and_serves_the_store_it_is_given(client, tmp_pat
     with pytest.raises(SystemExit):
         cli.tool_main(["ui", "--tracking-uri", client.tracking_uri, "--experiment", "nope"])
     assert "--experiment='nope': the store" in capsys.readouterr().err
+
+
+def test_stx_ui_of_a_sweep_opens_a_view_of_its_runs_only(client, tmp_path, monkeypatch, capsys):
+    from stx import cli
+    from stx.runs.store import ensure_experiment
+
+    experiment = ensure_experiment(client, "stx", None)
+    parent = client.create_run(experiment, run_name="sweep sw=1,10",
+                               tags={"stx.sweep": "true", "hydra.overrides": "loss.style.score_weight=1,10 seed=3"})
+    monkeypatch.setattr(os, "execv", lambda program, argv: None)
+    cli.tool_main(["ui", parent.info.run_id, "--tracking-uri", client.tracking_uri, "--port", "5123"])
+    key = f"sweep-{parent.info.run_id[:12]}"
+    assert f"http://127.0.0.1:5123/#/experiments/{experiment}/runs?viewStateShareKey={key}" in capsys.readouterr().out
+    view = json.loads(client.get_experiment(experiment).tags[f"mlflow.sharedViewState.{key}"])
+    assert view["searchFilter"] == f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    assert view["orderByKey"] == "metrics.`objective`" and "params.`loss.style.score_weight`" in view["selectedColumns"]
+    single = client.create_run(experiment)
+    with pytest.raises(SystemExit):
+        cli.tool_main(["ui", single.info.run_id, "--tracking-uri", client.tracking_uri])
+    assert "has no sweep with that parent run id" in capsys.readouterr().err
 
 
 def test_a_run_page_shows_the_output_and_its_scores_first(tmp_path, client, make_cfg):
