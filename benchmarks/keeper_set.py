@@ -146,9 +146,11 @@ def score() -> None:
             print(f"  {sweep:18s} {pick:22s} {'keeper' if labels[sweep][pick] else 'NOT a keeper':12s} "
                   f"style {metrics['style_distance']:.3f} structure {metrics['structure']:.3f}")
     for sweep, pictures in scores.items():  # the score weight's range: from the photo to the style's texture
-        distances = [pictures[picture_name(weight, "none")]["content_distance"] for weight in WEIGHTS]
-        print(f"  {sweep:18s} content distance by score weight {', '.join(WEIGHTS)}: "
-              f"{', '.join(f'{d:.2f}' for d in distances)}{'' if distances == sorted(distances) else '  NOT monotonic'}")
+        for metric in ("content_distance", "style_distance"):
+            values = [pictures[picture_name(weight, "none")][metric] for weight in WEIGHTS]
+            ordered = sorted(values, reverse=metric == "style_distance")
+            print(f"  {sweep:18s} {metric} by score weight {', '.join(WEIGHTS)}: "
+                  f"{', '.join(f'{d:.3f}' for d in values)}{'' if values == ordered else '  NOT monotonic'}")
     keepers = [scores[s][p]["structure"] for s in labels for p, kept in labels[s].items() if kept]
     others = [scores[s][p]["structure"] for s in labels for p, kept in labels[s].items() if not kept]
     print(f"structure of keepers {min(keepers):.2f}–{max(keepers):.2f} (n={len(keepers)}), of the others "
