@@ -602,8 +602,16 @@ def build_encoder(
         f"layers given by hand to encoder={arch} must be {arch} layers."
     )
     check_layers(frozenset(layers), [name for name, _ in spec.stages(_skeleton(arch))], hint)
-    weights = resolve_weights(arch, weights)
-    stages = spec.stages(_trunk(arch, weights, seed))
+    resolved = resolve_weights(arch, weights)
+    try:
+        trunk = _trunk(arch, resolved, seed)
+    except WeightsError as exc:
+        if weights != AUTO or resolved == "imagenet":
+            raise
+        raise WeightsError(f"encoder.weights=auto: torchvision's ImageNet {arch} is not in the torch hub cache "
+                           f"({_imagenet_file(arch)}), so stx took encoder.weights={resolved}: {exc}") from exc
+    weights = resolved
+    stages = spec.stages(trunk)
     if pooling == "avg":
         stages = [(name, _average(module)) for name, module in stages]
     names = [name for name, _ in stages]

