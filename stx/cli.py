@@ -153,7 +153,10 @@ def config_error_message(error: HydraException | OmegaConfBaseException) -> str:
         return f"cannot parse the override {error.override!r}: {one_line(error.message)}"
     if isinstance(cause, OmegaConfBaseException):  # e.g. a value of the wrong type
         reason = str(cause.msg).splitlines()[0].rstrip(".")  # the lines after it are OmegaConf internals
-        return f"{one_line(str(error)).removeprefix('Error merging override ')} is not valid: {reason}."
+        override = one_line(str(error)).removeprefix("Error merging override ")
+        key, _, value = override.partition("=")
+        fix = f" It takes a list: '{key}=[{value}]' (quoted for the shell)." if "ListConfig, list or tuple" in reason else ""
+        return f"{override} is not valid: {reason}.{fix}"
     return one_line(str(error))
 
 

@@ -450,9 +450,10 @@ def _load_imagenet(arch: str) -> nn.Module:
 
 def _load_file(arch: str, path: Path) -> nn.Module:
     if not path.is_file():
+        named = ", ".join(name for name in WEIGHT_SOURCES if TRAINED_SOURCES.get(name, arch) == arch)
         raise WeightsError(
-            f"encoder weights file {str(path)!r} does not exist: give the path of a torchvision "
-            f"{arch} state dict (.pth), or use encoder.weights=imagenet or encoder.weights=random."
+            f"encoder.weights={str(path)!r} is neither a named source nor a file: use one of {named} for "
+            f"encoder={arch}, or the path of a torchvision {arch} state dict (.pth)."
         )
     prefix = ARCHITECTURES[arch].prefix
     part = f" or its '{prefix.rstrip('.')}' part" if prefix else ""

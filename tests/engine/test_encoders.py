@@ -62,8 +62,11 @@ def test_weights_from_local_file(tmp_path, rng):
 
 
 def test_bad_weights_file_errors(tmp_path):
-    with pytest.raises(WeightsError, match="does not exist"):
+    with pytest.raises(WeightsError, match=r"is neither a named source nor a file: use one of auto, imagenet, caffe, "
+                                           r"random for encoder=vgg19"):
         encoders.vgg19(["relu1_1"], weights=str(tmp_path / "missing.pth"), pooling="max", seed=0)
+    with pytest.raises(WeightsError, match=r"use one of auto, imagenet, hed, hed_caffe, random for encoder=vgg16"):
+        encoders.vgg16(["relu1_1"], weights="heed", pooling="max", seed=0)
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsError, match="could not be loaded"):
         encoders.vgg19(["relu1_1"], weights=str(tmp_path / "junk.pth"), pooling="max", seed=0)

@@ -28,6 +28,8 @@ from stx.runs.job import build_job
                                           "`stx --cfg job` shows which). Set the weight there, e.g. "
                                           "encoder.layers.style.relu1_1=…, or replace the whole set: "
                                           "'loss.style.layers={relu1_1: …}'."),
+        ("images.styles=photo.png", "images.styles=photo.png is not valid: Invalid value assigned: str is not a "
+                                    "ListConfig, list or tuple. It takes a list: 'images.styles=[photo.png]' (quoted for the shell)."),
         ("loss=gatyss", "loss=gatyss is not an option of loss. Did you mean gatys or gatys_tv? Options: "
                         f"{', '.join(options('loss'))}."),
         ("schedule=_bse", "schedule=_bse is not an option of schedule. Options: adam, lbfgs, pyramid."),  # _base is shared
