@@ -150,6 +150,12 @@ def config_error_message(error: HydraException | OmegaConfBaseException) -> str:
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and cause.full_key:
         return unknown_key(cause)
     if isinstance(error, OverrideParseException):
+        key, _, value = str(error.override).partition("=")
+        if value.startswith("~"):  # the shell leaves ~ after = alone; Hydra's grammar reads it as "delete"
+            expanded = os.path.expanduser(value)
+            return (f"cannot parse the override {error.override!r}: the shell does not expand ~ after '=', and Hydra "
+                    f"reads ~ as its delete operator; write the path out: {key}={expanded}" + (
+                        "" if expanded != value else " (with your home folder in place of ~)") + ".")
         return f"cannot parse the override {error.override!r}: {one_line(error.message)}"
     if isinstance(cause, OmegaConfBaseException):  # e.g. a value of the wrong type
         reason = str(cause.msg).splitlines()[0].rstrip(".")  # the lines after it are OmegaConf internals

@@ -1,5 +1,7 @@
 """Command-line config mistakes (typo'd keys, unknown options, bad values) in stx's one-paragraph form."""
 
+from pathlib import Path
+
 import pytest
 from conftest import FAST, options
 from hydra.errors import HydraException
@@ -30,6 +32,9 @@ from stx.runs.job import build_job
                                           "'loss.style.layers={relu1_1: …}'."),
         ("images.styles=photo.png", "images.styles=photo.png is not valid: Invalid value assigned: str is not a "
                                     "ListConfig, list or tuple. It takes a list: 'images.styles=[photo.png]' (quoted for the shell)."),
+        ("images.content=~/me.jpg", f"cannot parse the override 'images.content=~/me.jpg': the shell does not expand ~ "
+                                    f"after '=', and Hydra reads ~ as its delete operator; write the path out: "
+                                    f"images.content={Path('~/me.jpg').expanduser()}."),
         ("loss=gatyss", "loss=gatyss is not an option of loss. Did you mean gatys or gatys_tv? Options: "
                         f"{', '.join(options('loss'))}."),
         ("schedule=_bse", "schedule=_bse is not an option of schedule. Options: adam, lbfgs, pyramid."),  # _base is shared
