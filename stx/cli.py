@@ -29,7 +29,7 @@ import hydra
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
 from hydra.utils import to_absolute_path
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from stx.errors import StxError
@@ -355,6 +355,10 @@ def check_input_files(cfg: DictConfig) -> None:
     if "trainer" not in cfg:  # stx train reads its content images from data.content_dir
         given.update({"images.content": images.get("content"), "schedule.init_image": cfg.schedule.get("init_image")})
     for key, path in given.items():
+        if path is not None and not isinstance(path, str):
+            shown = OmegaConf.to_container(path) if isinstance(path, (DictConfig, ListConfig)) else path
+            raise StxError(f"{key}={shown!r} is not valid: give the path of an image file (a string); e.g. "
+                           f"'images.styles=[a.jpg,b.jpg]' for several styles.")
         if isinstance(path, str) and "://" not in path and not Path(to_absolute_path(path)).is_file():
             raise StxError(f"{key}={path!r}: no such file (relative paths are taken from the folder stx was started "
                            f"in, {os.getcwd()}); give the path of an image file.")

@@ -86,6 +86,8 @@ def test_typos_fail_at_composition(make_cfg, override, message):
     [
         (["loss.style.score_weight=-1"], r"loss.style: score_weight=-1.0 is not valid"),
         (["encoder.layers.style.relu1_1=nan"], r"layer weight relu1_1=nan is not valid"),
+        (["images.styles=[[a,b]]"], r"images.styles.0=\['a', 'b'\] is not valid: give the path of an image file"),
+        (["images.styles=[{_target_:os.system,command:ls}]"], r"images.styles.0=\{'_target_': 'os.system'.* is not valid"),
         (["+loss.content.layers.relu9_1=1.0"], r"unknown encoder layer\(s\) 'relu9_1'; valid layers are: conv1_1"),
         (["schedule.size=4"], r"pyramid level size 4 is impossible"),
         (["schedule.steps=-3"], r"steps=-3 is not valid"),
