@@ -18,6 +18,7 @@ import argparse
 import atexit
 import difflib
 import logging
+import math
 import os
 import sys
 import threading
@@ -170,6 +171,44 @@ def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{runs_dir()}/mlflow.db"
 
 
+def port(text: str) -> int:
+    """An argument that is a TCP port, 1–65535."""
+    value = whole(text, 1)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port: give a whole number from 1 to 65535")
+    return value
+
+
+def whole(text: str, least: int = 1) -> int:
+    """An argument that is a whole number >= ``least``."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = least - 1
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid: give a whole number >= {least}")
+    return value
+
+
+def positive(text: str) -> float:
+    """An argument that is a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid: give a number > 0")
+    return value
+
+
+def folder(text: str) -> Path:
+    """An argument that names a folder to write into: new, or an existing folder (not a file)."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file: give a folder (new or existing) to write the images into")
+    return path
+
+
 def tool_parser() -> argparse.ArgumentParser:
     """The parser of stx's commands other than a job and ``train`` (see :data:`COMMANDS`)."""
     common = argparse.ArgumentParser(add_help=False)
@@ -192,16 +231,16 @@ def tool_parser() -> argparse.ArgumentParser:
     ui_parser.add_argument("sweep", nargs="?", help="a sweep's parent run id: open that sweep's runs only, best first")
     ui_parser.add_argument("--experiment", default="stx", help="the experiment to open (default: stx)")
     ui_parser.add_argument("--host", default="127.0.0.1")
-    ui_parser.add_argument("--port", type=int, default=5000)
+    ui_parser.add_argument("--port", type=port, default=5000)
     init_parser = commands.add_parser("init", help="scaffold a project folder: your images, configs and presets")
     init_parser.add_argument("folder", nargs="?", type=Path, default=Path("."), help="(default: the current folder)")
     stylize_parser = commands.add_parser("stylize", parents=[common], help="stylise images with a trained model")
     stylize_parser.add_argument("model", help="a TorchScript or ONNX file, an MLflow model folder, a training run id, "
                                 "runs:/<id>/model, models:/<name>/<version>, or a registered name[/version]")
     stylize_parser.add_argument("images", nargs="+", help="image files and folders (searched recursively)")
-    stylize_parser.add_argument("--out", type=Path, default=Path("stylized"), help="output folder (default: stylized)")
-    stylize_parser.add_argument("--size", type=int, help="resize each image to this long edge, px (default: as is)")
-    stylize_parser.add_argument("--batch-size", type=int, default=4, help="images per batch (same size only; default 4)")
+    stylize_parser.add_argument("--out", type=folder, default=Path("stylized"), help="output folder (default: stylized)")
+    stylize_parser.add_argument("--size", type=whole, help="resize each image to this long edge, px (default: as is)")
+    stylize_parser.add_argument("--batch-size", type=whole, default=4, help="images per batch (same size only; default 4)")
     stylize_parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     serve_parser = commands.add_parser("serve", parents=[common], help="HTTP service stylising uploaded images")
     serve_parser.add_argument("--model", action="append", default=[], metavar="[NAME=]MODEL",
@@ -210,15 +249,15 @@ def tool_parser() -> argparse.ArgumentParser:
                               help="also serve POST /optimize: image optimisation with the main config")
     serve_parser.add_argument("overrides", nargs="*", help="main-config overrides for --optimize, e.g. loss=gatys_tv")
     serve_parser.add_argument("--host", default="127.0.0.1")
-    serve_parser.add_argument("--port", type=int, default=8000)
+    serve_parser.add_argument("--port", type=port, default=8000)
     serve_parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    serve_parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body (default 20)")
-    serve_parser.add_argument("--max-pixels", type=int, default=16_000_000, help="most pixels per image (default 16M)")
-    serve_parser.add_argument("--max-size", type=int, default=1024,
+    serve_parser.add_argument("--max-upload-mb", type=positive, default=20.0, help="largest request body (default 20)")
+    serve_parser.add_argument("--max-pixels", type=whole, default=16_000_000, help="most pixels per image (default 16M)")
+    serve_parser.add_argument("--max-size", type=whole, default=1024,
                               help="largest size= a request may ask, px; uploads sent without size= are shrunk to it")
-    serve_parser.add_argument("--max-steps", type=int, default=300, help="most steps= an /optimize request may ask")
-    serve_parser.add_argument("--workers", type=int, default=2, help="requests processed at once (default 2)")
-    serve_parser.add_argument("--queue", type=int, default=8,
+    serve_parser.add_argument("--max-steps", type=whole, default=300, help="most steps= an /optimize request may ask")
+    serve_parser.add_argument("--workers", type=whole, default=2, help="requests processed at once (default 2)")
+    serve_parser.add_argument("--queue", type=lambda text: whole(text, 0), default=8,
                               help="requests that may wait for a worker; more get 503 + Retry-After (default 8)")
     return parser
 

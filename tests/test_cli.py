@@ -268,3 +268,28 @@ def test_an_empty_or_root_runs_dir_is_refused_before_anything_is_written(tmp_pat
     assert result.returncode == 2 and result.stderr.startswith(f"stx: error: runs_dir={folder if folder != '/' else repr(folder)} "
                                                                f"is not valid: "), result.stderr
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "artifacts").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["serve", "--port", "70000"], "argument --port: '70000' is not a port: give a whole number from 1 to 65535"),
+    (["ui", "--port", "0"], "argument --port: '0' is not valid: give a whole number >= 1"),
+    (["serve", "--max-upload-mb", "-5"], "argument --max-upload-mb: '-5' is not valid: give a number > 0"),
+    (["serve", "--max-size", "0"], "argument --max-size: '0' is not valid: give a whole number >= 1"),
+    (["serve", "--max-pixels", "1e999"], "argument --max-pixels: '1e999' is not valid: give a whole number >= 1"),
+    (["stylize", "m.pt", "x.png", "--batch-size", "0"], "argument --batch-size: '0' is not valid"),
+])
+def test_out_of_range_arguments_are_one_line_before_anything_runs(argv, message, capsys):
+    from stx import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.parse_tool_args(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_stylize_refuses_an_existing_file_as_its_output_folder(tmp_path, capsys):
+    from stx import cli
+
+    (tmp_path / "taken.png").write_bytes(b"x")
+    with pytest.raises(SystemExit):
+        cli.parse_tool_args(["stylize", "m.pt", "x.png", "--out", str(tmp_path / "taken.png")])
+    assert "is a file: give a folder (new or existing) to write the images into" in capsys.readouterr().err
