@@ -399,7 +399,10 @@ def check_input_files(cfg: DictConfig) -> None:
             raise StxError(f"{key}={shown!r} is not valid: give the path of an image file (a string); e.g. "
                            f"'images.styles=[a.jpg,b.jpg]' for several styles.")
         if isinstance(path, str) and "://" not in path and not Path(to_absolute_path(path)).is_file():
-            raise StxError(f"{key}={path!r}: no such file (relative paths are taken from the folder stx was started "
+            found = Path(to_absolute_path(path))
+            what = ("a folder" if found.is_dir() else "not a regular file (a pipe, socket or device)") if found.exists() \
+                else "no such file"
+            raise StxError(f"{key}={path!r}: {what} (relative paths are taken from the folder stx was started "
                            f"in, {os.getcwd()}); give the path of an image file.")
 
 

@@ -293,3 +293,14 @@ def test_stylize_refuses_an_existing_file_as_its_output_folder(tmp_path, capsys)
     with pytest.raises(SystemExit):
         cli.parse_tool_args(["stylize", "m.pt", "x.png", "--out", str(tmp_path / "taken.png")])
     assert "is a file: give a folder (new or existing) to write the images into" in capsys.readouterr().err
+
+
+def test_a_folder_or_a_pipe_given_as_an_image_is_named_as_such(tmp_path):
+    import os
+
+    (tmp_path / "photos").mkdir()
+    os.mkfifo(tmp_path / "pipe")
+    folder = stx_here(tmp_path, "images.content=photos")
+    assert folder.returncode == 2 and "images.content='photos': a folder (relative paths" in folder.stderr
+    pipe = stx_here(tmp_path, "images.content=pipe")
+    assert pipe.returncode == 2 and "images.content='pipe': not a regular file (a pipe, socket or device)" in pipe.stderr
