@@ -84,8 +84,10 @@ def _model_file(folder: Path, ref: str) -> Path:
     """The serialised model inside an MLflow model folder (its pytorch flavour's ``model_data``)."""
     import yaml
 
+    from stx.runs.layout import plain_yaml
+
     try:
-        meta = yaml.safe_load((folder / "MLmodel").read_text())
+        meta = plain_yaml(folder / "MLmodel")
         data = meta["flavors"]["pytorch"]["model_data"]
     except (OSError, ValueError, yaml.YAMLError, KeyError, TypeError) as exc:  # ValueError: not UTF-8
         raise StxError(

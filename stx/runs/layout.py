@@ -281,13 +281,33 @@ def find_run(client: MlflowClient, ref: str) -> Run | None:
     return matches[0] if matches else None
 
 
+PLAIN_YAML_BYTES = 1_000_000
+PLAIN_YAML_NODES = 100_000
+"""Bounds on a YAML file read back from a store (a logged config is some 10 kB and 1,000 nodes)."""
+
+
+def plain_yaml(path: Path) -> object:
+    """The YAML file at ``path`` as plain data, bounded: at most :data:`PLAIN_YAML_BYTES` bytes and
+    :data:`PLAIN_YAML_NODES` nodes, with no anchors or aliases (nine levels of nine aliases expand to
+    387 M leaves) and no tags (``yaml.safe_load``); raises ``ValueError`` or ``yaml.YAMLError``."""
+    if path.stat().st_size > PLAIN_YAML_BYTES:
+        raise ValueError(f"{path.stat().st_size} bytes, more than the {PLAIN_YAML_BYTES} stx reads")
+    text = path.read_text()
+    for count, event in enumerate(yaml.parse(text, Loader=yaml.SafeLoader)):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise ValueError("it uses YAML anchors or aliases, which stx never writes")
+        if count > PLAIN_YAML_NODES:
+            raise ValueError(f"more than {PLAIN_YAML_NODES} nodes")
+    return yaml.safe_load(text)
+
+
 def read_logged_config(path: Path, run_id: str) -> DictConfig:
     """A logged ``config.yaml`` read as data: plain YAML (no tags), and no interpolation left in
     it (stx logs resolved configs, so a ``${…}`` was put there by hand, e.g. ``${oc.env:SECRET}``,
     which would read this machine's environment into the store)."""
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        data = plain_yaml(path)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError) as exc:
         raise StxError(f"the config logged with run {run_id} ({path.name}) is not plain YAML "
                        f"({str(exc).splitlines()[0]}); stx reads logged configs as data only.") from exc
     if not isinstance(data, dict):

@@ -82,3 +82,29 @@ def test_a_difference_is_explained_by_how_the_original_ran():
     assert "batched sweep (4 runs at once" in batched and "31/255 is rounding" in batched
     assert "hydra/launcher=basic" in batched
     assert "should reproduce exactly" in why_different({}, 3)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a: &x [1, 2]\nb: *x\n", "anchors or aliases"),
+    ("seed: 0\n" + "k: " + "x" * 1_100_000 + "\n", "bytes, more than the 1000000 stx reads"),
+])
+def test_yaml_read_back_from_a_store_is_bounded_plain_data(tmp_path, text, message):
+    """An alias bomb (nine levels of nine aliases) once ran `stx reproduce` until killed; now it is refused
+    before anything is expanded."""
+    from stx.runs import layout
+
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(StxError, match=message):
+        layout.read_logged_config(path, "0" * 32)
+
+
+def test_an_alias_bomb_is_refused_before_it_is_expanded(tmp_path):
+    from stx.runs import layout
+
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    path = tmp_path / "config.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(StxError, match="anchors or aliases"):  # expanded, it would hold 387 M leaves
+        layout.read_logged_config(path, "0" * 32)
