@@ -36,6 +36,10 @@ class TrackingError(StxError):
     """The tracking store cannot be reached or used."""
 
 
+class WriteError(TrackingError):
+    """A file of the run could not be written (a full or failing disk); the store itself still works."""
+
+
 class StoreFailure(Exception):
     """A call to the MLflow store failed; the message is the store's (or the OS's) error. Not a
     user's mistake in itself: the job turns it into a :class:`TrackingError` saying what it was doing."""

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from stx.engine.optim import Checkpoint, OptimizationCallback, StepInfo
 from stx.runs import hydra_job, joblog, layout
+from stx.errors import WriteError
 from stx.runs.tracking import RunTracker
 
 
@@ -105,7 +106,12 @@ class JobMonitor(OptimizationCallback):
         return self.present(self.latest.image)
 
     def on_checkpoint(self, checkpoint: Checkpoint) -> None:
-        path = layout.save_checkpoint(checkpoint, self.run_dir / layout.CHECKPOINT_FILE)
+        path = self.run_dir / layout.CHECKPOINT_FILE
+        try:
+            layout.save_checkpoint(checkpoint, path)
+        except OSError as exc:  # a full or failing disk: the job stops as on a store failure, its image kept
+            raise WriteError(f"the checkpoint of step {checkpoint.step} could not be written to {path} "
+                                f"({exc.strerror or exc}): the disk is full or failing") from exc
         self.tracker.log_checkpoint(path, checkpoint.step)
 
     def log_evaluation(self, image: torch.Tensor, step: int) -> dict[str, float]:

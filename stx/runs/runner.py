@@ -21,7 +21,7 @@ from stx.engine import batching
 from stx.engine.image import image_shape, long_edge_shape, write_image
 from stx.engine.optim import Checkpoint, optimise_image
 from stx.engine.plan import HEADROOM, available_bytes
-from stx.errors import NonFiniteLossError, StxError
+from stx.errors import NonFiniteLossError, StxError, WriteError
 from stx.runs import hydra_job, interrupts, joblog, layout
 from stx.runs.job import Job, build_job, build_schedule
 from stx.runs.monitor import JobMonitor
@@ -278,10 +278,11 @@ def run_tracked(
             if tracker.run_id is None:
                 raise
             on_disk = [path.name for path in sorted(run_dir.glob("*.*")) if path.is_file()]
+            closing = (f"MLflow run {tracker.run_id} is closed FAILED" if isinstance(error, WriteError) else
+                       f"MLflow run {tracker.run_id} stays RUNNING until the next stx job on this store finds its process "
+                       f"gone and closes it as FAILED")
             raise TrackingError(
-                f"{error}. stx stopped; what the job computed is on disk in {run_dir}: {', '.join(on_disk)}. MLflow run "
-                f"{tracker.run_id} stays RUNNING until the next stx job on this store finds its process gone and "
-                f"closes it as FAILED."
+                f"{error}. stx stopped; what the job computed is on disk in {run_dir}: {', '.join(on_disk)}. {closing}."
             ) from error
         finally:
             interrupts.restore(previous_handlers)

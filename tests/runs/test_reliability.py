@@ -318,3 +318,21 @@ def test_a_config_error_while_a_new_store_is_created_leaves_it_usable(tmp_path):
         assert not [name for name in tables if name.startswith("_alembic_tmp")], tables
     good = run_stx(tmp_path, *FAST)
     assert good.returncode == 0, good.stderr
+
+
+def test_a_full_disk_while_checkpointing_stops_the_job_like_a_store_failure(tmp_path, monkeypatch, fresh_store):
+    """ENOSPC writing a checkpoint: one paragraph, exit 2, the latest image kept (it was a torch.save traceback)."""
+    import errno
+
+    from stx.runs import layout
+
+    def full(checkpoint, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    fresh_store(tmp_path)
+    monkeypatch.setattr(layout, "save_checkpoint", full)
+    result = stx_here(tmp_path, *FAST, "schedule.steps=4", "schedule.checkpoint_every=2")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "the checkpoint of step 2 could not be written to" in result.stderr
+    assert "(No space left on device): the disk is full or failing" in result.stderr
+    assert list((tmp_path / "runs").rglob("interrupted_output.png")) and "is closed FAILED" in result.stderr
