@@ -253,7 +253,7 @@ def test_a_bad_command_fails(text, project, monkeypatch):
 E2E = {
     ("color=luminance",): [],
     ("loss=guided", "encoder.weights=random"): ["schedule.size=48"],
-    ("-m", "loss.style.score_weight=1,10", "schedule.steps=100,200"): [],
+    ("-m", "loss.style.score_weight=1,5,20", "color=none,luminance"): [],
     ("--cfg", "job"): [],
 }
 """Small run commands the docs show, run end to end with :data:`conftest.FAST` (and the extra
@@ -274,7 +274,7 @@ def test_small_commands_run(tmp_path):
         assert result.returncode == 0 and "Traceback" not in result.stderr, f"stx {' '.join(argv)}\n{result.stderr[-3000:]}"
     client = client_for(tmp_path)
     runs = client.search_runs([client.get_experiment_by_name("stx").experiment_id])
-    assert len(runs) == 5 and {run.info.status for run in runs} == {"FINISHED"}  # 2 jobs, a sweep's parent and its 2 jobs
+    assert len(runs) == 9 and {run.info.status for run in runs} == {"FINISHED"}  # 2 jobs, a sweep's parent and its 6 jobs
 
 
 def slug(heading: str) -> str:
