@@ -102,14 +102,17 @@ def test_sweep_then_compare_then_reproduce(tmp_path, fresh_store):
 
 
 def test_failed_job_fails_the_parent_but_not_the_other_jobs(tmp_path, fresh_store):
+    """A job that fails as it runs (1e45 is a valid weight, but its loss is inf in float32); a value known to
+    be bad before any work stops the whole sweep instead (test_a_sweep_with_one_bad_value_starts_nothing)."""
     fresh_store(tmp_path)
-    result = stx_here(tmp_path, "-m", *FAST, f"images.content={CONTENT},missing.png")
+    result = stx_here(tmp_path, "-m", *FAST, "loss.style.score_weight=1,1e45")
     assert result.returncode == 1
-    assert "stx: error: image" in result.stderr and "stx: sweep ended FAILED" in result.stderr
-    _, (parent,), (child,) = runs_by_role(local_uri(tmp_path))
-    assert child.info.status == "FINISHED"
+    assert "stx: error: " in result.stderr and "stx: sweep ended FAILED" in result.stderr
+    _, (parent,), children = runs_by_role(local_uri(tmp_path))
+    statuses = {c.data.params["loss.style.score_weight"]: c.info.status for c in children}
+    assert statuses == {"1": "FINISHED", "1e+45": "FAILED"}
     assert parent.info.status == "FAILED"
-    assert "missing.png" not in parent.data.tags.get("stx.failed_job.0", "")
+    assert "stx.failed_job.0" not in parent.data.tags
     assert "returned nan" in parent.data.tags["stx.failed_job.1"]
 
 
