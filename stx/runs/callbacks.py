@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import OverrideType
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -56,7 +57,8 @@ def check_sweep_jobs(config: DictConfig, overrides: list) -> None:
     the job, and exit status 2."""
     choices = set(config.hydra.runtime.choices)
     swept = [o for o in overrides if o.is_sweep_override() and o.is_discrete_sweep() and not o.is_hydra_override()
-             and o.key_or_group not in choices and "/" not in o.key_or_group and o.package is None]
+             and o.type == OverrideType.CHANGE and o.key_or_group not in choices and "/" not in o.key_or_group
+             and o.package is None]
     if not swept:
         return
     from stx.runs.job import check_job  # loads torch: the sweep is about to
