@@ -137,7 +137,9 @@ cores; judged by HED's VGG16), measured on 2026-12-08 with `stx.engine.first_loo
 
 Gatys et al.'s is the cat synthesised from noise in the style's strokes and palette; Li & Wand's keeps the
 cat's drawing closely and paints it with the style's strokes in a lighter palette (it takes 42% of the way
-to the style's colours, short of the first look's half).
+to the style's colours, short of the first look's half). With a heavier MRF weight the colour move and the structure trade
+off and neither setting passes: `loss.style.score_weight=4` scores 0.45 / 0.39 / 0.68, `5` 0.48 / 0.33 / 0.63
+(MRF's patches at relu3_1 and relu4_1 carry the style's strokes more than its palette).
 """
 """Measured apart (too long for this script on a CPU): the commands and date are in the text."""
 PAPERS = """## What the papers show
