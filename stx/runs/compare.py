@@ -12,6 +12,8 @@ import tempfile
 import textwrap
 import time
 import urllib.parse
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,15 +68,20 @@ def find_runs(client: MlflowClient, target: str) -> tuple[list[Run], Run | None]
     return sorted(runs, key=lambda r: (int(r.data.tags.get(layout.TAG_JOB_NUM, 0)), r.info.start_time)), parent
 
 
+def mixed(runs: list[Run], kind: Callable[[Run], str], separator: str) -> str:
+    """``kind`` of each run counted, as ``"a (2 runs)<separator>b (1 run)"``, when the runs are of more than one
+    kind; '' when they are all of one."""
+    counts = Counter(kind(run) for run in runs)
+    if len(counts) < 2:
+        return ""
+    return separator.join(f"{name} ({count} run{'s' if count > 1 else ''})" for name, count in sorted(counts.items()))
+
+
 def check_one_judge(runs: list[Run], target: str) -> None:
     """Refuse to rank runs whose eval/ metrics come from different judges (tag ``stx.judge``):
     their distances are in different feature spaces and do not compare."""
-    judges: dict[str, int] = {}
-    for run in runs:
-        judge = run.data.tags.get(layout.TAG_JUDGE, "unrecorded (stx before the judge had its own config)")
-        judges[judge] = judges.get(judge, 0) + 1
-    if len(judges) > 1:
-        found = ", ".join(f"{judge} ({count} run{'s' if count > 1 else ''})" for judge, count in sorted(judges.items()))
+    if found := mixed(runs, lambda run: run.data.tags.get(
+            layout.TAG_JUDGE, "unrecorded (stx before the judge had its own config)"), ", "):
         raise StxError(
             f"the runs of {target!r} were judged by different networks: {found}; their eval/ metrics and objectives "
             f"do not compare. Compare a sweep (one judge), or run the jobs again with one judge.arch/judge.weights "
@@ -93,11 +100,7 @@ def image_set(run: Run) -> str:
 def check_one_image_set(runs: list[Run], target: str) -> None:
     """Refuse to rank runs made from different content or style images: a distance to one photo and a
     distance to another do not compare."""
-    sets: dict[str, int] = {}
-    for run in runs:
-        sets[image_set(run)] = sets.get(image_set(run), 0) + 1
-    if len(sets) > 1:
-        found = "; ".join(f"{images} ({count} run{'s' if count > 1 else ''})" for images, count in sorted(sets.items()))
+    if found := mixed(runs, image_set, "; "):
         raise StxError(
             f"the runs of {target!r} were made from different images: {found}; their eval/ metrics and objectives "
             f"measure distances to different pictures and do not compare. Compare a sweep's parent run id, or give "
