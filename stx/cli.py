@@ -30,12 +30,11 @@ import hydra
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
 from hydra.utils import to_absolute_path
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from stx.errors import StxError
 from stx.runs import hydra_job, interrupts, joblog, startup, store_process
-from stx.runs.layout import check_path_value
 from stx.runs.schema import CONF_PACKAGE, runs_dir
 
 COMMANDS = ("compare", "reproduce", "promote", "ui", "init", "stylize", "serve")
@@ -395,7 +394,10 @@ def check_input_files(cfg: DictConfig) -> None:
     if "trainer" not in cfg:  # stx train reads its content images from data.content_dir
         given.update({"images.content": images.get("content"), "schedule.init_image": cfg.schedule.get("init_image")})
     for key, path in given.items():
-        check_path_value(key, path)
+        if path is not None and not isinstance(path, str):
+            shown = OmegaConf.to_container(path) if isinstance(path, (DictConfig, ListConfig)) else path
+            raise StxError(f"{key}={shown!r} is not valid: give the path of an image file (a string); e.g. "
+                           f"'images.styles=[a.jpg,b.jpg]' for several styles.")
         if isinstance(path, str) and "://" not in path and not Path(to_absolute_path(path)).is_file():
             found = Path(to_absolute_path(path))
             what = ("a folder" if found.is_dir() else "not a regular file (a pipe, socket or device)") if found.exists() \

@@ -322,7 +322,9 @@ def input_paths(cfg: DictConfig) -> tuple[Path, list[Path], Path | None]:
     given = {"images.content": cfg.images.content, "schedule.init_image": init,
              **{f"images.styles.{index}": path for index, path in enumerate(cfg.images.styles)}}
     for key, path in given.items():
-        layout.check_path_value(key, path)
+        if path is not None and not isinstance(path, str):  # e.g. a nested list or a mapping in a logged config
+            shown = OmegaConf.to_container(path) if isinstance(path, (DictConfig, ListConfig)) else path
+            raise ConfigError(f"{key}={shown!r} is not valid: give the path of an image file (a string).")
         if "://" in str(path):
             raise ConfigError(f"{key}={path!r} is a URL; stx reads image files on this machine: download it first "
                               f"and give its path.")

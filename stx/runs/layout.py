@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from stx.errors import ConfigError, StxError
@@ -299,15 +299,6 @@ def plain_yaml(path: Path) -> object:
         if count > PLAIN_YAML_NODES:
             raise ValueError(f"more than {PLAIN_YAML_NODES} nodes")
     return yaml.safe_load(text)
-
-
-def check_path_value(key: str, value: object) -> None:
-    """Refuse a config value that should name an image file but is a list, a mapping or a number (a
-    nested list on the command line, a ``_target_`` mapping in a logged config); None passes."""
-    if value is not None and not isinstance(value, str):
-        shown = OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
-        raise ConfigError(f"{key}={shown!r} is not valid: give the path of an image file (a string); e.g. "
-                          f"'images.styles=[a.jpg,b.jpg]' for several styles.")
 
 
 def read_logged_config(path: Path, run_id: str) -> DictConfig:
