@@ -75,6 +75,9 @@ shared each ``perf/seconds_per_step`` (fewer once some have finished)."""
 TAG_WEIGHTS = "stx.encoder.weights"
 """The weights the run's encoder held, as ``encoder.weights`` names them (what ``auto`` took: ``imagenet``,
 ``caffe``, ``hed``…; a file by its path); ``none`` for a loss set that reads no encoder."""
+TAG_THREADS = "device.threads"
+"""On a CPU run: torch's intra-op thread count, which changes float sums in the last bits (``stx reproduce``
+replays it, so a run reproduces to the bit on the same machine)."""
 TAG_JUDGE = "stx.judge"
 """The judge that scored a run's eval/ metrics, ``<arch>/<weights>`` (stx.engine.judge.judge_name)."""
 TAG_CHECKPOINT_STEP = "stx.checkpoint_step"

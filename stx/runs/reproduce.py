@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -66,12 +69,29 @@ def reproduce(run_id: str, uri: str) -> tuple[JobResult, int]:
               file=sys.stderr)
     run_dir = Path(runs_dir()) / "reproduce" / run_id / datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
     cfg = layout.load_run_config(client, run_id, run_dir, runs_dir(), uri)
-    result = run_tracked(cfg, run_dir, tags)
+    with _threads_of(original.data.tags):
+        result = run_tracked(cfg, run_dir, tags)
     with tempfile.TemporaryDirectory() as downloads:
         original_output = layout.download_artifact(client, run_id, layout.output_names(original)[0], Path(downloads))
         difference = max_pixel_difference(original_output, result.output)
     client.log_metric(result.run_id, "reproduce/max_pixel_diff", difference)
     return result, difference
+
+
+@contextmanager
+def _threads_of(tags: dict[str, str]) -> Iterator[None]:
+    """Run with the CPU thread count an unbatched original ran with (tag ``device.threads``), if it
+    fits this machine: the count changes the order of float sums, hence the last bits of a run."""
+    import torch
+
+    threads, before = tags.get(layout.TAG_THREADS, ""), torch.get_num_threads()
+    replay = tags.get(layout.TAG_BATCHED) != "true" and threads.isdigit() and 0 < int(threads) <= (os.cpu_count() or 1)
+    if replay:
+        torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def promote(run_id: str, uri: str, overrides: list[str]) -> JobResult:

@@ -112,11 +112,14 @@ def _version(name: str) -> str:
 
 
 def device_tags(device: torch.device) -> dict[str, str]:
+    """The device a run computes on: its name, and on a CPU the thread count in effect."""
+    import torch
+
     tags = {"device": str(device)}
     if device.type == "cuda":
-        import torch
-
         tags["device.name"] = torch.cuda.get_device_name(device)
+    else:
+        tags[layout.TAG_THREADS] = str(torch.get_num_threads())
     return tags
 
 

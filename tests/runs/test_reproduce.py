@@ -1,7 +1,10 @@
 """Runs logged before a config key existed are reproduced as they ran; a tampered logged config
 is refused before anything runs."""
 
+import os
+
 import pytest
+import torch
 from conftest import FAST, client_for, local_uri
 from omegaconf import OmegaConf
 
@@ -108,3 +111,25 @@ def test_an_alias_bomb_is_refused_before_it_is_expanded(tmp_path):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(StxError, match="anchors or aliases"):  # expanded, it would hold 387 M leaves
         layout.read_logged_config(path, "0" * 32)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two cores to run with another thread count")
+def test_a_run_reproduces_to_the_bit_with_the_thread_count_it_ran_with(tmp_path, monkeypatch, fresh_store):
+    """One thread and two sum floats in different orders (seed 6's total differs in its 7th digit): the
+    original's count is tagged and replayed, then this process's count is restored."""
+    monkeypatch.setenv("STX_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.chdir(tmp_path)
+    fresh_store(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_id = api.run([*FAST, "seed=6"]).run_id
+    finally:
+        torch.set_num_threads(max(2, threads))
+    result, difference = reproduce(run_id, local_uri(tmp_path))
+    assert torch.get_num_threads() == max(2, threads)
+    client = client_for(tmp_path)
+    original, copy = client.get_run(run_id).data, client.get_run(result.run_id).data
+    assert original.tags[layout.TAG_THREADS] == copy.tags[layout.TAG_THREADS] == "1"
+    assert difference == 0 and copy.metrics["total"] == original.metrics["total"]
+    torch.set_num_threads(threads)
