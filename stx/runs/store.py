@@ -39,7 +39,8 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 VIEW_KEY = "stx"
 """The view of the runs table stx keeps on each experiment, MLflow's shared view state (the experiment tag
 ``mlflow.sharedViewState.stx``, opened by ``…/#/experiments/<id>/runs?viewStateShareKey=stx``, the
-link ``stx ui`` prints): sorted by ``objective``, with the quality metrics and swept params as columns."""
+link ``stx ui`` prints): sorted by ``objective``, which comes first among the columns, then the swept params, then
+the quality metrics."""
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 VIEW_METRICS = ("objective", "eval/style_distance", "eval/structure", "eval/content_distance", "eval/ssim_content",
                 "eval/color_distance_style")
@@ -128,10 +129,12 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | 
 
 def view_state(params: Sequence[str] = (), search_filter: str = "") -> str:
     """stx's view (:data:`VIEW_KEY`) as MLflow's UI reads it: the runs table sorted by ``objective``
-    (lowest first), with :data:`VIEW_METRICS` and ``params`` (logged param keys) as columns, and only the
+    (lowest first), with :data:`VIEW_METRICS` and ``params`` (logged param keys) as columns in the order
+    objective, params, the rest (MLflow would sort the metrics by name, putting ``eval/…`` first), and only the
     runs ``search_filter`` (MLflow's search syntax) selects."""
-    columns = [f"metrics.`{name}`" for name in VIEW_METRICS] + [f"params.`{name}`" for name in params]
-    return json.dumps({"orderByKey": "metrics.`objective`", "orderByAsc": True, "selectedColumns": columns,
+    objective, *quality = [f"metrics.`{name}`" for name in VIEW_METRICS]
+    columns = [objective, *(f"params.`{name}`" for name in params), *quality]
+    return json.dumps({"orderByKey": objective, "orderByAsc": True, "selectedColumns": columns, "columnOrder": columns,
                        **({"searchFilter": search_filter} if search_filter else {})})
 
 
@@ -166,8 +169,9 @@ def show_params(client: MlflowClient, experiment_id: str, params: Sequence[str])
 
 
 def view_link(ui: str, experiment_id: str, key: str = VIEW_KEY) -> str:
-    """The address of the experiment's view ``key`` (stx's, :data:`VIEW_KEY`, by default) in the MLflow UI at ``ui``."""
-    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={key}"
+    """The address of the experiment's view ``key`` (stx's, :data:`VIEW_KEY`, by default) in the MLflow UI at
+    ``ui``, in its model-training mode (MLflow 3 opens a fresh browser in its GenAI mode)."""
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={key}&workflowType=machine_learning"
 
 
 def check_not_running(run: Run) -> None:

@@ -54,7 +54,7 @@ def test_stx_ui_opens_the_runs_table_on_what_a_comparison_needs(tmp_path):
     assert swept.returncode == 0, swept.stderr
     port = free_port()
     with started(["ui", "--tracking-uri", local_uri(tmp_path)], port, tmp_path) as ui:
-        link = re.search(r"(http://127\.0\.0\.1:\d+/#/experiments/(\d+)/runs\?viewStateShareKey=stx)", ui.stdout.readline())
+        link = re.search(r"(http://127\.0\.0\.1:\d+/#/experiments/(\d+)/runs\?viewStateShareKey=stx&workflowType=machine_learning)", ui.stdout.readline())
         assert link, "stx ui printed no link"
         experiment = link.group(2)
         with Chromium(tmp_path / "profile", width=3000) as browser:
@@ -73,6 +73,43 @@ def test_stx_ui_opens_the_runs_table_on_what_a_comparison_needs(tmp_path):
     for column in ("metrics.`objective`", "metrics.`eval/style_distance`", "metrics.`eval/content_distance`",
                    "params.`loss.style.score_weight`"):
         assert column in view and column not in plain, column
+
+
+IN_SIGHT = """[...document.querySelectorAll('.ag-header-cell')].filter(cell => {
+  const right = document.querySelector('.ag-center-cols-viewport').getBoundingClientRect().right;
+  const box = cell.getBoundingClientRect();
+  return box.width > 0 && box.right <= Math.min(right, window.innerWidth);
+}).map(cell => cell.getAttribute('col-id'))"""
+"""The runs table's columns a user sees whole without scrolling."""
+OBJECTIVES = """[...document.querySelectorAll('.ag-center-cols-container .ag-row')]
+  .sort((a, b) => a.getAttribute('row-index') - b.getAttribute('row-index'))
+  .map(row => parseFloat(row.querySelector('[col-id="metrics.`objective`"]').textContent))"""
+
+
+def test_a_sweeps_link_opens_its_runs_best_first_with_the_objective_and_swept_values_in_sight(tmp_path):
+    """The issue's screenshot test: 1600×1000, a fresh profile, the link ``stx ui <sweep>`` prints."""
+    assert run_stx(tmp_path, *FAST).returncode == 0  # a run of another sweep… of none: not shown
+    swept = run_stx(tmp_path, "-m", *FAST, "loss.style.score_weight=1,5,25", "color=none,luminance")
+    assert swept.returncode == 0, swept.stderr
+    client = client_for(tmp_path)
+    (parent,) = [run for run in client.search_runs(["1"]) if run.data.tags.get("stx.sweep") == "true"]
+    port = free_port()
+    with started(["ui", parent.info.run_id, "--tracking-uri", local_uri(tmp_path)], port, tmp_path) as ui:
+        link = re.search(r"(http://127\.0\.0\.1:\d+/#/experiments/1/runs\?\S+)", ui.stdout.readline()).group(1)
+        with Chromium(tmp_path / "profile", width=1600, height=1000) as browser:
+            browser.open(link)
+            browser.wait_for(f"{ROWS} >= 6 && {COLUMNS}.includes('metrics.`objective`')")
+            browser.screenshot(tmp_path / "sweep_view.png")
+            # the sweep's runs, not its parent nor the run outside it (each row is split in pinned and centre parts)
+            assert browser.evaluate("document.querySelectorAll('.ag-center-cols-container .ag-row').length") == 6
+            in_sight = browser.evaluate(IN_SIGHT)
+            for column in ("metrics.`objective`", "params.`loss.style.score_weight`", "params.`choice/color`"):
+                assert column in in_sight, (column, in_sight)
+            objectives = browser.evaluate(OBJECTIVES)
+            assert objectives == sorted(objectives) and len(objectives) == 6  # best first
+            assert "Model training" in shown(browser) and "Judges" not in shown(browser)  # not the GenAI mode
+            browser.evaluate("document.querySelector('.ag-row[row-index=\"0\"] a[href*=\"/runs/\"]').click()")
+            assert browser.wait_for("document.querySelector('img[src*=\"get-artifact?path=output.png\"]')?.naturalWidth") > 0
 
 
 def test_stx_serve_page_stylises_a_photo_and_its_docs_work_offline(tmp_path):

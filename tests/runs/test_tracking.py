@@ -333,7 +333,7 @@ def test_stx_ui_prints_the_view_and_serves_the_store_it_is_given(client, tmp_pat
     started = []
     monkeypatch.setattr(os, "execv", lambda program, argv: started.append(argv))
     cli.tool_main(["ui", "--tracking-uri", client.tracking_uri, "--port", "5123"])
-    assert f"http://127.0.0.1:5123/#/experiments/{experiment}/runs?viewStateShareKey=stx" in capsys.readouterr().out
+    assert f"http://127.0.0.1:5123/#/experiments/{experiment}/runs?viewStateShareKey=stx&workflowType=machine_learning" in capsys.readouterr().out
     (argv,) = started
     assert argv[1:] == ["-m", "mlflow", "ui", "--backend-store-uri", client.tracking_uri, "--host", "127.0.0.1",
                         "--port", "5123"]
@@ -352,10 +352,11 @@ def test_stx_ui_of_a_sweep_opens_a_view_of_its_runs_only(client, tmp_path, monke
     monkeypatch.setattr(os, "execv", lambda program, argv: None)
     cli.tool_main(["ui", parent.info.run_id, "--tracking-uri", client.tracking_uri, "--port", "5123"])
     key = f"sweep-{parent.info.run_id[:12]}"
-    assert f"http://127.0.0.1:5123/#/experiments/{experiment}/runs?viewStateShareKey={key}" in capsys.readouterr().out
+    assert f"http://127.0.0.1:5123/#/experiments/{experiment}/runs?viewStateShareKey={key}&workflowType=machine_learning" in capsys.readouterr().out
     view = json.loads(client.get_experiment(experiment).tags[f"mlflow.sharedViewState.{key}"])
     assert view["searchFilter"] == f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
     assert view["orderByKey"] == "metrics.`objective`" and "params.`loss.style.score_weight`" in view["selectedColumns"]
+    assert view["columnOrder"][:2] == ["metrics.`objective`", "params.`loss.style.score_weight`"]  # not seed: one value
     single = client.create_run(experiment)
     with pytest.raises(SystemExit):
         cli.tool_main(["ui", single.info.run_id, "--tracking-uri", client.tracking_uri])
