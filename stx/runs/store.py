@@ -44,6 +44,9 @@ the quality metrics."""
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 VIEW_METRICS = ("objective", "eval/style_distance", "eval/structure", "eval/content_distance", "eval/ssim_content",
                 "eval/color_distance_style")
+IMAGE_PARAMS = ("images.content", "images.styles.0")
+"""The params a view groups runs by where they may differ (an experiment's every run; a sweep over images), so
+that the runs of one photo and style rank only among themselves; a group's row shows its best (min) values."""
 QUIET_LOGGERS = ("mlflow.store.db.utils",)
 """They log each failed call to the store as an ERROR with a traceback; stx reports the failure once."""
 
@@ -131,11 +134,17 @@ def view_state(params: Sequence[str] = (), search_filter: str = "") -> str:
     """stx's view (:data:`VIEW_KEY`) as MLflow's UI reads it: the runs table sorted by ``objective``
     (lowest first), with :data:`VIEW_METRICS` and ``params`` (logged param keys) as columns in the order
     objective, params, the rest (MLflow would sort the metrics by name, putting ``eval/…`` first), and only the
-    runs ``search_filter`` (MLflow's search syntax) selects."""
+    runs ``search_filter`` (MLflow's search syntax) selects; grouped by :data:`IMAGE_PARAMS` unless the view is
+    a sweep's (a filter) that kept its images."""
     objective, *quality = [f"metrics.`{name}`" for name in VIEW_METRICS]
     columns = [objective, *(f"params.`{name}`" for name in params), *quality]
-    return json.dumps({"orderByKey": objective, "orderByAsc": True, "selectedColumns": columns, "columnOrder": columns,
-                       **({"searchFilter": search_filter} if search_filter else {})})
+    view = {"orderByKey": objective, "orderByAsc": True, "selectedColumns": columns, "columnOrder": columns}
+    if search_filter:
+        view["searchFilter"] = search_filter
+    if not search_filter or any(name.startswith("images.") for name in params):
+        view["groupBy"] = {"aggregateFunction": "min", "groupByKeys": [
+            {"mode": "param", "groupByData": name} for name in IMAGE_PARAMS]}
+    return json.dumps(view)
 
 
 def sweep_view(client: MlflowClient, parent: Run) -> str:
@@ -156,16 +165,16 @@ def sweep_view(client: MlflowClient, parent: Run) -> str:
 
 def show_params(client: MlflowClient, experiment_id: str, params: Sequence[str]) -> None:
     """Add ``params`` (logged param keys, e.g. a sweep's swept keys) to the columns of the
-    experiment's stx view, after those it shows already."""
+    experiment's stx view, after those it shows already; a view written by an older stx is rewritten."""
     tags = client.get_experiment(experiment_id).tags
     try:
         shown = [column.removeprefix("params.`").removesuffix("`") for column in
                  json.loads(tags.get(VIEW_TAG, "{}")).get("selectedColumns", []) if column.startswith("params.`")]
     except (ValueError, AttributeError):  # edited by hand: written anew
         shown = []
-    wanted = list(dict.fromkeys([*shown, *params]))
-    if wanted != shown or VIEW_TAG not in tags:
-        client.set_experiment_tag(experiment_id, VIEW_TAG, view_state(wanted))
+    view = view_state(list(dict.fromkeys([*shown, *params])))
+    if tags.get(VIEW_TAG) != view:
+        client.set_experiment_tag(experiment_id, VIEW_TAG, view)
 
 
 def view_link(ui: str, experiment_id: str, key: str = VIEW_KEY) -> str:

@@ -7,7 +7,7 @@ import os
 import sys
 
 from stx.runs import layout
-from stx.runs.store import VIEW_KEY, VIEW_TAG, existing_store, show_params, sweep_view, view_link
+from stx.runs.store import VIEW_KEY, existing_store, show_params, sweep_view, view_link
 from stx.runs.tracking import TrackingError
 
 
@@ -30,8 +30,7 @@ def open_ui(uri: str, experiment: str, host: str, port: int, sweep: str | None =
         names = ", ".join(e.name for e in client.search_experiments()) or "none"
         raise TrackingError(f"--experiment={experiment!r}: the store {uri} has no such experiment (it has: {names}); "
                             f"give one of those, or run a job first (tracking.experiment names it).")
-    if VIEW_TAG not in found.tags:  # an experiment from before stx kept a view
-        show_params(client, found.experiment_id, [])
+    show_params(client, found.experiment_id, [])  # an experiment from before stx kept this view gets it
     if uri.startswith(("http://", "https://")):
         print(f"stx: {what} in the MLflow UI: {view_link(uri, found.experiment_id, key)}", flush=True)
         return

@@ -357,6 +357,14 @@ def test_stx_ui_of_a_sweep_opens_a_view_of_its_runs_only(client, tmp_path, monke
     assert view["searchFilter"] == f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
     assert view["orderByKey"] == "metrics.`objective`" and "params.`loss.style.score_weight`" in view["selectedColumns"]
     assert view["columnOrder"][:2] == ["metrics.`objective`", "params.`loss.style.score_weight`"]  # not seed: one value
+    assert "groupBy" not in view  # one photo and style: nothing to keep apart
+    experiment_view = json.loads(client.get_experiment(experiment).tags["mlflow.sharedViewState.stx"])
+    images = [{"mode": "param", "groupByData": "images.content"}, {"mode": "param", "groupByData": "images.styles.0"}]
+    assert experiment_view["groupBy"]["groupByKeys"] == images  # every run: each photo and style ranked apart
+    over_photos = client.create_run(experiment, tags={"stx.sweep": "true", "hydra.overrides": "images.content=a.jpg,b.jpg"})
+    cli.tool_main(["ui", over_photos.info.run_id, "--tracking-uri", client.tracking_uri, "--port", "5123"])
+    key = f"sweep-{over_photos.info.run_id[:12]}"
+    assert json.loads(client.get_experiment(experiment).tags[f"mlflow.sharedViewState.{key}"])["groupBy"]["groupByKeys"] == images
     single = client.create_run(experiment)
     with pytest.raises(SystemExit):
         cli.tool_main(["ui", single.info.run_id, "--tracking-uri", client.tracking_uri])
