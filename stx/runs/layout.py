@@ -208,22 +208,30 @@ def output_names(run: Run) -> list[str]:
     return [output, LAST_FINITE + output, INTERRUPTED + output]
 
 
-def save_checkpoint(checkpoint: Checkpoint, path: Path) -> Path:
+CHECKPOINT_OWNER = "run_id"
+"""The key of a checkpoint file that names the run which wrote it: a run resumes from its own checkpoints only."""
+
+
+def save_checkpoint(checkpoint: Checkpoint, path: Path, run_id: str) -> Path:
+    """Write ``checkpoint`` of run ``run_id`` to ``path`` (tensors and numbers only, see :func:`load_checkpoint`)."""
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {field.name: getattr(checkpoint, field.name) for field in dataclasses.fields(checkpoint)}
-    state.update(parameter=checkpoint.parameter.cpu(), best=checkpoint.best.cpu())
+    state.update(parameter=checkpoint.parameter.cpu(), best=checkpoint.best.cpu(), **{CHECKPOINT_OWNER: run_id})
     torch.save(state, path)
     return path
 
 
-def load_checkpoint(path: Path) -> Checkpoint:
+def load_checkpoint(path: Path) -> tuple[Checkpoint, str | None]:
+    """The checkpoint at ``path`` and the run id it names as its writer (None: written before stx named it)."""
     from stx.engine import files
     from stx.engine.optim import Checkpoint
 
     try:
-        return Checkpoint(**files.load_tensors(path))
+        state = files.load_tensors(path)
+        owner = state.pop(CHECKPOINT_OWNER, None)
+        return Checkpoint(**state), owner
     except Exception as exc:  # a truncated or foreign file: zip, unpickling (weights_only) or field errors
         raise StxError(
             f"the checkpoint {path.name} of this run cannot be read as an stx checkpoint ({files.problem(exc)}); "

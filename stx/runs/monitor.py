@@ -108,7 +108,7 @@ class JobMonitor(OptimizationCallback):
     def on_checkpoint(self, checkpoint: Checkpoint) -> None:
         path = self.run_dir / layout.CHECKPOINT_FILE
         try:
-            layout.save_checkpoint(checkpoint, path)
+            layout.save_checkpoint(checkpoint, path, self.tracker.run_id)
         except OSError as exc:  # a full or failing disk: the job stops as on a store failure, its image kept
             raise WriteError(f"the checkpoint of step {checkpoint.step} could not be written to {path} "
                                 f"({exc.strerror or exc}): the disk is full or failing") from exc

@@ -114,8 +114,8 @@ def resume(cfg: DictConfig, run_dir: Path, log_file: Path | None = None, overrid
     original = layout.load_run_config(client, run_id, run_dir, cfg.runs_dir, cfg.tracking.uri)
     path = layout.download_artifact(client, run_id, layout.CHECKPOINT, run_dir / "resumed_from",
                                     hint="it ran without schedule.checkpoint_every, so there is nothing to resume from")
-    start = layout.load_checkpoint(path)
-    _check_checkpoint(start, original, run_id)
+    start, owner = layout.load_checkpoint(path)
+    _check_checkpoint(start, owner, original, run_id)
     updates = _resume_updates(run_id, original, cfg, changed, start.step, start.level)
     if updates:
         note = "; ".join(f"{key} {OmegaConf.select(original, key)} -> {value}" for key, value in updates.items())
@@ -129,13 +129,16 @@ def resume(cfg: DictConfig, run_dir: Path, log_file: Path | None = None, overrid
                        started_at=started_at)
 
 
-def _check_checkpoint(start: Checkpoint, cfg: DictConfig, run_id: str) -> None:
-    """Refuse a checkpoint that does not fit the run's config: its level, its step within that
-    level, and its image (``1×3×H×W`` at the level's size)."""
+def _check_checkpoint(start: Checkpoint, owner: str | None, cfg: DictConfig, run_id: str) -> None:
+    """Refuse a checkpoint that another run wrote (``owner``, its writer's run id; None before stx
+    named it) or that does not fit the run's config: its level, its step within that level, and its
+    image (``1×3×H×W`` at the level's size)."""
     levels = cfg.schedule.levels
     whole = lambda value: isinstance(value, int) and not isinstance(value, bool)
     problem = None
-    if not (whole(start.step) and whole(start.level) and isinstance(start.best_loss, (int, float))
+    if owner is not None and owner != run_id:
+        problem = f"it names run {owner!r} as its writer (copied from another run)"
+    elif not (whole(start.step) and whole(start.level) and isinstance(start.best_loss, (int, float))
             and isinstance(start.parameter, torch.Tensor) and isinstance(start.best, torch.Tensor)):
         problem = "its step, level, loss or images are not of the types stx writes"
     elif not 0 <= start.level < len(levels):

@@ -326,7 +326,7 @@ def test_a_full_disk_while_checkpointing_stops_the_job_like_a_store_failure(tmp_
 
     from stx.runs import layout
 
-    def full(checkpoint, path):
+    def full(checkpoint, path, run_id):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     fresh_store(tmp_path)

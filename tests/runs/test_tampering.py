@@ -74,11 +74,14 @@ def resume_it(store, monkeypatch, tmp_path):
     (dict(step=-5), "its step -5 is outside its level's steps 0–4"),
     (dict(step="abc"), "its step, level, loss or images are not of the types stx writes"),
     (dict(parameter=torch.zeros(1, 3, 7, 7)), r"its images are \(1, 3, 7, 7\), not \(1, 3, 21, 32\)"),
+    (dict(run_id="0123456789abcdef0123456789abcdef"),
+     "it names run '0123456789abcdef0123456789abcdef' as its writer \\(copied from another run\\)"),
 ])
 def test_a_checkpoint_that_loads_but_does_not_fit_the_run_is_refused(store, artifacts, monkeypatch, tmp_path,
                                                                       change, message):
     path = artifacts / layout.CHECKPOINT
     state = torch.load(path, weights_only=True)
+    assert state["run_id"] == store[2]  # each checkpoint names its run
     torch.save({**state, **change}, path)
     with pytest.raises(StxError, match=f"does not fit the run's config: {message}"):
         resume_it(store, monkeypatch, tmp_path)
