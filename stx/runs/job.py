@@ -78,6 +78,8 @@ class Job:
     """The image to start from instead of ``schedule.init`` (``schedule.init_image``), if any."""
     memory: int = 0
     """Planned peak bytes of the optimisation's largest level (:func:`~stx.engine.plan.plan_memory`)."""
+    init_path: Path | None = None
+    """The absolute path ``initial`` was read from."""
 
 
 def objective_of(cfg: DictConfig) -> Objective:
@@ -312,7 +314,7 @@ def _build_job(cfg: DictConfig) -> Job:
         judge.set_references(inputs.references[0], inputs.references[1:], weights, background=device.type == "cpu")
     loss = plan.apply(loss)
     return Job(loss, content, styles, weights, schedule, device, content_path, style_paths, judge, checked.objective,
-               control, initial, sum(plan.estimate.values()))
+               control, initial, sum(plan.estimate.values()), init_path)
 
 
 def input_paths(cfg: DictConfig) -> tuple[Path, list[Path], Path | None]:

@@ -120,6 +120,10 @@ def style_dir(index: int) -> str:
     return f"{INPUTS}/style_{index}"
 
 
+def init_dir() -> str:
+    return f"{INPUTS}/init"
+
+
 OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
 """Suffixes ``output`` may have: formats Pillow writes from 8-bit RGB."""
 
@@ -388,6 +392,13 @@ def load_run_config(client: MlflowClient, run_id: str, folder: Path, runs_dir: s
     content = _logged_input(folder / content_dir(), run_id)
     styles = [_logged_input(folder / style_dir(index), run_id) for index in range(len(cfg.images.styles))]
     cfg.images.content, cfg.images.styles = str(content), [str(style) for style in styles]
+    if cfg.schedule.init_image is not None:  # a path on the machine that ran it: its logged copy is read instead
+        if not (folder / init_dir()).is_dir():
+            raise StxError(f"run {run_id} started from schedule.init_image={cfg.schedule.init_image!r} but logged no "
+                           f"copy of it in {init_dir()} (made before stx logged start images, or edited), and stx "
+                           f"reads no path that a stored run names. Run it again with your copy of that image: "
+                           f"stx schedule.init_image=<file> and the run's other settings (its params).")
+        cfg.schedule.init_image = str(_logged_input(folder / init_dir(), run_id))
     # artifacts go under this runs folder as the local store puts them, never where a logged path points
     local = cfg.tracking.artifact_location == f"{cfg.runs_dir}/artifacts"
     cfg.tracking.artifact_location = f"{runs_dir}/artifacts" if local else None

@@ -248,7 +248,7 @@ def run_tracked(
             with tracker.open(tags, parent_run_id, resume_run_id, log_file) as run_id:
                 if resume_run_id is None:
                     tracker.log_config(cfg, run_dir, tags)
-                    tracker.log_inputs(job.content_path, job.style_paths)
+                    tracker.log_inputs(job.content_path, job.style_paths, job.init_path)
                 log.info("MLflow run %s in %s; %d steps on %s", run_id, tracker.uri, job.schedule.steps, job.device)
                 joblog.to_file(joblog.summary(cfg, tags))
                 kept = None  # what the job leaves: (name prefix, image, step), written and logged in one place

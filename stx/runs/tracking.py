@@ -273,10 +273,13 @@ class RunTracker:
         if (run_dir / ".hydra").is_dir():
             self._store("logging the config", "log_artifacts", self.run_id, str(run_dir / ".hydra"), layout.HYDRA)
 
-    def log_inputs(self, content: Path, styles: list[Path]) -> None:
+    def log_inputs(self, content: Path, styles: list[Path], init: Path | None = None) -> None:
+        """Log the input images (and the start image, ``schedule.init_image``), which a reproduction reads."""
         self._store("logging the inputs", "log_artifact", self.run_id, str(content), layout.content_dir())
         for index, style in enumerate(styles):
             self._store("logging the inputs", "log_artifact", self.run_id, str(style), layout.style_dir(index))
+        if init is not None:
+            self._store("logging the inputs", "log_artifact", self.run_id, str(init), layout.init_dir())
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         """Log the file ``path`` as an artifact (under ``folder``)."""

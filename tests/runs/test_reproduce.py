@@ -2,10 +2,11 @@
 is refused before anything runs."""
 
 import os
+import shutil
 
 import pytest
 import torch
-from conftest import FAST, client_for, local_uri
+from conftest import CONTENT, FAST, client_for, local_uri
 from omegaconf import OmegaConf
 
 from stx import api
@@ -133,3 +134,18 @@ def test_a_run_reproduces_to_the_bit_with_the_thread_count_it_ran_with(tmp_path,
     assert original.tags[layout.TAG_THREADS] == copy.tags[layout.TAG_THREADS] == "1"
     assert difference == 0 and copy.metrics["total"] == original.metrics["total"]
     torch.set_num_threads(threads)
+
+
+def test_a_run_started_from_an_image_reproduces_from_its_logged_copy(tmp_path, monkeypatch, fresh_store):
+    """The start image is logged with the inputs; a reproduction reads that copy, never the path the run names."""
+    monkeypatch.setenv("STX_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.chdir(tmp_path)
+    fresh_store(tmp_path)
+    start = tmp_path / "start.png"
+    shutil.copy(CONTENT, start)
+    run_id = api.run([*FAST, f"schedule.init_image={start}"]).run_id
+    start.unlink()  # gone from the reader's machine
+    result, difference = reproduce(run_id, local_uri(tmp_path))
+    client = client_for(tmp_path)
+    logged = client.get_run(result.run_id).data.params["schedule.init_image"]
+    assert difference == 0 and logged.endswith("inputs/init/start.png") and str(tmp_path / "runs") in logged

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import local_uri, place_store
+from conftest import CONTENT, local_uri, place_store
 from mlflow.tracking import MlflowClient
 
 from stx.errors import StxError
@@ -99,12 +99,20 @@ def drop_key(path, section, key):
     path.write_text(yaml.safe_dump(config))
 
 
+def set_key(path, section, key, value):
+    config = yaml.safe_load(path.read_text())
+    config[section][key] = value
+    path.write_text(yaml.safe_dump(config))
+
+
 @pytest.mark.parametrize("tamper, message", [
     (lambda root: (root / "config.yaml").write_bytes(bytes(range(256)) * 4), "is not plain YAML"),
     (lambda root: drop_key(root / "config.yaml", "images", "styles"), "lacks images.styles, which every stx run logs"),
     (lambda root: shutil.copy(next((root / "inputs" / "content").iterdir()), root / "inputs" / "content" / "x.png"),
      r"logged content.png, x.png in inputs/content, where stx logs exactly one input image"),
     (lambda root: [p.unlink() for p in (root / "inputs" / "style_0").iterdir()], "logged nothing in inputs/style_0"),
+    (lambda root: set_key(root / "config.yaml", "schedule", "init_image", str(CONTENT)),  # a file of the reader's
+     "started from schedule.init_image='.*content.png' but logged no copy of it in inputs/init"),
 ])
 def test_logged_configs_and_inputs_that_do_not_match_are_refused(store, artifacts, monkeypatch, tmp_path,
                                                                  tamper, message):
