@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from torchvision.utils import make_grid
 
 from stx.engine import files
-from stx.engine.image import check_size, read_image
+from stx.engine.image import MIN_SIZE, check_size, read_image
 from stx.engine.judge import Judge
 from stx.engine.losses import PerceptualObjective
 from stx.errors import ConfigError, NonFiniteLossError, StxError
@@ -104,6 +104,11 @@ def build_training(cfg: DictConfig) -> Training:
     style_paths = [Path(to_absolute_path(path)) for path in cfg.images.styles]
     styles = [read_image(path, check_size(trainer.style_size, "trainer.style_size")).to(device) for path in style_paths]
     files = data.scan(cfg.data.content_dir)
+    if not files.paths:
+        raise ConfigError(
+            f"data.content_dir={cfg.data.content_dir!r} holds no usable content image ({files.skipped} file(s) "
+            f"skipped: not an image Pillow opens, or under {MIN_SIZE} px on an edge): give a folder of photos "
+            f"(searched recursively), e.g. COCO's train2014.")
     train_paths, held_paths = data.split(files.paths, cfg.data.holdout)
     if len(train_paths) < trainer.batch_size:
         raise ConfigError(

@@ -112,8 +112,11 @@ def resume(cfg: DictConfig, run_dir: Path, log_file: Path | None = None, overrid
         raise StxError(f"resume={run_id!r}: that run is already FINISHED; there is nothing to continue.")
     check_not_running(run)  # before anything of the run is rewritten
     original = layout.load_run_config(client, run_id, run_dir, cfg.runs_dir, cfg.tracking.uri)
-    path = layout.download_artifact(client, run_id, layout.CHECKPOINT, run_dir / "resumed_from",
-                                    hint="it ran without schedule.checkpoint_every, so there is nothing to resume from")
+    every = original.schedule.checkpoint_every
+    hint = (f"it stopped before its first checkpoint (schedule.checkpoint_every={every}), so there is nothing to resume "
+            f"from; run it again (stx reproduce {run_id})" if every else
+            "it ran without schedule.checkpoint_every, so there is nothing to resume from")
+    path = layout.download_artifact(client, run_id, layout.CHECKPOINT, run_dir / "resumed_from", hint=hint)
     start, owner = layout.load_checkpoint(path)
     _check_checkpoint(start, owner, original, run_id)
     updates = _resume_updates(run_id, original, cfg, changed, start.step, start.level)
@@ -289,7 +292,8 @@ def run_tracked(
             ) from error
         finally:
             interrupts.restore(previous_handlers)
-    total = monitor.latest.values["total"] if monitor.latest is not None else float("nan")
+    # resumed at its last step, a run takes no step: its loss is the checkpoint's
+    total = monitor.latest.values["total"] if monitor.latest is not None else start.best_loss if start else float("nan")
     hydra_job.say(
         f"stx: done in {time.perf_counter() - started:.1f} s, final loss {total:.6g}, style distance "
         f"{evaluation['style_distance']:.4g}, content distance {evaluation['content_distance']:.4g}; output {output}; "

@@ -232,6 +232,10 @@ def test_bad_training_config_is_one_paragraph(tmp_path, content_dir):
         train(compose_train(tmp_path, content_dir, "trainer.batch_size=9"), tmp_path / "job", {})
     with pytest.raises(ConfigError, match="data.content_dir="):
         train(compose_train(tmp_path, tmp_path / "missing"), tmp_path / "job", {})
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("no photos here")
+    with pytest.raises(ConfigError, match=r"data.content_dir='.*notes' holds no usable content image \(1 file\(s\) skipped"):
+        train(compose_train(tmp_path, tmp_path / "notes"), tmp_path / "job", {})  # not data.holdout's fault
     with pytest.raises(ConfigError, match="model._target_='os.system' is not allowed"):
         train(compose_train(tmp_path, content_dir, "model._target_=os.system"), tmp_path / "job", {})
 

@@ -91,3 +91,20 @@ def test_steps_change_only_the_levels_not_yet_finished(make_cfg):
     with pytest.raises(StxError, match=r"give schedule.steps=50 or more"):
         _resume_updates("r", logged, make_cfg("schedule.steps=40"), ["schedule.steps"], **in_last_level)
     assert OmegaConf.to_container(logged.schedule.levels, resolve=True) == [{"size": 32, "steps": 100}, {"size": 64, "steps": 100}]
+
+
+def test_a_run_resumed_at_its_last_step_reports_its_checkpoints_loss(make_cfg, tmp_path, fresh_store):
+    client, run_id = killed_run(make_cfg, tmp_path, fresh_store)
+    result = resume(make_cfg(f"resume={run_id}"), tmp_path / "resumed", overrides=[f"resume={run_id}"])
+    logged = client.get_metric_history(run_id, "total")
+    assert result.total == min(m.value for m in logged)  # no step left to take: the best loss, not nan
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_run_stopped_before_its_first_checkpoint_says_so_when_resumed(make_cfg, tmp_path, fresh_store):
+    fresh_store(tmp_path)
+    result = run_tracked(make_cfg(*JOB, "schedule.steps=2", "schedule.checkpoint_every=5"), tmp_path / "first", {})
+    MlflowClient(local_uri(tmp_path)).set_terminated(result.run_id, "KILLED")
+    with pytest.raises(StxError, match=rf"it stopped before its first checkpoint \(schedule.checkpoint_every=5\), so "
+                                       rf"there is nothing to resume from; run it again \(stx reproduce {result.run_id}\)"):
+        resume(make_cfg(f"resume={result.run_id}"), tmp_path / "resumed", overrides=[f"resume={result.run_id}"])
