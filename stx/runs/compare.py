@@ -6,6 +6,7 @@ the parent run, which is tagged with its best child (``stx.sweep.best_run``) or 
 from __future__ import annotations
 
 import math
+import os
 import re
 import sys
 import tempfile
@@ -320,6 +321,12 @@ def description(rows: list[Row], text: str) -> str:
     return "\n".join(lines)[:5000]
 
 
+def read_only(uri: str) -> bool:
+    """Whether ``uri`` is a local sqlite store this process cannot write (e.g. on a read-only filesystem)."""
+    path = Path(uri.removeprefix("sqlite:///").split("?")[0])
+    return uri.startswith("sqlite:///") and not os.access(path, os.W_OK)
+
+
 def compare(target: str, uri: str, out_dir: Path) -> tuple[Path, str]:
     """Write ``table.txt``, ``contact_sheet.png`` and ``scatter.png`` for ``target`` into
     ``out_dir``, best first; for a parent run, log them to it under ``compare/`` and tag it with
@@ -333,12 +340,19 @@ def compare(target: str, uri: str, out_dir: Path) -> tuple[Path, str]:
                 for run, swept in zip(runs, swept_values(runs))]
     rows = best_first(rows)
     text = table(rows)
-    out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "table.txt", out_dir / "contact_sheet.png"]
-    written[0].write_text(text + "\n")
-    contact_sheet(rows).save(written[1])
-    plot = scatter_plot(rows, out_dir / "scatter.png")
-    if parent is not None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written[0].write_text(text + "\n")
+        contact_sheet(rows).save(written[1])
+        plot = scatter_plot(rows, out_dir / "scatter.png")
+    except OSError as exc:
+        raise StxError(f"stx compare cannot write its table and pictures into {out_dir} ({exc.strerror or exc}): "
+                       f"give a folder you can write with --out <folder>.") from exc
+    if parent is not None and read_only(uri):
+        print(f"stx: the store {uri} is read-only: the comparison is not logged to sweep {parent.info.run_id}.",
+              file=sys.stderr)
+    elif parent is not None:
         for path in [*written, *([plot] if plot else [])]:
             client.log_artifact(parent.info.run_id, str(path), "compare")
         best = rows[0].run

@@ -10,6 +10,7 @@ the store run beside the jobs' work instead of taking turns with it for the inte
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -60,9 +61,8 @@ def open_sqlite_store(uri: str) -> None:
         return  # opened by an earlier job of this process (a sweep's), and not replaced since
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_name(f"{path.name}.lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-            database = Path(str(path).split("?")[0]).absolute()  # sqlite:///x.db?mode=ro names x.db
+        database = Path(str(path).split("?")[0]).absolute()  # sqlite:///x.db?mode=ro names x.db
+        with _store_lock(path.with_name(f"{path.name}.lock"), database.exists()):
             mode = "ro" if database.exists() else "rwc"
             with closing(sqlite3.connect(f"{database.as_uri()}?mode={mode}", uri=True, timeout=30)) as connection:
                 connection.execute("PRAGMA schema_version")  # a file sqlite cannot open fails here at once
@@ -75,6 +75,22 @@ def open_sqlite_store(uri: str) -> None:
             f"another tracking.uri / runs_dir."
         ) from exc
     _opened[uri] = _identity(path)
+
+
+@contextmanager
+def _store_lock(path: Path, exists: bool) -> Iterator[None]:
+    """Hold the exclusive lock file ``path`` of a sqlite store; an existing store on a read-only
+    filesystem (where no lock file can be made, and nothing can migrate it) is read without one."""
+    try:
+        lock = open(path, "a")
+    except OSError as exc:
+        if exists and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            yield
+            return
+        raise
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 _opened: dict[str, tuple[int, int] | None] = {}

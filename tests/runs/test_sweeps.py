@@ -302,3 +302,34 @@ def test_the_scatter_plot_of_fifty_runs_features_the_front_and_the_best_only(tmp
     assert chosen[2:] == rest[:compare.SCATTER_FEATURED - 2]
     assert compare.featured(points[:5]) == points[:5]
     assert compare.scatter_plot(rows, tmp_path / "scatter.png").is_file()
+
+
+def test_compare_reads_a_store_on_a_read_only_filesystem(tmp_path, monkeypatch, fresh_store):
+    """No lock file can be made there and nothing logged; the table is written where --out says, and an
+    unwritable --out is one paragraph."""
+    import errno
+
+    from stx import api
+    from stx.errors import StxError
+    from stx.runs import compare as comparing, store
+
+    monkeypatch.setenv("STX_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.chdir(tmp_path)
+    fresh_store(tmp_path)
+    api.run(FAST)
+    (tmp_path / "runs" / "mlflow.db.lock").unlink()
+    real_open = open
+
+    def read_only_open(path, *args, **kwargs):
+        if str(path).endswith(".lock"):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(store, "open", read_only_open, raising=False)
+    monkeypatch.setattr(store, "_opened", {})
+    monkeypatch.setattr(comparing.os, "access", lambda path, mode: False)
+    sheet, text = comparing.compare("stx", local_uri(tmp_path), tmp_path / "out")
+    assert sheet.is_file() and len(text.splitlines()) >= 2 and not (tmp_path / "runs" / "mlflow.db.lock").exists()
+    (tmp_path / "a file").write_text("")
+    with pytest.raises(StxError, match="stx compare cannot write its table and pictures into .*a file/out .* --out"):
+        comparing.compare("stx", local_uri(tmp_path), tmp_path / "a file" / "out")
