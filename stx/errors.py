@@ -32,6 +32,10 @@ class ImageError(StxError):
     """An image file is missing, unreadable or of an impossible size."""
 
 
+class TooManyPixelsError(ImageError):
+    """An image file's header declares more pixels than stx reads (``stx.engine.image.MAX_PIXELS``)."""
+
+
 class TrackingError(StxError):
     """The tracking store cannot be reached or used."""
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageCms, ImageOps
 
-from stx.errors import ImageError
+from stx.errors import ImageError, TooManyPixelsError
 
 log = logging.getLogger(__name__)
 _SRGB = ImageCms.createProfile("sRGB")
@@ -99,7 +99,7 @@ def open_image(path: str | Path) -> Iterator[Image.Image]:
     with pil:
         width, height = pil.size
         if width * height > MAX_PIXELS:
-            raise ImageError(
+            raise TooManyPixelsError(
                 f"image {str(path)!r} has {width}×{height} = {width * height:,} pixels, more than stx "
                 f"reads ({MAX_PIXELS:,}): downscale the file first, e.g. with ImageMagick's `magick "
                 f"{path.name} -resize {MAX_SIZE}x{MAX_SIZE} smaller.png` (stx optimises at most "

@@ -44,7 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from stx.engine.image import MIN_SIZE, image_shape, long_edge_shape, read_image, to_pil
 from stx.engine.losses import PerceptualObjective
-from stx.errors import ImageError, StxError
+from stx.errors import ImageError, StxError, TooManyPixelsError
 from stx.fast.stylize import Model, checked_output
 
 CACHE_ENTRIES = 64
@@ -195,6 +195,9 @@ def read_upload(upload: UploadFile, what: str, limits: Limits, size: int,
         file.flush()
         try:
             height, width = image_shape(file.name)
+        except TooManyPixelsError:  # its header declares more than stx reads at all
+            raise HTTPException(413, f"the {what} image's header declares more pixels than this service accepts "
+                                     f"({limits.max_pixels} per image): downscale it first.") from None
         except ImageError:
             raise HTTPException(400, f"the {what} file ({len(body)} bytes, {upload.filename!r}) is not an image "
                                      f"Pillow can read; send a PNG, JPEG, WebP, TIFF or other image file.") from None
@@ -236,18 +239,24 @@ class BodyLimit:
                                             f"{self.limit} bytes (--max-upload-mb): send a smaller file."}, 413)
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await too_large(scope, receive, send)
-        received, started = 0, False
+        received, started, exceeded = 0, False, False
 
         async def counting_receive():
-            nonlocal received
+            nonlocal received, exceeded
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.limit:
+                exceeded = True
                 raise _TooLarge
             return message
 
         async def tracking_send(message):
             nonlocal started
+            if exceeded:  # FastAPI answers any error inside a body it parses with 400: the limit's 413 instead
+                if not started:
+                    started = True
+                    await too_large(scope, receive, send)
+                return
             started = started or message["type"] == "http.response.start"
             await send(message)
 

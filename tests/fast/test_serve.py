@@ -5,9 +5,11 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -99,6 +101,12 @@ def test_eight_concurrent_requests_all_succeed(server):
     assert [Image.open(io.BytesIO(r.content)).size for r in responses] == [(40, 24 + 4 * i) for i in range(8)]
 
 
+def png_header(width, height):
+    """A PNG file's header: its signature, an IHDR chunk declaring ``width×height`` RGB pixels, an empty IDAT."""
+    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IDAT", b"")
+
+
 def test_bad_uploads_get_clear_4xx(server):
     def post(data, name="tiny"):
         return requests.post(f"{server}/stylize/{name}", files={"image": ("x.png", data)}, timeout=60)
@@ -110,6 +118,18 @@ def test_bad_uploads_get_clear_4xx(server):
     assert f"100×100 = 10000 pixels; this service accepts at most {MAX_PIXELS}" in too_many.json()["detail"]
     too_large = post(os.urandom(int(MAX_UPLOAD_MB * 2**20) + 1000))
     assert too_large.status_code == 413 and "larger than this service's limit" in too_large.json()["detail"]
+    bomb = post(png_header(60000, 60000))  # 45 bytes that declare 3.6 G pixels
+    assert bomb.status_code == 413 and "header declares more pixels than this service accepts" in bomb.json()["detail"]
+
+    def chunked_form():  # no Content-Length: the limit is found as the body streams in
+        yield b"--x\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n\r\n"
+        for _ in range(int(MAX_UPLOAD_MB * 4) + 2):
+            yield bytes(2**18)
+        yield b"\r\n--x--\r\n"
+
+    streamed = requests.post(f"{server}/stylize/tiny", data=chunked_form(), timeout=60,
+                             headers={"Content-Type": "multipart/form-data; boundary=x"})
+    assert streamed.status_code == 413 and "larger than this service's limit" in streamed.json()["detail"]
     unknown = post(png_bytes(random_image(32, 32, 0)), name="nosuch")
     assert unknown.status_code == 404 and "loaded models: tiny" in unknown.json()["detail"]
     thin = requests.post(f"{server}/stylize/tiny", params={"size": 32},  # 90×20 → 32×7 px
