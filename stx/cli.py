@@ -66,6 +66,19 @@ def train_main(cfg: DictConfig) -> float:
     return run_task(task, cfg)
 
 
+def _kept(cfg: DictConfig) -> str:
+    """What a stopped job left in its folder, as the end of a sentence: the image it wrote, if any."""
+    from stx.runs.layout import INTERRUPTED
+
+    if "output" not in cfg:  # stx train: its checkpoints
+        return "its latest checkpoint kept, if it had written one"
+    run_dir = Path(hydra_job.config().runtime.output_dir)
+    for name, what in ((INTERRUPTED + cfg.output, "its latest image kept as"), (cfg.output, "its output written as")):
+        if (run_dir / name).is_file():
+            return f"{what} {run_dir / name}"
+    return "no image kept (it stopped before its first step)"
+
+
 def run_task(task: Callable[[DictConfig], float], cfg: DictConfig) -> float:
     """Run a Hydra app's ``task`` with stx's reports of mistakes and interrupts."""
     _Task.started = True
@@ -80,14 +93,11 @@ def run_task(task: Callable[[DictConfig], float], cfg: DictConfig) -> float:
             return float("nan")  # the other jobs go on; the sweep callback fails the parent run
         sys.exit(2)
     except KeyboardInterrupt as interrupt:
-        from stx.runs.layout import INTERRUPTED
-
         in_thread = threading.current_thread() is not threading.main_thread()  # a batched sweep's job
         if not in_thread:
             interrupts.ignore()
-        kept = f"its latest image kept as {INTERRUPTED}{cfg.output}" if "output" in cfg else "a checkpoint kept"
         hydra_job.say(f"stx: {interrupt or 'interrupted'}; the job's MLflow run, if it had started, is marked KILLED "
-                      f"and {kept}.", error=True)
+                      f"and {_kept(cfg)}.", error=True)
         if in_thread:
             raise  # its launcher (stx.runs.launcher) ends the sweep once every job has closed its run
         if os.environ.get(MAIN_PID_ENV) == str(os.getppid()):

@@ -150,7 +150,25 @@ def test_signals_during_shutdown_do_not_keep_the_run_from_closing(tmp_path, firs
     run = client_for(tmp_path).get_run(run_id)
     assert run.info.status == "KILLED" and run.data.tags["stx.error"] == "interrupted"
     assert (Path(run.data.tags["stx.run_dir"]) / "interrupted_output.png").is_file()
+    assert f"its latest image kept as {Path(run.data.tags['stx.run_dir']) / 'interrupted_output.png'}" in output
     assert "interrupted_output.png" in artifact_paths(client_for(tmp_path), run_id)
+
+
+def test_a_stopped_job_names_only_the_image_it_left(tmp_path, monkeypatch):
+    """Stopped before its first step, or while writing its output, a job names what is there, not an
+    interrupted_output.png it never wrote."""
+    from omegaconf import OmegaConf
+
+    from stx import cli
+    from stx.runs import hydra_job
+
+    monkeypatch.setattr(hydra_job, "config", lambda: OmegaConf.create({"runtime": {"output_dir": str(tmp_path)}}))
+    cfg = OmegaConf.create({"output": "output.png"})
+    assert cli._kept(cfg) == "no image kept (it stopped before its first step)"
+    (tmp_path / "output.png").write_bytes(b"")  # SIGTERM while the finished image was being written and logged
+    assert cli._kept(cfg) == f"its output written as {tmp_path / 'output.png'}"
+    (tmp_path / "interrupted_output.png").write_bytes(b"")
+    assert cli._kept(cfg) == f"its latest image kept as {tmp_path / 'interrupted_output.png'}"
 
 
 def test_resume_honours_steps_and_refuses_other_overrides(tmp_path, make_cfg, fresh_store):
