@@ -1,4 +1,4 @@
-"""Artefacts of a trained feed-forward model: TorchScript and ONNX files, and an MLflow model.
+"""Artefacts of a trained feed-forward model: TorchScript, ONNX and int8 ONNX files, and an MLflow model.
 
 The MLflow model is the TorchScript module logged with ``mlflow.pytorch.log_model``, so that
 loading it (``mlflow.pytorch.load_model``, ``mlflow.pyfunc.load_model``, ``mlflow models
@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,9 @@ from torch import nn
 
 TORCHSCRIPT_FILE = "model.torchscript.pt"
 ONNX_FILE = "model.onnx"
+ONNX_INT8_FILE = "model.int8.onnx"
+CALIBRATION_IMAGES = 32
+"""How many training crops calibrate an int8 export's activation ranges (at most)."""
 MODEL_NAME = "model"
 """Name of the logged MLflow model: ``runs:/<run id>/model``."""
 EXAMPLE_SIZE = 64
@@ -56,7 +60,10 @@ def load_torchscript(path: str | Path, device: torch.device | str = "cpu") -> to
 
 def export_onnx(model: nn.Module, path: Path) -> Path:
     """ONNX (opset of torch's dynamo exporter) with dynamic batch, height and width; input
-    ``image``, output ``stylised``."""
+    ``image``, output ``stylised``. The exporter's per-node metadata (Python stack traces, module
+    paths) is dropped: it is most of a light model's file."""
+    import onnx
+
     dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
     chatty = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir")]
     levels = [logger.level for logger in chatty]
@@ -68,17 +75,55 @@ def export_onnx(model: nn.Module, path: Path) -> Path:
     finally:
         for logger, level in zip(chatty, levels):
             logger.setLevel(level)
+    program = onnx.load(str(path))
+    for node in [*program.graph.node, *(node for function in program.functions for node in function.node)]:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    onnx.save(program, str(path))
     return path
 
 
-FORMATS = {"torchscript": (TORCHSCRIPT_FILE, export_torchscript), "onnx": (ONNX_FILE, export_onnx)}
-"""``trainer.export`` choices: file name and writer of each exported format."""
+def export_onnx_int8(model: nn.Module, path: Path, calibration: Sequence[torch.Tensor]) -> Path:
+    """Static int8 ONNX in QDQ form (ONNX Runtime and its mobile build run it; so do other int8 runtimes
+    that read QDQ): the fp32 export of :func:`export_onnx`, pre-processed (shapes inferred, batch norm
+    folded into the convolutions), its activations' ranges calibrated on ``calibration`` (``1×3×H×W``
+    images in [0, 1], e.g. training crops), weights int8 per output channel, activations uint8."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if not calibration:
+        raise ValueError("an int8 export needs calibration images")
+
+    class Images(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.images = iter(calibration)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            image = next(self.images, None)
+            return None if image is None else {"image": image.detach().float().cpu().numpy()}
+
+    with tempfile.TemporaryDirectory() as folder:
+        fp32, prepared = Path(folder) / "fp32.onnx", Path(folder) / "prepared.onnx"
+        export_onnx(model, fp32)
+        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(path), Images(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return path
 
 
-def export_file(model: nn.Module, folder: Path, kind: str) -> Path:
-    """Write ``model`` in format ``kind`` (a key of :data:`FORMATS`) into ``folder``."""
+FORMATS = {
+    "torchscript": (TORCHSCRIPT_FILE, lambda model, path, calibration: export_torchscript(model, path)),
+    "onnx": (ONNX_FILE, lambda model, path, calibration: export_onnx(model, path)),
+    "onnx_int8": (ONNX_INT8_FILE, export_onnx_int8),
+}
+"""``trainer.export`` choices: file name and writer (model, path, calibration images) of each format."""
+
+
+def export_file(model: nn.Module, folder: Path, kind: str, calibration: Sequence[torch.Tensor] = ()) -> Path:
+    """Write ``model`` in format ``kind`` (a key of :data:`FORMATS`) into ``folder``; ``calibration``:
+    ``1×3×H×W`` images an int8 format calibrates on."""
     name, write = FORMATS[kind]
-    return write(model, folder / name)
+    return write(model, folder / name, calibration)
 
 
 class OnnxModel:

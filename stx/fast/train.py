@@ -208,8 +208,11 @@ def train(
             log.info("MLflow run %s in %s; %d steps of %d images on %s", run_id, tracker.uri, cfg.trainer.steps,
                      cfg.trainer.batch_size, job.device)
             evaluation = Loop(job, cfg, tracker, run_dir, start).run()
+            calibration = [crop[None] for crop in map(job.dataset.__getitem__,
+                                                      range(min(len(job.dataset), export.CALIBRATION_IMAGES)))
+                           if crop is not None]
             for kind in cfg.trainer.export:
-                tracker.log_artifact(export.export_file(job.model, run_dir, kind), layout.EXPORT_DIR)
+                tracker.log_artifact(export.export_file(job.model, run_dir, kind, calibration), layout.EXPORT_DIR)
             tracker.flush()
             uri = export.log_model(job.model, run_id, tracker.uri, cfg.tracking.register_as)
             objective = job.objective(evaluation) if evaluation else float("nan")

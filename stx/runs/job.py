@@ -42,7 +42,7 @@ ALLOWED_TARGETS = {
     "loss": (("stx.engine.losses",), losses.Loss, True),
     "encoder": (("stx.engine.encoders",), None, True),
     "schedule.optimizer": (("stx.engine.lbfgs", "torch.optim"), torch.optim.Optimizer, False),
-    "model": (("stx.fast.transformer",), torch.nn.Module, False),
+    "model": (("stx.fast.transformer", "stx.fast.mobile"), torch.nn.Module, False),
     "trainer.lr_schedule": (("torch.optim.lr_scheduler",), torch.optim.lr_scheduler.LRScheduler, False),
     "color": (("stx.engine.color",), color.ColorControl, True),
 }

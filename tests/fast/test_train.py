@@ -49,10 +49,12 @@ def content_dir(tmp_path_factory):
 
 
 def compose_train(tmp_path, content_dir, *overrides):
+    other_model = any(override.startswith("model=") for override in overrides)  # TINY's model keys are Johnson's
+    tiny = [override for override in TINY if not (other_model and override.startswith("model."))]
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[f"data.content_dir={content_dir}", f"runs_dir={tmp_path / 'runs'}",
-                                          *TINY, *overrides])
+                                          *tiny, *overrides])
     GlobalHydra.instance().clear()
     return cfg
 
@@ -325,3 +327,43 @@ def test_a_bad_training_checkpoint_is_one_paragraph(tmp_path, content_dir, tampe
     job = build_training(compose_train(tmp_path, content_dir))
     with pytest.raises(StxError, match="the checkpoint checkpoint.pt of this training run cannot be resumed from"):
         load_state(job, path)
+
+
+def test_the_mobile_network_keeps_any_size_with_a_thirtieth_of_johnsons_weights():
+    from stx.fast.mobile import MobileStyleNet
+
+    model = MobileStyleNet().eval()
+    for shape in ((1, 3, 17, 23), (2, 3, 64, 33)):
+        out = model(torch.rand(shape))
+        assert out.shape == shape and 0 <= out.min() and out.max() <= 1
+    count = lambda net: sum(p.numel() for p in net.parameters())
+    assert count(model) * 30 < count(TransformerNet())  # 42 019 against 1 679 235 at the configs' defaults
+    assert count(MobileStyleNet(width=0.5)) < count(model) < count(MobileStyleNet(blocks=6))
+    with pytest.raises(ConfigError, match="model.width=0 is not valid"):
+        MobileStyleNet(width=0)
+
+
+def test_a_mobile_model_trains_and_its_int8_export_matches_it(tmp_path, content_dir, fresh_store):
+    """``model=mobile`` through ``stx train`` with ``trainer.export=[onnx,onnx_int8]``: the int8 file has
+    weights under half the fp32 ones, runs in ONNX Runtime and through ``stx stylize``, and stays close to the model."""
+    fresh_store(tmp_path)
+    client, run = run_training(tmp_path, content_dir, "job", "model=mobile", "model.channels=8", "trainer.steps=6",
+                               "trainer.checkpoint_every=6", "trainer.export=[onnx,onnx_int8]")
+    assert {"export/model.onnx", "export/model.int8.onnx"} <= set(artifact_paths(client, run.info.run_id))
+    fp32, int8 = tmp_path / "job" / export.ONNX_FILE, tmp_path / "job" / export.ONNX_INT8_FILE
+    import onnx
+
+    weights = lambda path: sum(len(t.raw_data) + 4 * len(t.float_data) for t in onnx.load(str(path)).graph.initializer)
+    assert weights(int8) < 0.5 * weights(fp32)  # int8 weights (per-channel scales and int32 biases beside them)
+    from stx.fast.mobile import MobileStyleNet
+
+    model = MobileStyleNet(channels=8)
+    model.load_state_dict(torch.load(tmp_path / "job" / "checkpoint.pt", weights_only=True)["model"])
+    image = next(iter(data.ContentCrops(data.scan(content_dir).paths, 32, 1)))[None]
+    with torch.no_grad():
+        expected = model.eval()(image)
+    quantised = export.OnnxModel(int8)(image)
+    assert quantised.shape == expected.shape and (quantised - expected).abs().mean() < 0.02
+    written = stylize(load_model(str(int8), "sqlite:///unused.db", torch.device("cpu")), collect([str(content_dir)])[0][:2],
+                      tmp_path / "out", torch.device("cpu"), size=40, batch_size=2)
+    assert len(written) == 2 and all(path.is_file() for path in written)
