@@ -8,13 +8,17 @@ series ``image``) and their mean quality metrics ``eval/…`` (:mod:`stx.engine.
 (model, optimiser and schedule state) every ``trainer.checkpoint_every`` steps; ``stx train
 resume=<run id>`` continues a run from its last one with the same data order and crops. At the
 end the model is exported (:mod:`stx.fast.export`): TorchScript and ONNX files under ``export/`` and
-the MLflow model ``model`` (registered as ``tracking.register_as`` when set).
+the MLflow model ``model`` (registered as ``tracking.register_as`` when set). With ``distill.teacher``
+(a trained model, as ``stx stylize`` takes it) the model also learns the teacher's outputs: ``distill``,
+the mean squared pixel difference, is logged and added to the loss times ``distill.weight``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +67,9 @@ class Training:
     device: torch.device
     objective: Objective
     skipped_files: int
+    teacher: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """The model distilled from (``distill.teacher``): ``B×3×H×W`` in [0, 1] in, the same shape out."""
+    distill_weight: float = 0.0
 
 
 def build_training(cfg: DictConfig) -> Training:
@@ -127,8 +134,24 @@ def build_training(cfg: DictConfig) -> Training:
         judge.set_references(image[None].to(device), styles, weights)
         judges.append(judge)
     objective = objective_of(cfg)
+    teacher = load_teacher(cfg, device)
     return Training(model, loss, optimizer, scheduler, dataset, held_out.to(device), judges, style_paths, device,
-                    objective, files.skipped)
+                    objective, files.skipped, teacher, float(cfg.distill.weight))
+
+
+def load_teacher(cfg: DictConfig, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The model ``distill.teacher`` names (None when unset), loaded as ``stx stylize`` loads models."""
+    from stx.fast.stylize import load_model
+
+    weight, teacher = cfg.distill.weight, cfg.distill.teacher
+    if not math.isfinite(weight) or weight < 0:
+        raise ConfigError(f"distill.weight={weight} is not valid: use a finite number >= 0.")
+    if teacher is None:
+        return None
+    try:
+        return load_model(teacher, tracking_uri(cfg.tracking), device)
+    except StxError as exc:
+        raise StxError(f"distill.teacher={teacher!r}: {exc}") from exc
 
 
 def centre_square(image: torch.Tensor, edge: int) -> torch.Tensor:
@@ -281,7 +304,13 @@ class Loop:
         job = self.job
         batch = batch.to(job.device)
         job.loss.set_content(batch)
-        total, values = job.loss(job.model(batch))
+        output = job.model(batch)
+        total, values = job.loss(output)
+        if job.teacher is not None:
+            with torch.no_grad():
+                target = job.teacher(batch)
+            values = {**values, "distill": (output - target).square().mean()}
+            total = total + job.distill_weight * values["distill"]
         if not torch.isfinite(total):
             raise NonFiniteLossError(
                 f"the training loss became {total.item()} at step {self.step}; lower trainer.optimizer.lr or the "

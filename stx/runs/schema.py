@@ -145,6 +145,12 @@ class DataSchema:
 
 
 @dataclass
+class DistillSchema:
+    teacher: Optional[str] = MISSING
+    weight: float = MISSING
+
+
+@dataclass
 class TrainerSchema:
     optimizer: Dict[str, Any] = MISSING
     lr_schedule: Optional[Dict[str, Any]] = MISSING
@@ -168,6 +174,7 @@ class TrainSchema(TaskSchema):
     model: Dict[str, Any] = MISSING
     data: DataSchema = field(default_factory=DataSchema)
     trainer: TrainerSchema = field(default_factory=TrainerSchema)
+    distill: DistillSchema = field(default_factory=DistillSchema)
 
 
 ConfigStore.instance().store(name="stx_train_schema", node=TrainSchema)

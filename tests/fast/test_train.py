@@ -367,3 +367,21 @@ def test_a_mobile_model_trains_and_its_int8_export_matches_it(tmp_path, content_
     written = stylize(load_model(str(int8), "sqlite:///unused.db", torch.device("cpu")), collect([str(content_dir)])[0][:2],
                       tmp_path / "out", torch.device("cpu"), size=40, batch_size=2)
     assert len(written) == 2 and all(path.is_file() for path in written)
+
+
+def test_a_student_distilled_from_a_teacher_comes_close_to_its_outputs(trained, tmp_path, content_dir, fresh_store):
+    """The perceptual loss off, only ``distill`` left: a mobile student's distance to a trained Johnson
+    teacher's outputs falls; a teacher that cannot be read is one paragraph naming distill.teacher."""
+    teacher = trained[0] / "job" / export.TORCHSCRIPT_FILE
+    fresh_store(tmp_path)
+    off = ["loss.content.score_weight=0", "loss.style.score_weight=0", "loss.tv.score_weight=0"]
+    client, run = run_training(tmp_path, content_dir, "student", "model=mobile", "model.channels=8", *off,
+                               f"distill.teacher={teacher}", "distill.weight=1", "trainer.steps=30",
+                               "trainer.optimizer.lr=0.01")
+    distances = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "distill"), key=lambda m: m.step)]
+    assert len(distances) == 30 and np.mean(distances[-5:]) < 0.5 * np.mean(distances[:5]), distances
+    assert run.data.metrics["total"] == pytest.approx(distances[-1], rel=1e-5)  # the only term left
+    with pytest.raises(StxError, match=r"distill.teacher='nosuch.pt': model file 'nosuch.pt' does not exist"):
+        train(compose_train(tmp_path, content_dir, "distill.teacher=nosuch.pt"), tmp_path / "bad", {})
+    with pytest.raises(ConfigError, match="distill.weight=-1.0 is not valid"):
+        train(compose_train(tmp_path, content_dir, "distill.weight=-1"), tmp_path / "bad", {})
