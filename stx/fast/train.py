@@ -34,8 +34,9 @@ from stx.engine import files
 from stx.engine.image import MIN_SIZE, check_size, read_image
 from stx.engine.judge import Judge
 from stx.engine.losses import PerceptualObjective
-from stx.errors import ConfigError, NonFiniteLossError, StxError
+from stx.errors import ConfigError, NonFiniteLossError, StxError, first_line
 from stx.fast import data, export
+from stx.fast.prune import prune_channels
 from stx.runs import hydra_job, interrupts, layout
 from stx.runs.job import build, build_encoder, build_judge, objective_of, resolve_device, style_weights
 from stx.runs.monitor import peak_memory_bytes, step_bar
@@ -99,14 +100,17 @@ def build_training(cfg: DictConfig) -> Training:
     loss_set = {str(name): build(node, f"loss.{name}", "loss") for name, node in cfg.loss.items()}
     layers = frozenset().union(*(loss.layers for loss in loss_set.values()))
     encoder = build_encoder(cfg.encoder, layers) if layers else None
+    crop = check_size(cfg.data.crop, "data.crop")
     torch.manual_seed(cfg.seed)  # the model's initial weights
-    model = build(cfg.model, "model", "model").to(device)
+    model = build(cfg.model, "model", "model")
+    if cfg.start_from is not None:
+        start_weights(model, cfg.start_from, tracking_uri(cfg.tracking))
+    model = prune_channels(model, cfg.prune.amount, cfg.prune.importance, export.example_input(crop)).to(device)
     optimizer = build(trainer.optimizer, "trainer.optimizer", "schedule.optimizer")(model.parameters())
     scheduler = None
     if trainer.lr_schedule is not None:
         scheduler = build(trainer.lr_schedule, "trainer.lr_schedule", "trainer.lr_schedule")(optimizer)
     first = build_judge(cfg, device) if cfg.data.holdout else None  # data.holdout > 0 holds images out
-    crop = check_size(cfg.data.crop, "data.crop")
     eval_size = check_size(cfg.data.eval_size, "data.eval_size")
     style_paths = [Path(to_absolute_path(path)) for path in cfg.images.styles]
     styles = [read_image(path, check_size(trainer.style_size, "trainer.style_size")).to(device) for path in style_paths]
@@ -137,6 +141,24 @@ def build_training(cfg: DictConfig) -> Training:
     teacher = load_teacher(cfg, device)
     return Training(model, loss, optimizer, scheduler, dataset, held_out.to(device), judges, style_paths, device,
                     objective, files.skipped, teacher, float(cfg.distill.weight))
+
+
+def start_weights(model: torch.nn.Module, ref: str, uri: str) -> None:
+    """Load the weights of the trained model ``ref`` (TorchScript, as ``stx stylize`` finds it) into ``model``."""
+    from stx.fast.stylize import load_model
+
+    try:
+        trained = load_model(ref, uri, torch.device("cpu"))
+    except StxError as exc:
+        raise StxError(f"start_from={ref!r}: {exc}") from exc
+    if not isinstance(trained, torch.nn.Module):
+        raise StxError(f"start_from={ref!r} is an ONNX file, whose weights stx does not read back: give the "
+                       f"TorchScript model of the same training run ({export.TORCHSCRIPT_FILE}, or its run id).")
+    try:
+        model.load_state_dict(trained.state_dict())
+    except RuntimeError as exc:
+        raise StxError(f"start_from={ref!r} is not a model of this config's architecture ({first_line(exc)}): give "
+                       f"a model trained with the same model.* settings, unpruned.") from exc
 
 
 def load_teacher(cfg: DictConfig, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -227,7 +249,8 @@ def train(
                 for index, style in enumerate(job.style_paths):
                     tracker.log_artifact(style, layout.style_dir(index))
                 tracker.log_metrics({"data/skipped_files": job.skipped_files, "data/train_images": len(job.dataset),
-                                     "data/held_out_images": len(job.judges)}, 0)
+                                     "data/held_out_images": len(job.judges),
+                                     "model/parameters": sum(p.numel() for p in job.model.parameters())}, 0)
             log.info("MLflow run %s in %s; %d steps of %d images on %s", run_id, tracker.uri, cfg.trainer.steps,
                      cfg.trainer.batch_size, job.device)
             evaluation = Loop(job, cfg, tracker, run_dir, start).run()

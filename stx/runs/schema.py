@@ -145,6 +145,12 @@ class DataSchema:
 
 
 @dataclass
+class PruneSchema:
+    amount: float = MISSING
+    importance: str = MISSING
+
+
+@dataclass
 class DistillSchema:
     teacher: Optional[str] = MISSING
     weight: float = MISSING
@@ -175,6 +181,8 @@ class TrainSchema(TaskSchema):
     data: DataSchema = field(default_factory=DataSchema)
     trainer: TrainerSchema = field(default_factory=TrainerSchema)
     distill: DistillSchema = field(default_factory=DistillSchema)
+    start_from: Optional[str] = MISSING
+    prune: PruneSchema = field(default_factory=PruneSchema)
 
 
 ConfigStore.instance().store(name="stx_train_schema", node=TrainSchema)

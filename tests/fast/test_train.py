@@ -1,5 +1,6 @@
 """stx train: content folder, training that lowers the loss, tracking, resume, exports and stylize."""
 
+import math
 import os
 import pickle
 from pathlib import Path
@@ -16,7 +17,9 @@ from PIL import Image
 from stx.errors import ConfigError, StxError
 from stx.fast import data, export
 from stx.fast.stylize import collect, load_model, stylize
-from stx.fast.train import train
+from stx.fast.train import start_weights, train
+from stx.fast.mobile import MobileStyleNet
+from stx.fast.prune import prune_channels
 from stx.fast.transformer import TransformerNet
 from stx.runs.schema import CONF_DIR
 
@@ -385,3 +388,48 @@ def test_a_student_distilled_from_a_teacher_comes_close_to_its_outputs(trained, 
         train(compose_train(tmp_path, content_dir, "distill.teacher=nosuch.pt"), tmp_path / "bad", {})
     with pytest.raises(ConfigError, match="distill.weight=-1.0 is not valid"):
         train(compose_train(tmp_path, content_dir, "distill.weight=-1"), tmp_path / "bad", {})
+
+
+def test_pruning_removes_channels_and_fine_tunes_from_the_unpruned_model(tmp_path, content_dir, fresh_store):
+    """Parameters, file bytes and multiply-adds fall with prune.amount; the pruned model starts from the
+    trained unpruned one (start_from) and trains on; Johnson's instance norm is refused in one paragraph."""
+    fresh_store(tmp_path)
+    mobile = ["model=mobile", "model.channels=16", "trainer.export=[torchscript,onnx]", "trainer.steps=4"]
+    client, unpruned = run_training(tmp_path, content_dir, "unpruned", *mobile)
+    start = tmp_path / "unpruned" / export.TORCHSCRIPT_FILE
+    started = MobileStyleNet(channels=16)
+    start_weights(started, str(start), "sqlite:///unused.db")
+    trained = torch.load(tmp_path / "unpruned" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(value, trained[key]) for key, value in started.state_dict().items())
+    sizes = {0.0: (unpruned.data.metrics["model/parameters"], (tmp_path / "unpruned" / export.ONNX_FILE).stat().st_size)}
+    for amount in (0.25, 0.5):
+        _, run = run_training(tmp_path, content_dir, f"pruned{amount}", *mobile, f"start_from={start}",
+                              f"prune.amount={amount}")
+        sizes[amount] = (run.data.metrics["model/parameters"], (tmp_path / f"pruned{amount}" / export.ONNX_FILE).stat().st_size)
+        assert run.info.status == "FINISHED" and math.isfinite(run.data.metrics["total"])
+    counts, files = zip(*(sizes[amount] for amount in (0.0, 0.25, 0.5)))
+    assert counts[0] > counts[1] > counts[2] and counts[2] < 0.4 * counts[0], sizes  # channels², so about quadratic
+    assert files[0] > files[1] > files[2], sizes
+    pruned = prune_channels(MobileStyleNet(channels=16), 0.5, "l2", export.example_input(32))
+    assert pruned(torch.rand(1, 3, 37, 53)).shape == (1, 3, 37, 53)  # odd sizes still come back whole
+    assert macs(pruned) < 0.4 * macs(MobileStyleNet(channels=16))
+    with pytest.raises(ConfigError, match="TransformerNet normalises with instance norm"):
+        train(compose_train(tmp_path, content_dir, "prune.amount=0.5"), tmp_path / "bad", {})
+    with pytest.raises(ConfigError, match=r"prune.amount=1.0 is not valid"):
+        prune_channels(MobileStyleNet(), 1.0, "l2", export.example_input(32))
+
+
+def macs(model):
+    """Multiply-adds of ``model``'s convolutions on one 64×64 frame."""
+    total = 0
+
+    def count(module, inputs, output):
+        nonlocal total
+        total += output.numel() * module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model.eval()(torch.rand(1, 3, 64, 64))
+    for hook in hooks:
+        hook.remove()
+    return total
