@@ -244,14 +244,17 @@ def tool_parser() -> argparse.ArgumentParser:
     ui_parser.add_argument("--port", type=port, default=5000)
     init_parser = commands.add_parser("init", help="scaffold a project folder: your images, configs and presets")
     init_parser.add_argument("folder", nargs="?", type=Path, default=Path("."), help="(default: the current folder)")
-    stylize_parser = commands.add_parser("stylize", parents=[common], help="stylise images with a trained model")
+    stylize_parser = commands.add_parser("stylize", parents=[common], help="stylise images and clips with a trained model")
     stylize_parser.add_argument("model", help="a TorchScript or ONNX file, an MLflow model folder, a training run id, "
                                 "runs:/<id>/model, models:/<name>/<version>, or a registered name[/version]")
-    stylize_parser.add_argument("images", nargs="+", help="image files and folders (searched recursively)")
+    stylize_parser.add_argument("images", nargs="+", help="image files, folders (searched recursively) and video clips "
+                                "(.mp4, .mov, .mkv, .webm, .avi: written as .mp4, same frames, rate and audio)")
     stylize_parser.add_argument("--out", type=folder, default=Path("stylized"), help="output folder (default: stylized)")
     stylize_parser.add_argument("--size", type=whole, help="resize each image to this long edge, px (default: as is)")
     stylize_parser.add_argument("--batch-size", type=whole, default=4, help="images per batch (same size only; default 4)")
     stylize_parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    stylize_parser.add_argument("--measure", action="store_true", help="for clips: the result's warping error "
+                                "(flicker, Lai et al.'s E_warp) beside the input's own, from optical flow")
     serve_parser = commands.add_parser("serve", parents=[common], help="HTTP service stylising uploaded images")
     serve_parser.add_argument("--model", action="append", default=[], metavar="[NAME=]MODEL",
                               help="a model to serve (as for stylize), at POST /stylize/NAME; repeatable")

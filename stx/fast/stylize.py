@@ -23,6 +23,7 @@ from tqdm import tqdm
 from stx.engine.image import MIN_SIZE, check_size, read_image, write_image
 from stx.errors import StxError, first_line
 from stx.fast import data, export
+from stx.fast.video import is_video, stylize_clip
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 """A stylisation model: ``B×3×H×W`` images in [0, 1] in, the same shape out."""
@@ -207,10 +208,19 @@ def command(args: argparse.Namespace) -> None:
     from stx.runs.job import resolve_device
 
     device = resolve_device(args.device)
-    items, skipped = collect(args.images)
-    if not items:
+    clips = [Path(given).expanduser() for given in args.images if is_video(Path(given)) and Path(given).expanduser().is_file()]
+    images = [given for given in args.images if Path(given).expanduser() not in clips]
+    items, skipped = collect(images) if images else ([], 0)
+    if not items and not clips:
         raise StxError(f"no images found in {', '.join(args.images)} ({skipped} unreadable file(s) skipped).")
     model = load_model(args.model, args.tracking_uri, device)
-    written = stylize(model, items, args.out, device, size=args.size, batch_size=args.batch_size)
-    note = f"; {skipped} unreadable file(s) skipped" if skipped else ""
-    print(f"stx: stylised {len(written)} image(s) into {args.out}{note}")
+    if items:
+        written = stylize(model, items, args.out, device, size=args.size, batch_size=args.batch_size)
+        note = f"; {skipped} unreadable file(s) skipped" if skipped else ""
+        print(f"stx: stylised {len(written)} image(s) into {args.out}{note}")
+    for clip in clips:
+        result = stylize_clip(model, clip, args.out / clip.with_suffix(".mp4").name, device, size=args.size,
+                              batch_size=args.batch_size, measure=args.measure)
+        flicker = (f"; warping error {result.warping_error:.4g} (the input clip's own: {result.input_warping_error:.4g})"
+                   if result.warping_error is not None else "")
+        print(f"stx: stylised {result.frames} frame(s) of {clip} at {result.rate:g} frames/s into {result.path}{flicker}")
