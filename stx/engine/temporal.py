@@ -31,17 +31,47 @@ def flow(first: torch.Tensor, second: torch.Tensor) -> np.ndarray:
     return dis.calc(grey(first), grey(second), None)
 
 
+def warp_batch(images: torch.Tensor, flows: torch.Tensor) -> torch.Tensor:
+    """``images`` (``B×C×H×W``) sampled at ``x + flow(x)`` for ``flows`` (``B×H×W×2``, pixels; bilinear,
+    border pixels repeated outside); differentiable, on the images' device."""
+    height, width = images.shape[-2:]
+    ys, xs = torch.meshgrid(torch.arange(height, dtype=flows.dtype, device=flows.device),
+                            torch.arange(width, dtype=flows.dtype, device=flows.device), indexing="ij")
+    x = (xs + flows[..., 0]) / max(width - 1, 1) * 2 - 1
+    y = (ys + flows[..., 1]) / max(height - 1, 1) * 2 - 1
+    return F.grid_sample(images, torch.stack([x, y], dim=-1).to(images.dtype), mode="bilinear",
+                         padding_mode="border", align_corners=True)
+
+
 def warp(image: torch.Tensor, flow_field: np.ndarray) -> torch.Tensor:
-    """``image`` (``C×H×W``) sampled at ``x + flow(x)`` (bilinear; border pixels repeated outside)."""
-    height, width = image.shape[-2:]
-    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32),
+    """``image`` (``C×H×W``) sampled at ``x + flow(x)`` for a flow from :func:`flow` (on the CPU)."""
+    return warp_batch(image[None].float().cpu(), torch.from_numpy(flow_field).float()[None])[0]
+
+
+def inside(flows: torch.Tensor) -> torch.Tensor:
+    """Where ``x + flow(x)`` stays in the frame (``B×H×W`` bool, for ``B×H×W×2`` flows)."""
+    height, width = flows.shape[1:3]
+    ys, xs = torch.meshgrid(torch.arange(height, device=flows.device), torch.arange(width, device=flows.device),
                             indexing="ij")
-    moved = torch.from_numpy(flow_field).float()
-    x = (xs + moved[..., 0]) / max(width - 1, 1) * 2 - 1
-    y = (ys + moved[..., 1]) / max(height - 1, 1) * 2 - 1
-    grid = torch.stack([x, y], dim=-1)[None]
-    return F.grid_sample(image[None].float().cpu(), grid, mode="bilinear", padding_mode="border",
-                         align_corners=True)[0]
+    x, y = xs + flows[..., 0], ys + flows[..., 1]
+    return (x >= 0) & (x <= width - 1) & (y >= 0) & (y <= height - 1)
+
+
+def random_flows(count: int, height: int, width: int, shift: float, elastic: float,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """``count`` smooth random flows (``count×H×W×2``, pixels), the motion of a camera and a scene between
+    two frames: an affine part (translation up to ``shift`` px, rotation and scale moving the corners up to
+    ``shift`` px) plus an elastic part (noise on an 8×8 grid, bicubically upsampled, up to ``elastic`` px)."""
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij")
+    uniform = lambda *shape: torch.rand(*shape, generator=generator) * 2 - 1
+    translation = uniform(count, 1, 1, 2) * shift
+    linear = uniform(count, 2, 2) * shift / max(height, width)  # ±shift px at the corners, relative to the centre
+    half = torch.tensor([width / 2, height / 2])
+    points = torch.stack([xs, ys], dim=-1) * half  # pixels from the centre
+    affine = torch.einsum("bij,hwj->bhwi", linear, points) + translation
+    noise = uniform(count, 2, 8, 8) * elastic
+    smooth = F.interpolate(noise, size=(height, width), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+    return affine + smooth
 
 
 def reliable(forward: np.ndarray, backward: np.ndarray) -> torch.Tensor:
@@ -54,10 +84,7 @@ def reliable(forward: np.ndarray, backward: np.ndarray) -> torch.Tensor:
     dy_u, dx_u = torch.gradient(w[0])
     dy_v, dx_v = torch.gradient(w[1])
     boundary = dx_u.square() + dy_u.square() + dx_v.square() + dy_v.square() > 0.01 * w.square().sum(0) + 0.002
-    height, width = w.shape[-2:]
-    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    inside = (xs + w[0] >= 0) & (xs + w[0] <= width - 1) & (ys + w[1] >= 0) & (ys + w[1] <= height - 1)
-    return ~disoccluded & ~boundary & inside
+    return ~disoccluded & ~boundary & inside(torch.from_numpy(forward).float()[None])[0]
 
 
 def pair_error(earlier: torch.Tensor, later: torch.Tensor, forward: np.ndarray, mask: torch.Tensor) -> float:

@@ -34,6 +34,8 @@ from stx.engine import files
 from stx.engine.image import MIN_SIZE, check_size, read_image
 from stx.engine.judge import Judge
 from stx.engine.losses import PerceptualObjective
+from stx.engine.temporal import inside, warp_batch
+from stx.engine.temporal import random_flows as temporal_flows
 from stx.errors import ConfigError, NonFiniteLossError, StxError, first_line
 from stx.fast import data, export
 from stx.fast.cost import median_latency, multiply_adds
@@ -96,6 +98,10 @@ def build_training(cfg: DictConfig) -> Training:
                           f"{', '.join(export.FORMATS)}.")
     if trainer.checkpoint_every < 0 or cfg.data.workers < 0:
         raise ConfigError("trainer.checkpoint_every and data.workers must be >= 0 (0: off / load in process).")
+    for key in ("distill.weight", "temporal.weight", "temporal.shift", "temporal.elastic"):
+        value = OmegaConf.select(cfg, key)
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{key}={value} is not valid: use a finite number >= 0.")
     device = resolve_device(cfg.device)
     weights = style_weights(cfg.images)
     loss_set = {str(name): build(node, f"loss.{name}", "loss") for name, node in cfg.loss.items()}
@@ -182,9 +188,7 @@ def load_teacher(cfg: DictConfig, device: torch.device) -> Callable[[torch.Tenso
     """The model ``distill.teacher`` names (None when unset), loaded as ``stx stylize`` loads models."""
     from stx.fast.stylize import load_model
 
-    weight, teacher = cfg.distill.weight, cfg.distill.teacher
-    if not math.isfinite(weight) or weight < 0:
-        raise ConfigError(f"distill.weight={weight} is not valid: use a finite number >= 0.")
+    teacher = cfg.distill.teacher
     if teacher is None:
         return None
     try:
@@ -353,6 +357,10 @@ class Loop:
                 target = job.teacher(batch)
             values = {**values, "distill": (output - target).square().mean()}
             total = total + job.distill_weight * values["distill"]
+        temporal = self.cfg.temporal
+        if temporal.weight > 0:
+            values = {**values, "temporal": self.temporal_difference(batch, output)}
+            total = total + temporal.weight * values["temporal"]
         if not torch.isfinite(total):
             raise NonFiniteLossError(
                 f"the training loss became {total.item()} at step {self.step}; lower trainer.optimizer.lr or the "
@@ -364,6 +372,19 @@ class Loop:
             job.scheduler.step()
         measured = {**values, "total": total}
         return dict(zip(measured, torch.stack([v.detach().float() for v in measured.values()]).tolist()))
+
+    def temporal_difference(self, batch: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """Mean squared difference between the model's output on ``batch`` moved by a random flow and its
+        ``output`` moved by the same flow, where the flow stays in the frame (the step's flows are fixed by
+        the seed and the step, so a resumed run draws the same)."""
+        temporal = self.cfg.temporal
+        generator = torch.Generator().manual_seed(hash((self.cfg.seed, self.step, "temporal")) & 0x7FFF_FFFF)
+        flows = temporal_flows(batch.shape[0], *batch.shape[-2:], temporal.shift, temporal.elastic,
+                               generator).to(batch.device)
+        kept = inside(flows)[:, None].to(batch.dtype)
+        moved = self.job.model(warp_batch(batch, flows))
+        difference = (moved - warp_batch(output, flows)).square() * kept
+        return difference.sum() / (kept.sum() * batch.shape[1]).clamp_min(1)
 
     def report(self, values: dict[str, float], skipped: int) -> None:
         tracker, cfg = self.tracker, self.cfg

@@ -151,6 +151,13 @@ class PruneSchema:
 
 
 @dataclass
+class TemporalSchema:
+    weight: float = MISSING
+    shift: float = MISSING
+    elastic: float = MISSING
+
+
+@dataclass
 class DistillSchema:
     teacher: Optional[str] = MISSING
     weight: float = MISSING
@@ -183,6 +190,7 @@ class TrainSchema(TaskSchema):
     distill: DistillSchema = field(default_factory=DistillSchema)
     start_from: Optional[str] = MISSING
     prune: PruneSchema = field(default_factory=PruneSchema)
+    temporal: TemporalSchema = field(default_factory=TemporalSchema)
 
 
 ConfigStore.instance().store(name="stx_train_schema", node=TrainSchema)

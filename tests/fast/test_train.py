@@ -421,3 +421,24 @@ def test_pruning_removes_channels_and_fine_tunes_from_the_unpruned_model(tmp_pat
     with pytest.raises(ConfigError, match=r"prune.amount=1.0 is not valid"):
         prune_channels(MobileStyleNet(), 1.0, "l2", export.example_input(32))
 
+
+
+def test_the_temporal_loss_makes_outputs_follow_motion(tmp_path, content_dir, fresh_store):
+    """With only the temporal term left, its value (output of a moved crop against the moved output) falls;
+    warping by a zero flow is the identity; a random flow is smooth and bounded by its settings."""
+    from stx.engine import temporal
+
+    flows = temporal.random_flows(3, 32, 48, 3.0, 1.0, torch.Generator().manual_seed(0))
+    assert flows.shape == (3, 32, 48, 2) and flows.abs().max() < 3 + 3 + 1
+    assert (flows[:, :, 1:] - flows[:, :, :-1]).abs().max() < 0.5  # smooth: neighbours move alike
+    image = torch.rand(2, 3, 32, 48)
+    # float32 grid coordinates are exact to about 47 px × 1.2e-7; random pixels change by up to 1 per px
+    assert torch.allclose(temporal.warp_batch(image, torch.zeros(2, 32, 48, 2)), image, atol=1e-5)
+    fresh_store(tmp_path)
+    off = ["loss.content.score_weight=0", "loss.style.score_weight=0", "loss.tv.score_weight=0"]
+    client, run = run_training(tmp_path, content_dir, "stable", *off, "temporal.weight=1", "trainer.steps=30",
+                               "trainer.optimizer.lr=0.01")
+    values = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "temporal"), key=lambda m: m.step)]
+    assert len(values) == 30 and np.mean(values[-5:]) < 0.5 * np.mean(values[:5]), values
+    with pytest.raises(ConfigError, match="temporal.shift=-1.0 is not valid"):
+        train(compose_train(tmp_path, content_dir, "temporal.shift=-1"), tmp_path / "bad", {})
