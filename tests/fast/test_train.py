@@ -220,9 +220,13 @@ def test_a_pickle_in_a_shared_store_is_refused_and_never_run(trained, tmp_path, 
     assert not marker.exists()
 
 
-def test_resume_continues_to_the_same_weights_as_an_uninterrupted_run(tmp_path, content_dir, fresh_store):
+@pytest.mark.parametrize("compressed", [False, True], ids=["johnson", "pruned mobile with the temporal loss"])
+def test_resume_continues_to_the_same_weights_as_an_uninterrupted_run(tmp_path, content_dir, fresh_store, compressed):
     fresh_store(tmp_path)
     common = ("trainer.checkpoint_every=2", "tracking.image_every=0", "data.holdout=0")
+    if compressed:  # rebuilt on resume: the same start weights, the same channels pruned, the same random flows
+        start = export.export_torchscript(MobileStyleNet(channels=16), tmp_path / "trained.pt")
+        common += ("model=mobile", "model.channels=16", f"start_from={start}", "prune.amount=0.5", "temporal.weight=1")
     _, straight = run_training(tmp_path, content_dir, "straight", "trainer.steps=4", *common)
     client, first = run_training(tmp_path, content_dir, "first", "trainer.steps=2", *common)
     _, resumed = run_training(tmp_path, content_dir, "resumed", "trainer.steps=4", *common, resume=first.info.run_id)
