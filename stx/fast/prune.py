@@ -13,10 +13,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from stx.errors import ConfigError
+from stx.errors import ConfigError, StxError, first_line
+from stx.fast.export import example_input
 
 IMPORTANCE = ("l1", "l2", "random")
 """``prune.importance`` choices: the weights' L1 or L2 magnitude, or none (a baseline)."""
+
+
+def start_and_prune(model: nn.Module, start: nn.Module | object | None, amount: float, importance: str) -> nn.Module:
+    """``model`` with the weights of ``start`` (``start_from``: a trained model of the same architecture,
+    TorchScript; None: its own initial weights), then ``amount`` of its channels pruned (:func:`prune_channels`)."""
+    if start is not None:
+        if not isinstance(start, nn.Module):
+            raise StxError("start_from is an ONNX file, whose weights stx does not read back: give the TorchScript "
+                           "model of the same training run (model.torchscript.pt, or its run id).")
+        try:
+            model.load_state_dict(start.state_dict())
+        except RuntimeError as exc:
+            raise StxError(f"start_from is not a model of this config's architecture ({first_line(exc)}): give a "
+                           f"model trained with the same model.* settings, unpruned.") from exc
+    return prune_channels(model, amount, importance, example_input())
 
 
 def prune_channels(model: nn.Module, amount: float, importance: str, example: torch.Tensor) -> nn.Module:

@@ -65,6 +65,18 @@ def load_model(ref: str, tracking_uri: str, device: torch.device) -> Model:
     return _load_torchscript(_model_file(folder, ref), device, f"the model {ref!r} ({uri})")
 
 
+def load_models(refs: dict[str, str | None], tracking_uri: str, device: torch.device) -> list[Model | None]:
+    """The models named by ``refs`` (a config key → a reference as :func:`load_model` takes it, or None
+    for none), in order; an error names the key."""
+    models = []
+    for key, ref in refs.items():
+        try:
+            models.append(None if ref is None else load_model(ref, tracking_uri, device))
+        except StxError as exc:
+            raise StxError(f"{key}={ref!r}: {exc}") from exc
+    return models
+
+
 def _download_model(ref: str, uri: str, tracking_uri: str) -> Path:
     """The local folder of the MLflow model at ``uri`` (downloaded from the store when remote)."""
     import mlflow.artifacts

@@ -36,10 +36,11 @@ from stx.engine.judge import Judge
 from stx.engine.losses import PerceptualObjective
 from stx.engine.temporal import inside, warp_batch
 from stx.engine.temporal import random_flows as temporal_flows
-from stx.errors import ConfigError, NonFiniteLossError, StxError, first_line
+from stx.errors import ConfigError, NonFiniteLossError, StxError
 from stx.fast import data, export
 from stx.fast.cost import median_latency, multiply_adds
-from stx.fast.prune import prune_channels
+from stx.fast.prune import start_and_prune
+from stx.fast.stylize import load_models
 from stx.runs import hydra_job, interrupts, layout
 from stx.runs.job import build, build_encoder, build_judge, objective_of, resolve_device, style_weights
 from stx.runs.monitor import peak_memory_bytes, step_bar
@@ -107,17 +108,8 @@ def build_training(cfg: DictConfig) -> Training:
     loss_set = {str(name): build(node, f"loss.{name}", "loss") for name, node in cfg.loss.items()}
     layers = frozenset().union(*(loss.layers for loss in loss_set.values()))
     encoder = build_encoder(cfg.encoder, layers) if layers else None
-    crop = check_size(cfg.data.crop, "data.crop")
-    torch.manual_seed(cfg.seed)  # the model's initial weights
-    model = build(cfg.model, "model", "model")
-    if cfg.start_from is not None:
-        start_weights(model, cfg.start_from, tracking_uri(cfg.tracking))
-    model = prune_channels(model, cfg.prune.amount, cfg.prune.importance, export.example_input(crop)).to(device)
-    optimizer = build(trainer.optimizer, "trainer.optimizer", "schedule.optimizer")(model.parameters())
-    scheduler = None
-    if trainer.lr_schedule is not None:
-        scheduler = build(trainer.lr_schedule, "trainer.lr_schedule", "trainer.lr_schedule")(optimizer)
     first = build_judge(cfg, device) if cfg.data.holdout else None  # data.holdout > 0 holds images out
+    crop = check_size(cfg.data.crop, "data.crop")
     eval_size = check_size(cfg.data.eval_size, "data.eval_size")
     style_paths = [Path(to_absolute_path(path)) for path in cfg.images.styles]
     styles = [read_image(path, check_size(trainer.style_size, "trainer.style_size")).to(device) for path in style_paths]
@@ -145,7 +137,16 @@ def build_training(cfg: DictConfig) -> Training:
         judge.set_references(image[None].to(device), styles, weights)
         judges.append(judge)
     objective = objective_of(cfg)
-    teacher = load_teacher(cfg, device)
+    torch.manual_seed(cfg.seed)  # the model's initial weights
+    model = build(cfg.model, "model", "model")
+    make_optimizer = build(trainer.optimizer, "trainer.optimizer", "schedule.optimizer")
+    make_scheduler = None if trainer.lr_schedule is None else \
+        build(trainer.lr_schedule, "trainer.lr_schedule", "trainer.lr_schedule")
+    start, teacher = load_models({"start_from": cfg.start_from, "distill.teacher": cfg.distill.teacher},
+                                 tracking_uri(cfg.tracking), device)
+    model = start_and_prune(model, start, cfg.prune.amount, cfg.prune.importance).to(device)
+    optimizer = make_optimizer(model.parameters())  # of the pruned model's parameters
+    scheduler = None if make_scheduler is None else make_scheduler(optimizer)
     return Training(model, loss, optimizer, scheduler, dataset, held_out.to(device), judges, style_paths, device,
                     objective, files.skipped, teacher, float(cfg.distill.weight))
 
@@ -164,37 +165,6 @@ def deployment_costs(model: torch.nn.Module, files: dict[str, Path]) -> dict[str
         if path.suffix == ".onnx":
             costs[f"perf/latency_ms_256/{kind}"] = 1000 * median_latency(export.OnnxModel(path), COST_SIZE)
     return costs
-
-
-def start_weights(model: torch.nn.Module, ref: str, uri: str) -> None:
-    """Load the weights of the trained model ``ref`` (TorchScript, as ``stx stylize`` finds it) into ``model``."""
-    from stx.fast.stylize import load_model
-
-    try:
-        trained = load_model(ref, uri, torch.device("cpu"))
-    except StxError as exc:
-        raise StxError(f"start_from={ref!r}: {exc}") from exc
-    if not isinstance(trained, torch.nn.Module):
-        raise StxError(f"start_from={ref!r} is an ONNX file, whose weights stx does not read back: give the "
-                       f"TorchScript model of the same training run ({export.TORCHSCRIPT_FILE}, or its run id).")
-    try:
-        model.load_state_dict(trained.state_dict())
-    except RuntimeError as exc:
-        raise StxError(f"start_from={ref!r} is not a model of this config's architecture ({first_line(exc)}): give "
-                       f"a model trained with the same model.* settings, unpruned.") from exc
-
-
-def load_teacher(cfg: DictConfig, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The model ``distill.teacher`` names (None when unset), loaded as ``stx stylize`` loads models."""
-    from stx.fast.stylize import load_model
-
-    teacher = cfg.distill.teacher
-    if teacher is None:
-        return None
-    try:
-        return load_model(teacher, tracking_uri(cfg.tracking), device)
-    except StxError as exc:
-        raise StxError(f"distill.teacher={teacher!r}: {exc}") from exc
 
 
 def centre_square(image: torch.Tensor, edge: int) -> torch.Tensor:

@@ -17,10 +17,10 @@ from PIL import Image
 from stx.errors import ConfigError, StxError
 from stx.fast import data, export
 from stx.fast.stylize import collect, load_model, stylize
-from stx.fast.train import start_weights, train
+from stx.fast.train import train
 from stx.fast.cost import multiply_adds
 from stx.fast.mobile import MobileStyleNet
-from stx.fast.prune import prune_channels
+from stx.fast.prune import prune_channels, start_and_prune
 from stx.fast.transformer import TransformerNet
 from stx.runs.schema import CONF_DIR
 
@@ -405,7 +405,7 @@ def test_pruning_removes_channels_and_fine_tunes_from_the_unpruned_model(tmp_pat
     client, unpruned = run_training(tmp_path, content_dir, "unpruned", *mobile)
     start = tmp_path / "unpruned" / export.TORCHSCRIPT_FILE
     started = MobileStyleNet(channels=16)
-    start_weights(started, str(start), "sqlite:///unused.db")
+    start_and_prune(started, load_model(str(start), "sqlite:///unused.db", torch.device("cpu")), 0.0, "l2")
     trained = torch.load(tmp_path / "unpruned" / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(value, trained[key]) for key, value in started.state_dict().items())
     sizes = {0.0: (unpruned.data.metrics["model/parameters"], (tmp_path / "unpruned" / export.ONNX_FILE).stat().st_size)}
