@@ -446,3 +446,12 @@ def test_the_temporal_loss_makes_outputs_follow_motion(tmp_path, content_dir, fr
     assert len(values) == 30 and np.mean(values[-5:]) < 0.5 * np.mean(values[:5]), values
     with pytest.raises(ConfigError, match="temporal.shift=-1.0 is not valid"):
         train(compose_train(tmp_path, content_dir, "temporal.shift=-1"), tmp_path / "bad", {})
+
+
+def test_start_from_needs_a_torchscript_model_of_the_same_architecture(tmp_path):
+    onnx = export.OnnxModel(export.export_onnx(MobileStyleNet(channels=8), tmp_path / "m.onnx"))
+    with pytest.raises(StxError, match="start_from is an ONNX file, whose weights stx does not read back"):
+        start_and_prune(MobileStyleNet(channels=8), onnx, 0.0, "l2")
+    wider = export.load_torchscript(export.export_torchscript(MobileStyleNet(channels=16), tmp_path / "m.pt"))
+    with pytest.raises(StxError, match=r"start_from is not a model of this config's architecture \(Error"):
+        start_and_prune(MobileStyleNet(channels=8), wider, 0.0, "l2")
