@@ -10,6 +10,8 @@ norm, so ``model=mobile`` can be pruned and Johnson's network cannot.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -20,9 +22,11 @@ IMPORTANCE = ("l1", "l2", "random")
 """``prune.importance`` choices: the weights' L1 or L2 magnitude, or none (a baseline)."""
 
 
-def start_and_prune(model: nn.Module, start: nn.Module | object | None, amount: float, importance: str) -> nn.Module:
-    """``model`` with the weights of ``start`` (``start_from``: a trained model of the same architecture,
-    TorchScript; None: its own initial weights), then ``amount`` of its channels pruned (:func:`prune_channels`)."""
+def start_and_prune(model: nn.Module, start: Callable[[torch.Tensor], torch.Tensor] | None, amount: float,
+                    importance: str) -> nn.Module:
+    """``model`` with the weights of ``start`` (``start_from``, as :func:`stx.fast.stylize.load_model` loads it:
+    a TorchScript model of the same architecture; None: its own initial weights), then ``amount`` of its
+    channels pruned (:func:`prune_channels`)."""
     if start is not None:
         if not isinstance(start, nn.Module):
             raise StxError("start_from is an ONNX file, whose weights stx does not read back: give the TorchScript "
