@@ -406,6 +406,10 @@ def check_input_files(cfg: DictConfig) -> None:
     given = {f"images.styles.{i}": path for i, path in enumerate(images.get("styles") or [])}
     if "trainer" not in cfg:  # stx train reads its content images from data.content_dir
         given.update({"images.content": images.get("content"), "schedule.init_image": cfg.schedule.get("init_image")})
+    elif isinstance(folder := cfg.data.get("content_dir"), str) and not cfg.get("resume") \
+            and not Path(to_absolute_path(folder)).expanduser().is_dir():
+        raise StxError(f"data.content_dir={folder!r} is not a folder (relative paths are taken from the folder stx "
+                       f"was started in, {os.getcwd()}): give a folder of content images (searched recursively).")
     for key, path in given.items():
         if path is not None and not isinstance(path, str):
             shown = OmegaConf.to_container(path) if isinstance(path, (DictConfig, ListConfig)) else path

@@ -68,6 +68,16 @@ def test_job_is_tracked_in_mlflow(tmp_path):
     assert written.shape == (32, 48, 3) and np.array_equal(written, logged)
 
 
+def test_a_missing_training_folder_is_refused_before_anything_starts(tmp_path):
+    result = stx_here(tmp_path, "train", "data.content_dir=photos", "-c", "job")
+    assert "data:" in result.stdout  # --cfg job prints the config without checking files
+    result = stx_here(tmp_path, "train", "data.content_dir=photos")
+    assert result.returncode == 2 and result.stderr.startswith(
+        f"stx: error: data.content_dir='photos' is not a folder (relative paths are taken from the folder stx was "
+        f"started in, {tmp_path})"), result.stderr
+    assert not (tmp_path / "runs" / "mlflow.db").exists()  # nothing started
+
+
 def test_bad_image_path_is_one_clear_error_before_any_run(tmp_path):
     result = stx_here(tmp_path, *FAST, "images.content=missing/cat.png")
     assert result.returncode == 2
