@@ -91,10 +91,16 @@ class ContentCrops(Dataset):
         except ImageError as exc:
             log.warning("skipped %s: %s", self.paths[index], exc)
             return None
-        generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF)
+        generator = seeded(self.seed, self.epoch, index)
         top = int(torch.randint(image.shape[1] - self.crop + 1, (1,), generator=generator))
         left = int(torch.randint(image.shape[2] - self.crop + 1, (1,), generator=generator))
         return image[:, top:top + self.crop, left:left + self.crop]
+
+
+def seeded(*parts: int) -> torch.Generator:
+    """A generator seeded by whole numbers: the same in every process (Python salts the hash of a
+    string per process, not that of a tuple of ints), so a resumed run draws what it drew before."""
+    return torch.Generator().manual_seed(hash(parts) & 0x7FFF_FFFF)
 
 
 def collate(items: list[torch.Tensor | None]) -> tuple[torch.Tensor | None, int]:

@@ -348,7 +348,7 @@ class Loop:
         ``output`` moved by the same flow, where the flow stays in the frame (the step's flows are fixed by
         the seed and the step, so a resumed run draws the same)."""
         temporal = self.cfg.temporal
-        generator = torch.Generator().manual_seed(hash((self.cfg.seed, self.step, "temporal")) & 0x7FFF_FFFF)
+        generator = data.seeded(self.cfg.seed, self.step, -1)  # -1: never a crop's index, so never its draws
         flows = temporal_flows(batch.shape[0], *batch.shape[-2:], temporal.shift, temporal.elastic,
                                generator).to(batch.device)
         kept = inside(flows)[:, None].to(batch.dtype)

@@ -455,3 +455,15 @@ def test_start_from_needs_a_torchscript_model_of_the_same_architecture(tmp_path)
     wider = export.load_torchscript(export.export_torchscript(MobileStyleNet(channels=16), tmp_path / "m.pt"))
     with pytest.raises(StxError, match=r"start_from is not a model of this config's architecture \(Error"):
         start_and_prune(MobileStyleNet(channels=8), wider, 0.0, "l2")
+
+
+def test_seeded_draws_are_the_same_in_every_process():
+    """Crops and the temporal loss's flows are drawn from data.seeded: a resumed run, a new process
+    with its own string-hash salt, draws the same numbers."""
+    import subprocess
+    import sys
+
+    code = "from stx.fast import data; import torch; print(torch.rand(3, generator=data.seeded(7, 5, -1)).tolist())"
+    draws = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONHASHSEED": salt}).stdout for salt in ("1", "2")}
+    assert len(draws) == 1 and draws == {f"{torch.rand(3, generator=data.seeded(7, 5, -1)).tolist()}\n"}
