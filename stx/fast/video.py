@@ -14,12 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from stx.engine.image import long_edge_shape
+from stx.engine.image import long_edge_shape, resize_to, to_pil
 from stx.engine.temporal import WarpingError
 from stx.errors import StxError, first_line
 
@@ -84,15 +82,12 @@ def stylize_clip(model: Callable[[torch.Tensor], torch.Tensor], source: Path, ta
 
             def encode(frames: list[torch.Tensor]) -> None:
                 nonlocal count
-                batch = torch.stack(frames)
-                if batch.shape[-2:] != shape:
-                    batch = F.interpolate(batch, size=shape, mode="bilinear", align_corners=False, antialias=True)
+                batch = resize_to(torch.stack(frames), shape)
                 styled = checked_output(model(batch.to(device)), batch).cpu()
                 for frame, result in zip(batch, styled):
                     if measured is not None:
                         measured.add(frame, result)
-                    pixels = result.permute(1, 2, 0).mul(255).round().byte().numpy()
-                    encoded = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
+                    encoded = av.VideoFrame.from_image(to_pil(result[None]))  # 8-bit as stx stylize writes images
                     encoded.pts = count
                     output_file.mux(encoder.encode(encoded))
                     count += 1
