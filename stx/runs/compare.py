@@ -6,7 +6,6 @@ the parent run, which is tagged with its best child (``stx.sweep.best_run``) or 
 from __future__ import annotations
 
 import math
-import os
 import re
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from stx.errors import StxError, first_line
 from stx.runs import layout
 from stx.runs.liveness import dead_reason
 from stx.runs.schema import runs_dir
-from stx.runs.store import existing_store
+from stx.runs.store import existing_store, read_only_store
 
 CELL = 256
 LABEL_LINE = 14
@@ -321,12 +320,6 @@ def description(rows: list[Row], text: str) -> str:
     return "\n".join(lines)[:5000]
 
 
-def read_only(uri: str) -> bool:
-    """Whether ``uri`` is a local sqlite store this process cannot write (e.g. on a read-only filesystem)."""
-    path = Path(uri.removeprefix("sqlite:///").split("?")[0])
-    return uri.startswith("sqlite:///") and not os.access(path, os.W_OK)
-
-
 def compare(target: str, uri: str, out_dir: Path) -> tuple[Path, str]:
     """Write ``table.txt``, ``contact_sheet.png`` and ``scatter.png`` for ``target`` into
     ``out_dir``, best first; for a parent run, log them to it under ``compare/`` and tag it with
@@ -349,7 +342,7 @@ def compare(target: str, uri: str, out_dir: Path) -> tuple[Path, str]:
     except OSError as exc:
         raise StxError(f"stx compare cannot write its table and pictures into {out_dir} ({exc.strerror or exc}): "
                        f"give a folder you can write with --out <folder>.") from exc
-    if parent is not None and read_only(uri):
+    if parent is not None and read_only_store(uri):
         print(f"stx: the store {uri} is read-only: the comparison is not logged to sweep {parent.info.run_id}.",
               file=sys.stderr)
     elif parent is not None:

@@ -52,6 +52,18 @@ QUIET_LOGGERS = ("mlflow.store.db.utils",)
 """They log each failed call to the store as an ERROR with a traceback; stx reports the failure once."""
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a local sqlite store's URI (``sqlite:///x.db?mode=ro`` names ``x.db``); None for
+    any other store."""
+    return Path(uri.removeprefix("sqlite:///").split("?")[0]) if uri.startswith("sqlite:///") else None
+
+
+def read_only_store(uri: str) -> bool:
+    """Whether ``uri`` is a local sqlite store this process cannot write (e.g. on a read-only filesystem)."""
+    database = sqlite_file(uri)
+    return database is not None and not os.access(database, os.W_OK)
+
+
 def open_sqlite_store(uri: str) -> None:
     """Create or upgrade the sqlite store at ``uri`` under an exclusive lock (``<db>.lock``), so
     that jobs started together on a new store do not run MLflow's migrations at once (which
@@ -61,7 +73,7 @@ def open_sqlite_store(uri: str) -> None:
         return  # opened by an earlier job of this process (a sweep's), and not replaced since
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        database = Path(str(path).split("?")[0]).absolute()  # sqlite:///x.db?mode=ro names x.db
+        database = sqlite_file(uri).absolute()
         with _store_lock(path.with_name(f"{path.name}.lock"), database.exists()):
             mode = "ro" if database.exists() else "rwc"
             with closing(sqlite3.connect(f"{database.as_uri()}?mode={mode}", uri=True, timeout=30)) as connection:
@@ -118,8 +130,7 @@ def existing_store(uri: str) -> MlflowClient:
     """A client of the store at ``uri`` for a command that reads runs from it: a local sqlite
     store that does not exist is not created, and one that cannot be read (corrupt, locked,
     half-created) gets one paragraph."""
-    if uri.startswith("sqlite:///"):
-        path = Path(uri.removeprefix("sqlite:///").split("?")[0])
+    if (path := sqlite_file(uri)) is not None:
         if not path.is_file():
             raise TrackingError(f"there is no MLflow store at {path} ({uri}): give the store your runs are in with "
                                 f"--tracking-uri (or $MLFLOW_TRACKING_URI), or run stx in the folder whose runs/ holds it.")

@@ -327,7 +327,7 @@ def test_compare_reads_a_store_on_a_read_only_filesystem(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(store, "open", read_only_open, raising=False)
     monkeypatch.setattr(store, "_opened", {})
-    monkeypatch.setattr(comparing.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(store.os, "access", lambda path, mode: False)
     sheet, text = comparing.compare("stx", local_uri(tmp_path), tmp_path / "out")
     assert sheet.is_file() and len(text.splitlines()) >= 2 and not (tmp_path / "runs" / "mlflow.db.lock").exists()
     (tmp_path / "a file").write_text("")
