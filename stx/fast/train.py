@@ -245,9 +245,8 @@ def train(
             log.info("MLflow run %s in %s; %d steps of %d images on %s", run_id, tracker.uri, cfg.trainer.steps,
                      cfg.trainer.batch_size, job.device)
             evaluation = Loop(job, cfg, tracker, run_dir, start).run()
-            calibration = [crop[None] for crop in map(job.dataset.__getitem__,
-                                                      range(min(len(job.dataset), export.CALIBRATION_IMAGES)))
-                           if crop is not None]
+            crops = (job.dataset[index] for index in range(min(len(job.dataset), export.CALIBRATION_IMAGES)))
+            calibration = [crop[None] for crop in crops if crop is not None] if "onnx_int8" in cfg.trainer.export else []
             files = {kind: export.export_file(job.model, run_dir, kind, calibration) for kind in cfg.trainer.export}
             for path in files.values():
                 tracker.log_artifact(path, layout.EXPORT_DIR)

@@ -305,8 +305,8 @@ def plain_yaml(path: Path) -> object:
     """The YAML file at ``path`` as plain data, bounded: at most :data:`PLAIN_YAML_BYTES` bytes and
     :data:`PLAIN_YAML_NODES` nodes, with no anchors or aliases (nine levels of nine aliases expand to
     387 M leaves) and no tags (``yaml.safe_load``); raises ``ValueError`` or ``yaml.YAMLError``."""
-    if path.stat().st_size > PLAIN_YAML_BYTES:
-        raise ValueError(f"{path.stat().st_size} bytes, more than the {PLAIN_YAML_BYTES} stx reads")
+    if (size := path.stat().st_size) > PLAIN_YAML_BYTES:
+        raise ValueError(f"{size} bytes, more than the {PLAIN_YAML_BYTES} stx reads")
     text = path.read_text()
     for count, event in enumerate(yaml.parse(text, Loader=yaml.SafeLoader)):
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
