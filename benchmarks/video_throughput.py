@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/video_throughput.py [--size 256] [--frames 48] [--longer 10] [--model mobile|johnson]
 
-Writes two synthetic clips (a pan over smooth random texture, H.264 with an AAC tone, ``size×size``): one of
-``frames`` frames and one ``longer`` times as long. Each is stylised by :func:`stx.fast.video.stylize_clip` in
+Writes two synthetic clips (``tests/clips.py``: a pan over smooth random texture, H.264 with an AAC tone,
+``size×size``, 24 frames/s): one of ``frames`` frames and one ``longer`` times as long. Each is stylised by :func:`stx.fast.video.stylize_clip` in
 a fresh process (random weights, TorchScript, batches of 4, no flicker measure), which reports its frames/s
 and peak RSS. Beside it, in the same process, the model alone on the same number of ``4×3×size×size``
 batches (no decoding, encoding or resizing). Prints the throughput ratio (I/O overhead) and the RSS ratio of
@@ -21,13 +21,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import av
-import numpy as np
 import torch
 
 from stx.fast import export
 from stx.fast.mobile import MobileStyleNet
 from stx.fast.transformer import TransformerNet
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from clips import make_clip  # noqa: E402 - the tests' synthetic clip, one writer for both
 
 CHILD = """
 import json, resource, sys, time, torch
@@ -52,31 +53,6 @@ print(json.dumps({"frames": result.frames, "clip_fps": result.frames / seconds,
 """
 
 
-def make_clip(path: Path, frames: int, size: int, rate: int = 24, shift: int = 2) -> Path:
-    """A pan over smooth random texture, H.264, with a 440 Hz AAC tone (written frame by frame)."""
-    rng = np.random.default_rng(0)
-    base = rng.random((size // 8 + 2, (size + shift * frames) // 8 + 2, 3)).astype(np.float32)
-    with av.open(str(path), "w") as out:
-        video = out.add_stream("libx264", rate=rate)
-        video.height = video.width = size
-        video.pix_fmt = "yuv420p"
-        tone = out.add_stream("aac", rate=16000)
-        for t in range(frames):
-            left = shift * t // 8
-            tile = np.kron(base[:, left:left + size // 8 + 1], np.ones((8, 8, 1), np.float32))[:size, :size]
-            frame = av.VideoFrame.from_ndarray((tile * 255).astype(np.uint8), format="rgb24")
-            frame.pts = t
-            out.mux(video.encode(frame))
-        out.mux(video.encode(None))
-        samples = (0.3 * np.sin(2 * np.pi * 440 * np.arange(16000 * frames // rate) / 16000)).astype(np.float32)
-        for start in range(0, len(samples), 1024):
-            chunk = av.AudioFrame.from_ndarray(samples[None, start:start + 1024], format="flt", layout="mono")
-            chunk.sample_rate, chunk.pts = 16000, start
-            out.mux(tone.encode(chunk))
-        out.mux(tone.encode(None))
-    return path
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=256)
@@ -90,7 +66,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         model = export.export_torchscript(net.eval(), Path(folder) / "model.pt")
         for frames in (args.frames, args.frames * args.longer):
-            clip = make_clip(Path(folder) / f"clip{frames}.mp4", frames, args.size)
+            clip = make_clip(Path(folder) / f"clip{frames}.mp4", frames, (args.size, args.size), rate=24)
             done = subprocess.run([sys.executable, "-c", CHILD, str(model), str(clip), str(Path(folder) / "out.mp4"),
                                    str(args.threads), str(args.size)], capture_output=True, text=True, check=True)
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
